@@ -1,0 +1,342 @@
+"""Typed configuration: dataclasses, experiment-file loading, dotted overrides, validation.
+
+An experiment is a Python file with `get_config(arg=None) -> Config`. The CLI loads it by
+path (`experiments/tiny_cpu.py:sft`), applies `--set section.field=value` overrides, and
+validates the result before anything is compiled. Every field is documented once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from instruct_jax.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem. `field` is the dotted name of the offending setting."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"config field '{field_name}': {message}")
+
+
+# ----------------------------------------------------------------------------- model
+ROPE_TYPES = ("default", "linear", "ntk", "yarn", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_IMPLS = ("reference",)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # rows of the embedding table (tokenizer vocab, rounded up is fine)
+    d_model: int = 64  # residual stream width
+    num_layers: int = 2  # transformer blocks (stacked with nn.scan)
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 4  # key/value heads; < num_heads is grouped-query attention
+    head_dim: int = 16  # per-head width (need not be d_model / num_heads)
+    mlp_dim: int = 256  # SwiGLU hidden width
+    max_seq_len: int = 2048  # longest position the model is used at (rotary tables, caches)
+    rope_theta: float = 10000.0  # rotary base
+    rope_type: str = "default"  # one of ROPE_TYPES: scaling for context extension
+    rope_factor: float = 1.0  # context extension factor (linear / ntk / yarn / llama3)
+    rope_original_max_len: int = 8192  # pre-extension context (llama3 / yarn)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above orig_len/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below orig_len/high are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations at which interpolation starts ramping
+    rope_beta_slow: float = 1.0  # yarn: rotations at which interpolation is full
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # output projection = embedding table transposed
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params are always float32)
+    remat: str = "none"  # one of REMAT_POLICIES: what each scanned block saves for backward
+    attention: str = "reference"  # one of ATTENTION_IMPLS
+    init_std: float = 0.02  # normal init std of every weight matrix
+
+
+# ----------------------------------------------------------------------------- mesh
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost (slowest links) to innermost
+
+# Logical axis name -> mesh axis (or tuple of axes, or None = replicated). Parameters and
+# activations in the model name only logical axes; this table is the single place that
+# decides how they map onto a mesh. Experiments override entries with `MeshConfig.rules`.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_head_dim", None),
+)
+
+
+@dataclass
+class MeshConfig:
+    # Within-slice (ICI) sizes. One of them may be -1: it takes all devices left over.
+    data: int = 1
+    fsdp: int = -1
+    sequence: int = 1
+    tensor: int = 1
+    # Across-slice (DCN) sizes, for multi-slice runs; their product is the slice count.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
+    dcn_tensor: int = 1
+    # Overrides of DEFAULT_RULES entries: ((logical_name, mesh_axis_or_tuple_or_None), ...).
+    rules: tuple = ()
+
+    def ici_shape(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    def dcn_shape(self) -> dict[str, int]:
+        return {a: getattr(self, "dcn_" + a) for a in MESH_AXES}
+
+    def logical_rules(self) -> tuple[tuple[str, Any], ...]:
+        """DEFAULT_RULES with this experiment's overrides applied (order preserved)."""
+        overrides = {name: axes for name, axes in self.rules}
+        unknown = set(overrides) - {n for n, _ in DEFAULT_RULES}
+        rules = [(n, overrides.get(n, a)) for n, a in DEFAULT_RULES]
+        rules += [(n, overrides[n]) for n in overrides if n in unknown]
+        return tuple(rules)
+
+
+# ----------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimConfig:
+    learning_rate: float = 3e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warmup from 0 to the peak
+    decay: str = "cosine"  # after warmup: cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr = peak * min_lr_ratio (cosine / linear)
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    no_decay: tuple = ("norm", "bias", "embedding")  # params whose path contains these skip decay
+    grad_clip: float = 1.0  # clip by global norm; 0 disables
+    mu_dtype: str = "float32"  # dtype of Adam's first moment: float32 | bfloat16
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    global_batch_size: int = 8  # sequences per optimizer step, over all hosts
+    microbatches: int = 1  # gradient accumulation: the step scans over this many slices
+    seq_len: int = 128  # tokens per sequence (packed or padded)
+    eval_every: int = 50  # run evaluation every N steps (0 = only at the end)
+    eval_batches: int = 4  # global batches per evaluation
+    init_from: str = ""  # params-only checkpoint dir (or workdir of an earlier phase) to start from
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 50  # save every N steps (and always at the end); 0 = only at the end
+    keep: int = 3  # keep the last K checkpoints
+    keep_every: int = 0  # additionally keep every M-th step forever; 0 = off
+    async_save: bool = True  # write in the background while training continues
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # write metrics every N steps
+    tensorboard: bool = True  # also write TensorBoard event files (tensorboardX)
+    progress_bar: bool = True  # tqdm bar on process 0
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = measure a matmul peak on this backend
+    profile_start: int = -1  # first step of a jax.profiler trace; -1 = no profiling
+    profile_steps: int = 3  # how many steps the trace covers
+
+
+@dataclass
+class Config:
+    name: str = "experiment"  # free-form run name (logs, reports)
+    seed: int = 0  # every random choice (init, data order, sampling) derives from it
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compilation_cache: bool = True  # persistent XLA cache under <workdir>/../.jax_cache or $JAX_CACHE_DIR
+
+
+# ----------------------------------------------------------------------------- loading
+def load_experiment(spec: str) -> Config:
+    """Load `path/to/experiment.py[:arg]` and call its `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError("experiment", f"no experiment file at {path!r}")
+    module_name = "instruct_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError("experiment", f"{path} defines no get_config(arg=None)")
+    cfg = module.get_config(arg or None)
+    if not isinstance(cfg, Config):
+        raise ConfigError("experiment", f"{path}: get_config must return instruct_jax.config.Config, got {type(cfg).__name__}")
+    return cfg
+
+
+def _parse_value(key: str, raw: str, hint: Any) -> Any:
+    """Parse an override string into the declared type of the field (named errors)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(key, raw, inner[0])
+    if origin is Literal:
+        if raw not in args:
+            raise ConfigError(key, f"expected one of {list(args)}, got {raw!r}")
+        return raw
+    if hint is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"expected a boolean (true/false), got {raw!r}")
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(key, f"expected an integer, got {raw!r}") from None
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {raw!r}") from None
+    if hint is str:
+        return raw
+    if hint is tuple or origin is tuple:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = [s for s in raw.split(",") if s]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list (JSON or comma-separated), got {raw!r}")
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    raise ConfigError(key, f"cannot override a field of type {hint}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings in order, in place; returns cfg."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(key, "override must look like section.field=value")
+        node, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            hints = typing.get_type_hints(type(node))
+            if part not in hints:
+                where = ".".join(parts[:i]) or "config"
+                raise ConfigError(key, f"unknown key; {where} has fields {sorted(hints)}")
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(hints[part]):
+                    raise ConfigError(key, "is a section; set one of its fields instead")
+                setattr(node, part, _parse_value(key, raw, hints[part]))
+            else:
+                node = getattr(node, part)
+                if not dataclasses.is_dataclass(node):
+                    raise ConfigError(key, f"'{part}' is not a section")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_types(node: Any, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        hint = typing.get_type_hints(type(node))[f.name]
+        if dataclasses.is_dataclass(hint):
+            _check_types(value, key + ".")
+            continue
+        expected = {int: int, float: (int, float), str: str, bool: bool, tuple: (tuple, list)}.get(hint)
+        if expected is None:
+            continue
+        if hint is int and isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _positive(prefix: str, node: Any, *names: str) -> None:
+    for n in names:
+        if getattr(node, n) <= 0:
+            raise ConfigError(f"{prefix}.{n}", f"must be > 0, got {getattr(node, n)}")
+
+
+def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
+    """Raise ConfigError naming the first bad field. With num_devices, also check the mesh fits."""
+    _check_types(cfg, "")
+    m = cfg.model
+    _positive("model", m, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim", "mlp_dim", "max_seq_len", "rope_theta", "norm_eps")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"must divide num_heads={m.num_heads}, got {m.num_kv_heads}")
+    if m.head_dim % 2:
+        raise ConfigError("model.head_dim", f"must be even for rotary embeddings, got {m.head_dim}")
+    for key, value, allowed in (("model.rope_type", m.rope_type, ROPE_TYPES),
+                                ("model.remat", m.remat, REMAT_POLICIES),
+                                ("model.attention", m.attention, ATTENTION_IMPLS),
+                                ("model.dtype", m.dtype, ("float32", "bfloat16")),
+                                ("optim.decay", cfg.optim.decay, ("cosine", "linear", "constant")),
+                                ("optim.mu_dtype", cfg.optim.mu_dtype, ("float32", "bfloat16"))):
+        if value not in allowed:
+            raise ConfigError(key, f"expected one of {list(allowed)}, got {value!r}")
+    if m.rope_type != "default" and m.rope_factor < 1.0:
+        raise ConfigError("model.rope_factor", f"must be >= 1 for rope_type={m.rope_type!r}, got {m.rope_factor}")
+
+    t = cfg.train
+    _positive("train", t, "steps", "global_batch_size", "microbatches", "seq_len", "eval_batches")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError("train.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}, got {t.seq_len}")
+    if t.global_batch_size % t.microbatches:
+        raise ConfigError("train.microbatches",
+                          f"must divide train.global_batch_size={t.global_batch_size}, got {t.microbatches}")
+    _positive("optim", cfg.optim, "learning_rate")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    _positive("logging", cfg.logging, "log_every")
+
+    from instruct_jax.parallel.mesh import resolve_mesh_shape  # local: parallel imports config
+    from instruct_jax.parallel.sharding import check_rules
+
+    check_rules(cfg.mesh.logical_rules())
+    if num_devices is not None:
+        shape = resolve_mesh_shape(cfg.mesh, num_devices)
+        batch_axes = dict(cfg.mesh.logical_rules())["batch"]
+        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+        batch_shards = 1
+        for a in batch_axes:
+            batch_shards *= shape[a]
+        micro = t.global_batch_size // t.microbatches
+        if micro % batch_shards:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"each microbatch ({t.global_batch_size} / train.microbatches={t.microbatches} = {micro} "
+                f"sequences) must divide over the batch mesh axes {batch_axes} of total size {batch_shards}")
+        if t.seq_len % shape["sequence"]:
+            raise ConfigError("train.seq_len", f"must divide over mesh 'sequence' size {shape['sequence']}, got {t.seq_len}")
