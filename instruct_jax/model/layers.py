@@ -1,0 +1,100 @@
+"""Transformer block pieces: RMSNorm, grouped-query attention with RoPE, SwiGLU MLP.
+
+Parameters are float32 and declare logical axes; computation runs in `cfg.dtype`
+(bfloat16 on accelerators) with float32 norms statistics and softmax. Einsum letters as
+in attention.py: B batch, T length, N heads, K kv heads, H head dim, D model, F mlp.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from instruct_jax.config import ModelConfig
+from instruct_jax.model.attention import dot_product_attention
+from instruct_jax.model.rope import apply_rope, rope_params
+
+constrain = nn.with_logical_constraint
+
+
+def _param(module: nn.Module, name: str, shape, axes, init):
+    """A float32 parameter carrying its logical axis names."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nn.initializers.normal(cfg.init_std)
+        wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim"), init)
+        wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+        wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed"), init)
+
+        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype))
+        k_ = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype))
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype))
+        if cfg.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (n, h), ("heads", "head_dim"), zeros).astype(dtype)
+            k_ = k_ + _param(self, "k_bias", (k, h), ("kv_heads", "head_dim"), zeros).astype(dtype)
+            v = v + _param(self, "v_bias", (k, h), ("kv_heads", "head_dim"), zeros).astype(dtype)
+        q = constrain(q, ("batch", "length", "act_heads", "act_head_dim"))
+        k_ = constrain(k_, ("batch", "length", "act_kv_heads", "act_head_dim"))
+        v = constrain(v, ("batch", "length", "act_kv_heads", "act_head_dim"))
+
+        inv_freq, scaling = rope_params(cfg)
+        q = apply_rope(q, positions, inv_freq, scaling)
+        k_ = apply_rope(k_, positions, inv_freq, scaling)
+
+        out = dot_product_attention(q, k_, v, positions, positions, segment_ids, segment_ids,
+                                    implementation=cfg.attention)  # [B, T, N, H]
+        out = checkpoint_name(out, "attn_out")
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype))
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        w_gate = _param(self, "gate", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init)
+        w_up = _param(self, "up", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init)
+        w_down = _param(self, "down", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), init)
+        gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dtype))
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dtype))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; signature (carry, *broadcast) -> (carry, None) for nn.scan."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        h = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x), positions, segment_ids)
+        out = h + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(h))
+        return constrain(out, ("batch", "length", "act_embed")), None

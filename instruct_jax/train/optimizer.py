@@ -1,0 +1,42 @@
+"""AdamW with warmup + decay, global-norm clipping and a weight-decay mask, from OptimConfig."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from instruct_jax.config import OptimConfig
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup 0 -> peak over warmup_steps, then cosine / linear / constant to the end."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    if cfg.decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.decay == "linear":
+        after = optax.linear_schedule(peak, floor, decay_steps)
+    else:
+        after = optax.constant_schedule(peak)
+    if cfg.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def weight_decay_mask(params, no_decay: tuple[str, ...]):
+    """True for params that decay: every path not containing one of `no_decay` (norm scales, biases, ...)."""
+    def decays(path, _):
+        name = jax.tree_util.keystr(path).lower()
+        return not any(s in name for s in no_decay)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg, total_steps)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=lambda p: weight_decay_mask(p, tuple(cfg.no_decay)), mu_dtype=jnp.dtype(cfg.mu_dtype)))
+    return optax.chain(*parts)

@@ -1,0 +1,87 @@
+"""Train state as a plain pytree, created already sharded over the mesh.
+
+Recipe (big_vision / maxtext): eval_shape the boxed init to learn shapes and logical
+axes -> map logical axes to NamedShardings with the rules -> jit(init, out_shardings=...)
+so every device materialises only its own shard. The returned state holds plain arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.sharding import check_divisible, logical_to_shardings, replicated, unbox
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # plain pytree of float32 arrays
+    opt_state: Any  # optax state (moments shaped and sharded like params)
+    rng: jax.Array  # base PRNG key; step s uses fold_in(rng, s)
+
+
+def init_params_boxed(model: nn.Module, rng, seq_len: int = 8):
+    """Model params with nn.Partitioned boxes (logical axis metadata)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(rng, ModelInput.unpacked(tokens))["params"]
+
+
+def opt_state_shardings(abstract_opt_state, params_def, param_shardings, mesh):
+    """Subtrees shaped like the params (Adam moments) get the params' shardings; the rest replicates."""
+    def is_param_tree(node):
+        return jax.tree.structure(node) == params_def
+
+    return jax.tree.map(lambda node: param_shardings if is_param_tree(node) else replicated(mesh),
+                        abstract_opt_state, is_leaf=is_param_tree)
+
+
+def with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def param_shardings_for(init_boxed: Callable[[jax.Array], Any], mesh, rules):
+    """(abstract params with shardings, their shardings) from a boxed-params init function."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = unbox(boxed)
+    check_divisible(abstract, shardings)
+    return with_shardings(abstract, shardings), shardings
+
+
+def state_shardings_for(init_boxed: Callable, tx: optax.GradientTransformation, mesh, rules):
+    """Abstract TrainState (ShapeDtypeStructs carrying shardings) and its sharding tree."""
+    abstract_params, p_shardings = param_shardings_for(init_boxed, mesh, rules)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    o_shardings = opt_state_shardings(abstract_opt, jax.tree.structure(abstract_params), p_shardings, mesh)
+    shardings = TrainState(step=replicated(mesh), params=p_shardings, opt_state=o_shardings, rng=replicated(mesh))
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
+        params=abstract_params,
+        opt_state=with_shardings(abstract_opt, o_shardings),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh)))
+    return abstract, shardings
+
+
+def create_train_state(init_boxed: Callable, tx: optax.GradientTransformation, mesh, rules, seed: int,
+                       params=None):
+    """A freshly initialised (or params-given) TrainState, created directly in its shardings."""
+    _, shardings = state_shardings_for(init_boxed, tx, mesh, rules)
+    base = jax.random.PRNGKey(seed)
+    init_rng, state_rng = jax.random.split(base)
+
+    def init(given_params):
+        p = unbox(init_boxed(init_rng)) if given_params is None else given_params
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if params is None:
+            return jax.jit(lambda: init(None), out_shardings=shardings)()
+        return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)

@@ -1,0 +1,115 @@
+"""The jitted language-model train and eval steps (SFT and plain next-token pretraining).
+
+SFT and pretraining differ only in the data: SFT's loss mask covers assistant tokens,
+pretraining's covers every real token. Each step is one jitted function with explicit
+in/out shardings and the state donated; gradient accumulation is a lax.scan over
+microbatches inside it, so the optimizer sees one token-weighted gradient per step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
+from instruct_jax.train.losses import masked_loss_sum
+from instruct_jax.train.state import TrainState
+
+Batch = dict  # tokens, targets, loss_mask, positions, segment_ids: each [B, T]
+
+
+def split_microbatches(batch: Batch, num_micro: int, rules) -> Batch:
+    """[B, T] -> [M, B/M, T], microbatch m = rows m, m+M, m+2M, ...
+
+    Taking every M-th row (instead of contiguous blocks) keeps each microbatch spread
+    over all batch shards with no data movement: with rows sharded contiguously over
+    devices, each device already holds its share of every microbatch.
+    """
+    spec = logical_to_spec((None, "batch", "length"), rules)
+
+    def split(x):
+        b = x.shape[0]
+        x = x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(split, batch)
+
+
+def lm_loss_and_grads(model: nn.Module, params, batch: Batch, num_micro: int, rules, grad_shardings):
+    """(loss, grads, token count) with loss = sum of masked token losses / number of target tokens."""
+
+    def loss_sum(p, micro):
+        out = model.apply({"params": p}, ModelInput.from_batch(micro))
+        return masked_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads_acc, total, count = carry
+        (s, n), g = grad_fn(params, micro)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+        grads_acc = jax.lax.with_sharding_constraint(grads_acc, grad_shardings)
+        return (grads_acc, total + s, count + n), None
+
+    zeros = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings)
+    micro = split_microbatches(batch, num_micro, rules)
+    (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+    denom = jnp.maximum(count, 1.0)
+    return total / denom, jax.tree.map(lambda g: g / denom, grads), count
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh, rules, state_shardings: TrainState, num_micro: int = 1) -> Callable:
+    """Returns step(state, batch) -> (state, metrics); traced under this mesh and rules only."""
+
+    def step(state: TrainState, batch: Batch):
+        loss, grads, count = lm_loss_and_grads(model, state.params, batch, num_micro, rules,
+                                               state_shardings.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+                   "target_tokens": count}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+    return _in_context(jitted, mesh, rules)
+
+
+def make_eval_step(model: nn.Module, mesh, rules, param_shardings) -> Callable:
+    """Returns eval(params, batch) -> {loss_sum, tokens}; callers sum over batches, then divide."""
+
+    def evaluate(params, batch: Batch):
+        out = model.apply({"params": params}, ModelInput.from_batch(batch))
+        total, count = masked_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+        return {"loss_sum": total, "tokens": count}
+
+    jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh, rules)),
+                     out_shardings=replicated(mesh))
+    return _in_context(jitted, mesh, rules)
+
+
+def _in_context(fn: Callable, mesh, rules) -> Callable:
+    """Call (and so trace) fn inside the mesh and the logical-rules contexts.
+
+    Without the rules context flax drops logical constraints silently; the context is not
+    part of jit's cache key, so each (mesh, rules) pair gets its own jitted function.
+    """
+
+    def wrapped(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    wrapped.lower = lambda *args: _lower(fn, mesh, rules, *args)
+    return wrapped
+
+
+def _lower(fn, mesh, rules, *args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return fn.lower(*args)
