@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from instruct_jax.data.config import DataConfig
+from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,11 @@ class MeshConfig:
     dcn_tensor: int = 1
     # Overrides of DEFAULT_RULES entries: ((logical_name, mesh_axis_or_tuple_or_None), ...).
     rules: tuple = ()
+    # The hardware this experiment is sized for (0 / "" = whatever runs it). Tests and
+    # `plan` check the shardings against a device-free AbstractMesh of this size.
+    num_devices: int = 0
+    num_slices: int = 1
+    topology: str = ""  # TPU topology name, e.g. "v5p:4x4x4" (64 chips)
 
     def ici_shape(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
@@ -320,6 +325,10 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     _positive("logging", cfg.logging, "log_every")
+    try:
+        validate_data_config(cfg.data)
+    except DataConfigError as e:
+        raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
 
     from instruct_jax.parallel.mesh import resolve_mesh_shape  # local: parallel imports config
     from instruct_jax.parallel.sharding import check_rules

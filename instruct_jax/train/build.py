@@ -39,6 +39,17 @@ class LMSetup:
         return create_train_state(self.init_boxed, self.tx, self.mesh, self.rules, self.cfg.seed, params=params)
 
 
+def abstract_lm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState with shardings, sharding tree) without allocating or compiling.
+
+    `mesh` may be a jax.sharding.AbstractMesh of the experiment's real size (a 64-chip slice
+    checked from a laptop).
+    """
+    init_boxed = functools.partial(init_params_boxed, Transformer(cfg.model))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    return state_shardings_for(init_boxed, tx, mesh, cfg.mesh.logical_rules())
+
+
 def build_lm(cfg: Config, devices: Sequence | None = None) -> LMSetup:
     devices = list(devices if devices is not None else jax.devices())
     validate(cfg, num_devices=len(devices))

@@ -48,7 +48,8 @@ def with_shardings(abstract, shardings):
 
 def param_shardings_for(init_boxed: Callable[[jax.Array], Any], mesh, rules):
     """(abstract params with shardings, their shardings) from a boxed-params init function."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # Shapes and logical names only: no mesh context needed, so `mesh` may be an AbstractMesh.
+    with nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
     shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
     abstract = unbox(boxed)

@@ -1,0 +1,142 @@
+"""The SFT / pretraining loop, top to bottom: Mesh -> Input -> Model -> Shard -> Checkpoint -> Update.
+
+Resumable by construction: the state (params, Adam moments, step, rng) lives in the
+checkpoint, and the data order is a pure function of (seed, step), so a restarted run
+restores the newest intact checkpoint and continues with exactly the batches it would
+have seen. SIGTERM (TPU preemption) saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
+from instruct_jax.config import Config, ConfigError, to_dict
+from instruct_jax.data.pipeline import LMData, build_lm_data
+from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
+from instruct_jax.parallel.sharding import batch_sharding
+from instruct_jax.train.build import LMSetup, build_lm
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def initial_state(setup: LMSetup, ckpt: CheckpointManager):
+    """(state, step, meta): the newest intact checkpoint, else a fresh (or `init_from`) state."""
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is not None:
+        step, state, meta = restored
+        log(f"resumed from checkpoint at step {step}")
+        return state, step, meta
+    init_from = setup.cfg.train.init_from
+    params = None
+    if init_from:
+        params = load_params(resolve_params_dir(init_from), setup.abstract_state.params)
+        log(f"initialised params from {init_from}")
+    return setup.init_state(params=params), 0, {}
+
+
+def resolve_params_dir(path: str) -> str:
+    """A params export, or the workdir of an earlier phase (its `params/` export)."""
+    candidate = os.path.join(path, "params")
+    return candidate if os.path.isdir(candidate) else path
+
+
+def evaluate(setup: LMSetup, state, data: LMData, sharding) -> dict:
+    if data.eval is None:
+        return {}
+    total, tokens = 0.0, 0.0
+    for i in range(setup.cfg.train.eval_batches):
+        out = setup.eval_step(state.params, data.eval.device_batch(i, sharding))
+        total += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = total / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
+    """Train; return the last logged metrics (plus eval). `phase` is "sft" or "pretrain"."""
+    expected = {"sft": "sft", "pretrain": "text"}[phase]
+    if cfg.data.format != expected:
+        raise ConfigError("data.format", f"the {phase} command needs format {expected!r}, got {cfg.data.format!r}")
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2, default=str)
+
+    # ---- Mesh, Model, Shard, Update (validates the config against the devices first)
+    setup = build_lm(cfg)
+    log(f"mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
+
+    # ---- Input
+    data = build_lm_data(cfg, workdir)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's vocabulary {data.tokenizer.vocab_size}, "
+                          f"got {cfg.model.vocab_size}")
+    sharding = batch_sharding(setup.mesh, setup.rules)
+
+    # ---- Checkpoint
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+                             keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
+                             async_save=cfg.checkpoint.async_save)
+    state, start, _ = initial_state(setup, ckpt)
+    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard)
+    writer.truncate_after(start)  # a resumed run rewrites exactly the rows after its checkpoint
+
+    # ---- Train
+    peak = cfg.logging.peak_flops_per_device or measure_peak_flops()
+    timer = StepTimer(model_flops_per_token(cfg.model, cfg.train.seq_len), jax.device_count(), peak)
+    profiler = Profiler(workdir, cfg.logging.profile_start, cfg.logging.profile_steps)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    total, last = cfg.train.steps, {}
+    bar = progress(total, initial=start, desc=phase, enabled=cfg.logging.progress_bar and jax.process_index() == 0)
+    batches = data.train.iterate(start, sharding)
+    with PreemptionGuard() as guard:
+        for step in range(start, total):
+            profiler.step(step, block_on=state)
+            state, metrics = setup.train_step(state, next(batches))
+            done = step + 1
+            timer.add(tokens_per_step)
+            bar.update(1)
+            if done == start + 1:
+                jax.block_until_ready(metrics)
+                timer.reset()  # the first step includes compilation: keep it out of tokens/s
+            eval_due = done == total or (cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0)
+            if eval_due or done % cfg.logging.log_every == 0:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                row.update(timer.lap())
+                if eval_due:
+                    row.update(evaluate(setup, state, data, sharding))
+                writer.write(done, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                last = {"step": done, **row}
+            if guard.should_stop():
+                ckpt.save(done, state, {"data_step": done}, force=True)
+                ckpt.wait()
+                log(f"preemption signal received: saved checkpoint at step {done}, exiting cleanly")
+                writer.close()
+                return last
+            ckpt.save(done, state, {"data_step": done})
+    bar.close()
+    profiler.stop()
+
+    # ---- Final checkpoint, params export, data report
+    ckpt.save(total, state, {"data_step": total}, force=True)
+    ckpt.wait()
+    ckpt.close()
+    export_params(os.path.join(workdir, "params"), state.params)
+    writer.close()
+    log(data.report())
+    if last:
+        log(f"done: step {last['step']} loss {last['loss']:.4f}" +
+            (f" eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+    return last
