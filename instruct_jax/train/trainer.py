@@ -121,7 +121,7 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
                 last = {"step": done, **row}
             if guard.should_stop():
                 ckpt.save(done, state, {"data_step": done}, force=True)
-                ckpt.wait()
+                ckpt.close()
                 log(f"preemption signal received: saved checkpoint at step {done}, exiting cleanly")
                 writer.close()
                 return last
