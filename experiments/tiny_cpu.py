@@ -33,18 +33,20 @@ def get_config(arg=None) -> Config:
         data = DataConfig(
             source=os.path.join(DATA, "self_instruct_seed_tasks.jsonl"), format="sft",
             prompt_field="instruction", input_field="instances[0].input", response_field="instances[0].output",
-            tokenizer_train_files=(shakespeare,), vocab_size=512, eval_fraction=0.1, on_overlength="truncate")
+            # The tokenizer learns from both the corpus and the demonstrations' own text.
+            tokenizer_train_files=(shakespeare, os.path.join(DATA, "self_instruct_seed_tasks.jsonl")),
+            vocab_size=1024, eval_fraction=0.1, on_overlength="truncate")
     else:
-        data = DataConfig(source=shakespeare, format="text", text_unit="paragraph", vocab_size=512,
+        data = DataConfig(source=shakespeare, format="text", text_unit="paragraph", vocab_size=1024,
                           eval_fraction=0.05)
     return Config(
         name=f"tiny-{phase}",
-        model=ModelConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        model=ModelConfig(vocab_size=1024, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                           mlp_dim=192, max_seq_len=256),
         mesh=MeshConfig(data=2, fsdp=-1),  # 2 x 4 on 8 emulated devices
         data=data,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=5, decay="cosine", weight_decay=0.01),
-        train=TrainConfig(steps=40, global_batch_size=16, microbatches=1, seq_len=128, eval_every=20,
+        train=TrainConfig(steps=40, global_batch_size=16, microbatches=1, seq_len=256, eval_every=20,
                           eval_batches=2),
         checkpoint=CheckpointConfig(every_steps=20, keep=2),
         logging=LoggingConfig(log_every=5),

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-import time
+import signal
 
 import jax
 import numpy as np
@@ -23,6 +23,16 @@ from instruct_jax.data.pipeline import LMData, build_lm_data
 from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
 from instruct_jax.parallel.sharding import batch_sharding
 from instruct_jax.train.build import LMSetup, build_lm
+
+
+# Fault injection for tests: SIGKILL this process right after the given step (and its
+# checkpoint save, if one was due) to prove that nothing is lost.
+KILL_AT_STEP_ENV = "INSTRUCT_JAX_KILL_AT_STEP"
+
+
+def maybe_kill(step: int) -> None:
+    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def log(msg: str) -> None:
@@ -100,10 +110,16 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
     total, last = cfg.train.steps, {}
     bar = progress(total, initial=start, desc=phase, enabled=cfg.logging.progress_bar and jax.process_index() == 0)
     batches = data.train.iterate(start, sharding)
+    in_flight = None
     with PreemptionGuard() as guard:
         for step in range(start, total):
             profiler.step(step, block_on=state)
             state, metrics = setup.train_step(state, next(batches))
+            # At most two steps in flight: dispatch overlaps host work with the device, and on
+            # emulated CPU devices an unbounded queue of collective programs can exhaust XLA's
+            # thread pool and deadlock in its rendezvous.
+            jax.block_until_ready(in_flight)
+            in_flight = metrics
             done = step + 1
             timer.add(tokens_per_step)
             bar.update(1)
@@ -126,6 +142,7 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
                 writer.close()
                 return last
             ckpt.save(done, state, {"data_step": done})
+            maybe_kill(done)
     bar.close()
     profiler.stop()
 

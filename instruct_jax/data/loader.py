@@ -1,0 +1,258 @@
+"""A deterministic, host-sharded loader: the global batch at step s is a pure function of (seed, s).
+
+How a step becomes rows. Each epoch e shuffles the examples with a generator seeded by (seed, e)
+and, for LM examples with packing on, greedily packs them in that order into rows
+(packing.greedy_pack). Epochs are laid end to end into one endless stream of rows; step s takes
+rows [s * B, (s + 1) * B) of it (a batch may straddle two epochs). Nothing depends on the number
+of hosts or devices, on earlier iterator calls, or on wall-clock, so
+
+  * every host computes the same plan and builds only the rows its devices hold
+    (`jax.make_array_from_process_local_data`);
+  * resuming needs only the step: `loader.iterate(s, sharding)` continues the exact sequence.
+
+    loader = Loader(examples, global_batch_size=8, seq_len=128, seed=0, pad_id=tok.pad_id)
+    batch = loader.global_batch(3)            # dict of numpy [8, 128] arrays (packing.py layout)
+    it = loader.iterate(ckpt_step, NamedSharding(mesh, P(("data", "fsdp"))))
+    for batch in it: ...                      # dict of jax.Arrays; it.state() = next step to yield
+
+Cost: finding step s plans every epoch before it (O(examples) each, cached); for the row counts
+of many small epochs this is milliseconds per epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import queue
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+
+from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
+from instruct_jax.data.packing import greedy_pack, pack_lm_row, prompt_row, ranking_row, stack_rows
+
+_PLANS_KEPT = 4  # epoch plans cached; older ones are recomputed if asked for again
+
+
+class Loader:
+    def __init__(self, examples: Sequence, global_batch_size: int, seq_len: int, seed: int, *, pad_id: int,
+                 packing: bool = True, shuffle: bool = True, prompt_len: Optional[int] = None,
+                 padding_side: str = "left", max_responses: int = 0, prefetch: int = 2):
+        """examples: all LMExample, all PromptExample or all RankingExample (examples.py).
+
+        seq_len is the row length T for LM and ranking rows; prompts use prompt_len (default seq_len).
+        packing applies to LM examples only; prompts and rankings are always one per row.
+        max_responses: K slots of ranking rows (0 = the largest K among the examples).
+        """
+        if not examples:
+            raise ValueError("the loader got no examples (every row skipped or dropped? see the data report)")
+        kinds = {type(e) for e in examples}
+        if len(kinds) != 1 or not kinds <= {LMExample, PromptExample, RankingExample}:
+            raise TypeError(f"examples must all be one of LMExample, PromptExample, RankingExample; got {kinds}")
+        if global_batch_size <= 0 or seq_len <= 0 or seed < 0:
+            raise ValueError(f"need global_batch_size > 0, seq_len > 0, seed >= 0; got "
+                             f"{global_batch_size}, {seq_len}, {seed}")
+        self.examples = list(examples)
+        self.kind = kinds.pop()
+        self.global_batch_size, self.seq_len, self.seed = global_batch_size, seq_len, seed
+        self.pad_id, self.shuffle, self.prefetch = pad_id, shuffle, prefetch
+        self.packing = packing and self.kind is LMExample
+        self.prompt_len = prompt_len or seq_len
+        self.padding_side = padding_side
+        if self.kind is RankingExample:
+            self.k_slots = max_responses or max(e.k for e in self.examples)
+        self._lengths = np.array([e.length for e in self.examples]) if self.kind is LMExample else None
+        self._epoch_starts = [0]  # first stream row of each planned epoch, plus the end of the last
+        self._plans: collections.OrderedDict[int, list] = collections.OrderedDict()  # epoch -> plan, LRU
+        self._lock = threading.RLock()  # the prefetch thread and the caller share the plan cache
+
+    # ------------------------------------------------------------------------- the plan
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Rows of one epoch, each a list of example indices (one index unless packed)."""
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is not None:
+                self._plans.move_to_end(epoch)  # now the most recently used; eviction takes the oldest
+            else:
+                order = np.arange(len(self.examples))
+                if self.shuffle:
+                    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+                if self.packing:
+                    plan = [[int(order[i]) for i in row] for row in greedy_pack(self._lengths[order], self.seq_len)]
+                else:
+                    plan = [[int(i)] for i in order]
+                self._plans[epoch] = plan
+                while len(self._plans) > _PLANS_KEPT:
+                    self._plans.popitem(last=False)
+            return plan
+
+    def _row(self, index: int) -> list[int]:
+        """Example indices of row `index` of the endless stream of epochs."""
+        with self._lock:
+            while self._epoch_starts[-1] <= index:
+                epoch = len(self._epoch_starts) - 1
+                self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_plan(epoch)))
+            epoch = bisect.bisect_right(self._epoch_starts, index) - 1
+            return self.epoch_plan(epoch)[index - self._epoch_starts[epoch]]
+
+    def epoch_of_step(self, step: int) -> int:
+        """The epoch the first row of `step` belongs to (for logging)."""
+        index = step * self.global_batch_size
+        self._row(index)
+        return bisect.bisect_right(self._epoch_starts, index) - 1
+
+    # ------------------------------------------------------------------------- batches
+    def _build_row(self, example_ids: list[int]) -> dict[str, np.ndarray]:
+        if self.kind is LMExample:
+            return pack_lm_row([self.examples[i] for i in example_ids], self.seq_len, self.pad_id)
+        (i,) = example_ids
+        if self.kind is PromptExample:
+            return prompt_row(self.examples[i], self.prompt_len, self.pad_id, self.padding_side)
+        return ranking_row(self.examples[i], self.k_slots, self.seq_len, self.pad_id)
+
+    def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of the global batch at `step`, stacked."""
+        first = step * self.global_batch_size
+        return stack_rows([self._build_row(self._row(first + r)) for r in range(start, stop)])
+
+    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+        """The whole batch at `step`: dict of numpy arrays with leading axis global_batch_size."""
+        return self.rows(step, 0, self.global_batch_size)
+
+    def host_batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
+        """The contiguous block of rows host `process_index` of `process_count` owns (batch axis split evenly)."""
+        if self.global_batch_size % process_count:
+            raise ValueError(f"global batch {self.global_batch_size} does not split over {process_count} hosts")
+        per_host = self.global_batch_size // process_count
+        return self.rows(step, process_index * per_host, (process_index + 1) * per_host)
+
+    def iterate(self, start_step: int = 0, sharding=None, prefetch: Optional[int] = None) -> "LoaderIterator":
+        """Batches from `start_step` on: jax.Arrays laid out by `sharding` (a NamedSharding for the
+        batch; its first axis splits the rows), or numpy global batches when sharding is None."""
+        if not isinstance(start_step, (int, np.integer)):
+            raise TypeError(f"iterate(start_step, sharding): start_step must be a step number, got {start_step!r}")
+        return LoaderIterator(self, sharding, int(start_step), self.prefetch if prefetch is None else prefetch)
+
+    def device_batch(self, step: int, sharding) -> dict:
+        """One step's batch as jax.Arrays, built without a thread (evaluation reads a few fixed steps)."""
+        return make_batch(self, sharding, process_row_range(sharding, self.global_batch_size), step)
+
+
+# ----------------------------------------------------------------------------- sharded iteration
+def _leading_axes_sharding(sharding, ndim: int):
+    """The same sharding for an array of rank ndim (a [B] lengths array under a P(batch, length) spec)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = tuple(sharding.spec)[:ndim]
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def process_row_range(sharding, global_batch_size: int) -> tuple[int, int]:
+    """[start, stop) of the batch rows this process's devices hold under `sharding`."""
+    one_axis = _leading_axes_sharding(sharding, 1)
+    ranges = set()
+    for index in one_axis.addressable_devices_indices_map((global_batch_size,)).values():
+        start, stop, _ = index[0].indices(global_batch_size)
+        ranges.add((start, stop))
+    ranges = sorted(ranges)
+    for (_, stop), (start, _) in zip(ranges, ranges[1:]):
+        if start > stop:
+            raise ValueError(f"this process's batch rows {ranges} are not contiguous; order the mesh so each "
+                             "host's devices hold one block of the batch axis")
+    return ranges[0][0], max(stop for _, stop in ranges)
+
+
+def make_batch(loader: Loader, sharding, rows: tuple[int, int], step: int) -> dict:
+    """Rows [start, stop) of step's global batch; as jax.Arrays of the global shape when sharding is given."""
+    local = loader.rows(step, *rows)
+    if sharding is None:
+        return local
+    import jax
+
+    return {key: jax.make_array_from_process_local_data(_leading_axes_sharding(sharding, value.ndim), value,
+                                                        (loader.global_batch_size,) + value.shape[1:])
+            for key, value in local.items()}
+
+
+def _produce(loader: Loader, sharding, rows: tuple[int, int], step: int, out: queue.Queue,
+             stop: threading.Event) -> None:
+    """The prefetch thread: put (step, batch) for step, step + 1, ... until `stop` or the main thread ends.
+
+    It holds no reference to the LoaderIterator, so an iterator dropped without close() is
+    garbage-collected and its __del__ stops this thread. It is not a daemon thread: one still
+    inside jax when the interpreter tears jax down aborts the process, so instead the interpreter
+    waits for it at exit, and it notices the main thread has finished within 0.1 s.
+    """
+    def running() -> bool:
+        return not stop.is_set() and threading.main_thread().is_alive()
+
+    while running():
+        try:
+            item = (step, make_batch(loader, sharding, rows, step))
+        except BaseException as e:  # hand the failure to the consumer rather than dying silently
+            item = (step, e)
+        while running():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item[1], BaseException):
+            return
+        step += 1
+
+
+class LoaderIterator:
+    """Yields the batches of steps start_step, start_step + 1, ...; `state()` is the next step."""
+
+    def __init__(self, loader: Loader, sharding, start_step: int, prefetch: int):
+        self._stop = threading.Event()
+        self._queue: Optional[queue.Queue] = None
+        self.loader, self.sharding = loader, sharding
+        self._next_step = start_step
+        self._rows = (0, loader.global_batch_size) if sharding is None else \
+            process_row_range(sharding, loader.global_batch_size)
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(
+                target=_produce, args=(loader, sharding, self._rows, start_step, self._queue, self._stop),
+                daemon=False, name="instruct_jax-data-prefetch")
+            self._thread.start()
+
+    def state(self) -> int:
+        """The step the next batch belongs to: all a checkpoint needs to resume the data stream."""
+        return self._next_step
+
+    def __iter__(self) -> "LoaderIterator":
+        return self
+
+    def __next__(self) -> dict:
+        if self._queue is None:
+            batch = make_batch(self.loader, self.sharding, self._rows, self._next_step)
+        else:
+            step, batch = self._queue.get()
+            assert step == self._next_step, (step, self._next_step)
+            if isinstance(batch, BaseException):
+                raise batch
+        self._next_step += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread and wait for it (also on `with` exit; __del__ only signals it)."""
+        self._stop.set()
+        if self._queue is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.05)
+
+    def __enter__(self) -> "LoaderIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()

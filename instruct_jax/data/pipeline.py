@@ -1,0 +1,206 @@
+"""From a DataConfig to examples and loaders: read -> parse -> split train/eval -> tokenize -> Loader.
+
+For the SFT / pretraining loop, one call:
+
+    data = build_lm_data(cfg, workdir)          # cfg: the whole Config
+    batches = data.train.iterate(start_step, sharding)
+    eval_batch = data.eval.device_batch(i, sharding) if data.eval else None
+    print(data.report())                        # kept / skipped by reason / truncated / dropped
+
+The pieces, for other phases (reward model: pairwise / ranking; PPO: prompt):
+
+    tokenizer = build_tokenizer(cfg.data, workdir)
+    data = load_data(cfg.data, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.seed)
+    loader = make_loader(data.train, cfg.data, tokenizer, global_batch_size=..., seq_len=..., seed=cfg.seed)
+
+`read_records` is the one place where the `on_malformed` policy is applied: a malformed row either
+raises MalformedDataError ("file.jsonl:12: field 'instances[0].output': missing") or is counted
+as a skip under its reason; filtered rows (formats.FilteredRow) are always counted skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from instruct_jax.data.chat import ChatTemplate, load_chat_template
+from instruct_jax.data.config import TRAIN_SENTENCEPIECE, DataConfig
+from instruct_jax.data.examples import encode_conversation, encode_prompt, encode_ranking, encode_text
+from instruct_jax.data.formats import Ranking, prompt_key, row_to_record, self_instruct_config
+from instruct_jax.data.loader import Loader
+from instruct_jax.data.sources import iter_rows, local_files
+from instruct_jax.data.stats import DataStats, FilteredRow, MalformedDataError
+from instruct_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+
+
+# ----------------------------------------------------------------------------- tokenizer and template
+def build_tokenizer(cfg: DataConfig, workdir: Optional[str] = None) -> Tokenizer:
+    """Load `cfg.tokenizer`, or train sentencepiece once into <workdir>/tokenizer/ and reuse it after.
+
+    Training reads `cfg.tokenizer_train_files`, or the source files for the text format.
+    Without a workdir the model is written to a fresh temporary folder.
+    """
+    if cfg.tokenizer != TRAIN_SENTENCEPIECE:
+        return load_tokenizer(cfg.tokenizer)
+    files = list(cfg.tokenizer_train_files)
+    if not files and cfg.format == "text":
+        files = local_files(cfg.source) or []
+    if not files:
+        raise ValueError("config field 'data.tokenizer_train_files': no text files to train sentencepiece on")
+    folder = os.path.join(workdir, "tokenizer") if workdir else tempfile.mkdtemp(prefix="instruct_jax_tok_")
+    model = os.path.join(folder, f"spm_{cfg.vocab_size}.model")
+    if not os.path.isfile(model):  # else trained by an earlier (or interrupted and resumed) run
+        # Train beside it and rename: an interrupted run never leaves a half-written model to reuse,
+        # and hosts sharing a workdir (training is deterministic) never read each other's partial file.
+        os.makedirs(folder, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="training_", dir=folder)
+        train_sentencepiece(files, os.path.join(scratch, "spm"), cfg.vocab_size)
+        os.replace(os.path.join(scratch, "spm.model"), model)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return SentencePieceTokenizer(model)
+
+
+def build_chat_template(cfg: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:
+    return load_chat_template(cfg.chat_template, tokenizer)
+
+
+# ----------------------------------------------------------------------------- rows -> records
+def read_records(source: str, cfg: DataConfig, stats: Optional[DataStats] = None,
+                 split: Optional[str] = None) -> tuple[list[tuple[str, object]], DataStats]:
+    """Parse every row of `source` with cfg's format and field mapping: [(where, record)], stats."""
+    stats = stats if stats is not None else DataStats(name=source)
+    records = []
+    rows = iter_rows(source, split=split or cfg.split, hub_config=cfg.hub_config, hub_data_dir=cfg.hub_data_dir,
+                     text_unit=cfg.text_unit, max_rows=cfg.max_rows)
+    for where, row in rows:
+        try:
+            if isinstance(row, MalformedDataError):
+                raise row
+            record = row_to_record(row, cfg)
+        except FilteredRow as f:
+            stats.skip(f.reason, where)
+            continue
+        except MalformedDataError as e:
+            if cfg.on_malformed == "error":
+                raise (e if e.where else e.at(where)) from None
+            stats.skip(e.reason, where)
+            continue
+        stats.rows += 1
+        records.append((where, record))
+    return records, stats
+
+
+def load_self_instruct_sft(path: str, on_malformed: str = "error") -> tuple[list[list[dict]], DataStats]:
+    """Self-Instruct seed tasks as SFT conversations [user: instruction (+ input), assistant: output]."""
+    cfg = self_instruct_config(path, on_malformed=on_malformed)
+    records, stats = read_records(cfg.source, cfg)
+    return [conversation for _, conversation in records], stats
+
+
+def is_eval(record, fraction: float, seed: int) -> bool:
+    """Seeded hash of the record's prompt: one prompt is always on one side, whatever the row order."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}\x00{prompt_key(record)}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64 < fraction
+
+
+# ----------------------------------------------------------------------------- records -> examples
+def encode_records(records: Sequence[tuple[str, object]], cfg: DataConfig, tokenizer: Tokenizer,
+                   template: ChatTemplate, seq_len: int, stats: DataStats) -> list:
+    """Tokenize records of cfg.format into examples (examples.py), applying on_overlength."""
+    max_prompt_len = cfg.max_prompt_len or seq_len // 2
+    examples = []
+    for where, record in records:
+        if cfg.format == "text":
+            made = encode_text(record, tokenizer, seq_len, stats)
+        elif cfg.format == "sft":
+            made = [encode_conversation(record, template, seq_len, cfg.on_overlength, stats, where)]
+        elif cfg.format == "prompt":
+            made = [encode_prompt(record, template, max_prompt_len, cfg.on_overlength, stats, where)]
+        else:
+            assert isinstance(record, Ranking)
+            made = [encode_ranking(record, template, seq_len, cfg.on_overlength, stats, where)]
+        made = [m for m in made if m is not None]
+        stats.kept += bool(made)
+        examples += made
+    return examples
+
+
+@dataclass
+class Data:
+    """Everything a training phase reads: tokenizer, template, examples and what happened to the rows."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    train: list
+    eval: list
+    train_stats: DataStats
+    eval_stats: DataStats = field(default_factory=lambda: DataStats(name="eval"))
+
+    def report(self) -> str:
+        return self.train_stats.report() + ("\n" + self.eval_stats.report() if self.eval_stats.rows else "")
+
+
+def load_data(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemplate] = None, *,
+              seq_len: int, seed: int = 0) -> Data:
+    """Read cfg.source (and eval_source), split off eval by prompt, and tokenize both sides."""
+    if not cfg.source:
+        raise ValueError("config field 'data.source': empty; name a Hub dataset or local files")
+    template = template or build_chat_template(cfg, tokenizer)
+    train_stats, eval_stats = DataStats(name="train"), DataStats(name="eval")
+    records, _ = read_records(cfg.source, cfg, train_stats)
+    if cfg.eval_source:
+        eval_records, _ = read_records(cfg.eval_source, cfg, eval_stats, split=cfg.eval_split or cfg.split)
+    else:
+        held_out = [is_eval(r, cfg.eval_fraction, seed) for _, r in records]
+        eval_records = [r for r, out in zip(records, held_out) if out]
+        records = [r for r, out in zip(records, held_out) if not out]
+        eval_stats.rows, train_stats.rows = len(eval_records), train_stats.rows - len(eval_records)
+    train = encode_records(records, cfg, tokenizer, template, seq_len, train_stats)
+    held = encode_records(eval_records, cfg, tokenizer, template, seq_len, eval_stats)
+    return Data(tokenizer, template, train, held, train_stats, eval_stats)
+
+
+def make_loader(examples: Sequence, cfg: DataConfig, tokenizer: Tokenizer, *, global_batch_size: int,
+                seq_len: int, seed: int, shuffle: bool = True) -> Loader:
+    """A Loader with the config's packing, prompt length, response slots and prefetch."""
+    return Loader(examples, global_batch_size, seq_len, seed, pad_id=tokenizer.pad_id, packing=cfg.packing,
+                  shuffle=shuffle, prompt_len=cfg.max_prompt_len or seq_len // 2, padding_side="left",
+                  max_responses=cfg.max_responses, prefetch=cfg.prefetch)
+
+
+# ----------------------------------------------------------------------------- the LM phases
+@dataclass
+class LMData:
+    """What the SFT / pretraining loop reads: tokenizer, train and eval loaders, and the data report."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    train: Loader
+    eval: Optional[Loader]  # None without eval_source / eval_fraction
+    data: Data
+
+    def report(self) -> str:
+        return self.data.report()
+
+
+def build_lm_data(cfg, workdir: Optional[str] = None) -> LMData:
+    """Tokenizer, examples and loaders for next-token training (format sft or text) from the whole Config.
+
+    Reads cfg.data, cfg.train.global_batch_size, cfg.train.seq_len and cfg.seed. The eval loader
+    walks the held-out examples in a fixed order (no shuffle), so every evaluation sees the same batches.
+    """
+    d, t = cfg.data, cfg.train
+    if d.format not in ("sft", "text"):
+        raise ValueError(f"config field 'data.format': next-token training reads 'sft' or 'text', got {d.format!r}")
+    tokenizer = build_tokenizer(d, workdir)
+    data = load_data(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed)
+    common = dict(global_batch_size=t.global_batch_size, seq_len=t.seq_len, seed=cfg.seed)
+    train = make_loader(data.train, d, tokenizer, **common)
+    held_out = make_loader(data.eval, d, tokenizer, shuffle=False, **common) if data.eval else None
+    return LMData(tokenizer, data.template, train, held_out, data)
