@@ -5,7 +5,6 @@ import math
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from instruct_jax.config import Config, ConfigError, apply_overrides, load_experiment, validate

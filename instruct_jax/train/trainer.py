@@ -8,14 +8,12 @@ have seen. SIGTERM (TPU preemption) saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import signal
 
 import jax
-import numpy as np
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
 from instruct_jax.config import Config, ConfigError, to_dict
