@@ -2,7 +2,13 @@
 
 Parameters are float32 and declare logical axes; computation runs in `cfg.dtype`
 (bfloat16 on accelerators) with float32 norms statistics and softmax. Einsum letters as
-in attention.py: B batch, T length, N heads, K kv heads, H head dim, D model, F mlp.
+in attention.py: B batch, T length, S cache length, N heads, K kv heads, H head dim,
+D model, F mlp.
+
+Decoding threads a KV cache through the blocks functionally (see kv_cache.py): a block
+takes this layer's cache buffers `kv` and the shared slot metadata `slots`, and returns
+the buffers with the new keys/values written. Without a cache both are None and the
+block is exactly the training block.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from instruct_jax.config import ModelConfig
 from instruct_jax.model.attention import dot_product_attention
+from instruct_jax.model.kv_cache import LAYER_KV_AXES, CacheSlots, write
 from instruct_jax.model.rope import apply_rope, rope_params
 
 constrain = nn.with_logical_constraint
@@ -37,10 +44,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE. Returns (out [B, T, D], kv).
+
+    kv: None (training: tokens attend among themselves) or this layer's cache buffers
+    (k, v), each [B, S, K, H]; the new tokens' keys/values are written at
+    slots.write_index and the queries attend over the whole cache, masked by the slots'
+    positions and segment ids. The returned kv is the updated pair (or None).
+    """
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(cfg.init_std)
@@ -65,10 +80,17 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq, scaling)
         k_ = apply_rope(k_, positions, inv_freq, scaling)
 
-        out = dot_product_attention(q, k_, v, positions, positions, segment_ids, segment_ids,
+        if kv is None:
+            kv_pos, kv_seg = positions, segment_ids
+        else:
+            k_ = constrain(write(kv[0], k_, slots.write_index), LAYER_KV_AXES)  # [B, S, K, H]
+            v = constrain(write(kv[1], v, slots.write_index), LAYER_KV_AXES)  # [B, S, K, H]
+            kv_pos, kv_seg = slots.positions, slots.segment_ids  # [B, S]
+            kv = (k_, v)
+        out = dot_product_attention(q, k_, v, positions, kv_pos, segment_ids, kv_seg,
                                     implementation=cfg.attention)  # [B, T, N, H]
         out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype))
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv
 
 
 class MLP(nn.Module):
@@ -88,13 +110,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; signature (carry, *broadcast) -> (carry, None) for nn.scan."""
+    """Pre-norm residual block with the nn.scan signature (carry, *inputs) -> (carry, output).
+
+    positions, segment_ids and slots are broadcast to every layer; kv (this layer's
+    cache buffers, or None) is scanned over the stacked layer axis, and the updated
+    buffers are the scan's per-layer output (None without a cache).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        h = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x), positions, segment_ids)
+        attn_out, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x),
+                                                   positions, segment_ids, kv, slots)
+        h = x + attn_out
         out = h + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(h))
-        return constrain(out, ("batch", "length", "act_embed")), None
+        return constrain(out, ("batch", "length", "act_embed")), kv

@@ -3,6 +3,11 @@
 One model code serves every role in the InstructGPT recipe: the policy, the frozen
 reference, the value model and the reward model are separate parameter trees passed to
 this module (heads on the final hidden states are added by the reward/value code).
+
+Decoding passes a KVCache (kv_cache.py) and a write index: the new tokens' keys/values
+are written into the cache, the queries attend over everything the cache holds, and the
+updated cache comes back in ModelOutput.cache. Without a cache the call is the training
+forward pass, and the parameter tree is the same either way.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from instruct_jax.config import ModelConfig
+from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.layers import Block, RMSNorm, _param, constrain
 
 REMAT_POLICIES = {
@@ -48,18 +54,43 @@ class ModelInput:
         valid = jnp.ones_like(tokens, bool) if lengths is None else idx < lengths[:, None]
         return cls(tokens, jnp.where(valid, idx, 0), valid.astype(jnp.int32))
 
+    @classmethod
+    def left_padded(cls, tokens, lengths) -> "ModelInput":
+        """Left-padded rows (one example each, its real tokens at the end) of the given lengths.
+
+        Positions count real tokens only (cumsum(valid) - 1), so a prompt gets the same
+        positions, and so the same logits, whatever padding precedes it:
+            tokens = [[p, p, 7, 8, 9]], lengths = [3]
+            -> positions [[0, 0, 0, 1, 2]], segment_ids [[0, 0, 1, 1, 1]]
+        """
+        t = tokens.shape[1]
+        idx = jnp.arange(t, dtype=jnp.int32)[None, :]  # [1, T]
+        valid = idx >= t - jnp.asarray(lengths, jnp.int32)[:, None]  # [B, T]
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        return cls(jnp.asarray(tokens, jnp.int32), positions, valid.astype(jnp.int32))
+
 
 @flax.struct.dataclass
 class ModelOutput:
-    logits: jax.Array | None  # [B, T, V] float32, or None when not requested
+    logits: jax.Array | None  # [B, T, V] float32 ([B, 1, V] with logits_at), or None when not requested
     hidden: jax.Array  # [B, T, D] final (normed) hidden states in the compute dtype
+    cache: KVCache | None = None  # the updated cache when one was passed in
 
 
 class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs: ModelInput, compute_logits: bool = True) -> ModelOutput:
+    def __call__(self, inputs: ModelInput, compute_logits: bool = True, cache: KVCache | None = None,
+                 write_index=None, logits_at=None) -> ModelOutput:
+        """Forward pass over inputs [B, T].
+
+        cache, write_index: decode with a KV cache; row b's T tokens go to cache slots
+            write_index[b] .. write_index[b] + T - 1 (write_index [B] int32, or a scalar for
+            every row) and attend to every visible slot. The caller keeps them in range.
+        logits_at: [B] int32, compute logits only at this index of each row ([B, 1, V]):
+            prefill needs one row of logits, not a [B, T, V] tensor.
+        """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            nn.initializers.normal(cfg.init_std))
@@ -74,19 +105,32 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            # positions, segment ids, cache slots: the same for every layer; kv: one layer's slice.
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        x, _ = blocks(x, inputs.positions, inputs.segment_ids)
+        kv = slots = None
+        if cache is not None:
+            if write_index is None:
+                raise ValueError("decoding with a cache needs write_index (the slot of each row's first token)")
+            # Record the new tokens' positions / segments first: every layer's queries must see them.
+            cache = cache.write_slots(inputs.positions, inputs.segment_ids, write_index)
+            kv, slots = (cache.k, cache.v), cache.slots(write_index)  # kv: 2 x [L, B, S, K, H]
+        x, kv = blocks(x, inputs.positions, inputs.segment_ids, kv, slots)
+        if cache is not None:
+            cache = cache.replace(k=kv[0], v=kv[1]).constrain()
         hidden = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
 
         if not compute_logits:
-            return ModelOutput(None, hidden)
+            return ModelOutput(None, hidden, cache)
+        picked = hidden
+        if logits_at is not None:
+            picked = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
         if cfg.tie_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", hidden, embedding.astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("BTD,VD->BTV", picked, embedding.astype(dtype), preferred_element_type=jnp.float32)
         else:
             head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                           nn.initializers.normal(cfg.init_std))
-            logits = jnp.einsum("BTD,DV->BTV", hidden, head.astype(dtype), preferred_element_type=jnp.float32)
-        return ModelOutput(constrain(logits, ("batch", "length", "act_vocab")), hidden)
+            logits = jnp.einsum("BTD,DV->BTV", picked, head.astype(dtype), preferred_element_type=jnp.float32)
+        return ModelOutput(constrain(logits, ("batch", "length", "act_vocab")), hidden, cache)

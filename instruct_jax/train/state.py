@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.sharding import check_divisible, logical_to_shardings, replicated, unbox
 
 
@@ -82,7 +83,7 @@ def create_train_state(init_boxed: Callable, tx: optax.GradientTransformation, m
         p = unbox(init_boxed(init_rng)) if given_params is None else given_params
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with mesh_and_rules(mesh, rules):
         if params is None:
             return jax.jit(lambda: init(None), out_shardings=shardings)()
         return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
 from instruct_jax.train.losses import masked_loss_sum
 from instruct_jax.train.state import TrainState
@@ -79,7 +80,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-    return _in_context(jitted, mesh, rules)
+    return in_mesh_context(jitted, mesh, rules)
 
 
 def make_eval_step(model: nn.Module, mesh, rules, param_shardings) -> Callable:
@@ -92,24 +93,7 @@ def make_eval_step(model: nn.Module, mesh, rules, param_shardings) -> Callable:
 
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh, rules)),
                      out_shardings=replicated(mesh))
-    return _in_context(jitted, mesh, rules)
+    return in_mesh_context(jitted, mesh, rules)
 
 
-def _in_context(fn: Callable, mesh, rules) -> Callable:
-    """Call (and so trace) fn inside the mesh and the logical-rules contexts.
-
-    Without the rules context flax drops logical constraints silently; the context is not
-    part of jit's cache key, so each (mesh, rules) pair gets its own jitted function.
-    """
-
-    def wrapped(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return fn(*args)
-
-    wrapped.lower = lambda *args: _lower(fn, mesh, rules, *args)
-    return wrapped
-
-
-def _lower(fn, mesh, rules, *args):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return fn.lower(*args)
+_in_context = in_mesh_context  # old private name, kept until every caller imports in_mesh_context
