@@ -85,6 +85,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_head_dim", None),
+    # KV cache [L, B, S, K, H] (decoding): rows like the batch, kv heads like the activations.
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
 )
 
 
@@ -169,6 +173,43 @@ class LoggingConfig:
     profile_steps: int = 3  # how many steps the trace covers
 
 
+# ----------------------------------------------------------------------------- reward model
+def _default_reward_reference() -> DataConfig:
+    return DataConfig(format="sft")
+
+
+@dataclass
+class RewardConfig:
+    """The reward model (`python -m instruct_jax rm`); docs/REWARD_MODEL.md. Data comes from `data`."""
+
+    margin: float = 0.0  # loss per pair = -log sigmoid(r_better - r_worse - margin); 0 = InstructGPT
+    # Normalization after training: raw -> gain * raw + bias, with bias such that the reference
+    # demonstrations score mean 0 (InstructGPT) and, if normalize_std, gain such that their std is 1.
+    normalize_std: bool = False
+    # Reference demonstrations, read with this DataConfig's source, format (sft: the final
+    # assistant turn is the response; pairwise / ranking: the best-ranked responses) and field
+    # mapping; the tokenizer and chat template are the reward model's. source "" = the
+    # best-ranked responses of the reward model's own training comparisons.
+    reference: DataConfig = field(default_factory=_default_reward_reference)
+    reference_max_examples: int = 512  # score at most this many reference sequences (seeded sample; 0 = all)
+    margin_buckets: int = 4  # evaluation: accuracy per quantile bucket of |r_better - r_worse|
+    synthetic: int = 0  # > 0: train on this many generated rankings (data/synthetic_prefs.py), not data.source
+    score_batch_size: int = 0  # sequences per scoring forward (normalization, `score`); 0 = 2 * global batch
+
+
+# ----------------------------------------------------------------------------- multi-host
+@dataclass
+class DistributedConfig:
+    """Joining a multi-process job (parallel/distributed.py, docs/MULTIHOST.md). The CLI flags
+    --coordinator / --num-processes / --process-id and env vars INSTRUCT_JAX_* take precedence."""
+
+    mode: str = "auto"  # auto: join when a coordinator is given or on a TPU VM | on: always | off: one process
+    coordinator: str = ""  # host:port of process 0's coordinator service ("" = flag / env / discovered)
+    num_processes: int = 0  # processes in the job (0 = flag / env / discovered)
+    process_id: int = -1  # this process's index in [0, num_processes) (-1 = flag / env / discovered)
+    timeout_s: int = 300  # how long process 0 waits for every process to join
+
+
 @dataclass
 class Config:
     name: str = "experiment"  # free-form run name (logs, reports)
@@ -181,6 +222,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compilation_cache: bool = True  # persistent XLA cache under <workdir>/../.jax_cache or $JAX_CACHE_DIR
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the reward model phase (`rm`, `score`)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # multi-host runs
 
 
 # ----------------------------------------------------------------------------- loading
