@@ -94,7 +94,11 @@ class Transformer(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            nn.initializers.normal(cfg.init_std))
-        x = jnp.take(embedding, inputs.tokens, axis=0).astype(dtype)  # [B, T, D]
+        # Gather the FSDP-sharded table's model dimension before the lookup (as FSDP does for
+        # every weight at use): a lookup from a table split on D would yield activations split
+        # on D, which the partitioner can only turn into batch-split ones by replicating them.
+        table = constrain(embedding, ("vocab", None))
+        x = jnp.take(table, inputs.tokens, axis=0).astype(dtype)  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
 
         block = Block
