@@ -1,8 +1,8 @@
 """Llama-3-8B SFT on one TPU v5p-128 slice (64 chips; v5p names count TensorCores, 2 per chip).
 
-Run (on every worker of the slice, see tpu/README.md):
+Run (on every worker of the slice, see tpu/README.md; /mnt/gcs is a gcsfuse mount of a bucket):
   python -m instruct_jax sft --experiment experiments/llama3_8b_sft_v5p128.py \
-      --workdir gs://BUCKET/llama3-8b-sft --set train.init_from=gs://BUCKET/llama3-8b-params
+      --workdir /mnt/gcs/llama3-8b-sft --set train.init_from=/mnt/gcs/llama3-8b-params
 
 Mesh: 64-way FSDP (params, grads and Adam moments each split 64 ways: 8B x 16 bytes / 64
 = 2 GB per chip), no tensor parallelism (8 KV heads and d_model 4096 do not need it at
@@ -24,7 +24,7 @@ def get_config(arg=None) -> Config:
             rope_original_max_len=8192, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch"),
         mesh=MeshConfig(data=1, fsdp=-1, num_devices=64, topology="v5p:4x4x4"),
         data=DataConfig(source="HuggingFaceH4/ultrachat_200k", split="train_sft", format="sft",
-                        messages_field="messages", tokenizer="gs://BUCKET/llama3-8b-params/tokenizer.json",
+                        messages_field="messages", tokenizer="/mnt/gcs/llama3-8b-params/tokenizer.json",
                         chat_template="model"),
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=100, decay="cosine", min_lr_ratio=0.1,
                           weight_decay=0.0, b2=0.95, grad_clip=1.0),
