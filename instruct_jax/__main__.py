@@ -3,6 +3,10 @@
 Commands:
   pretrain   next-token training on plain text (data.format=text)
   sft        supervised fine-tuning on demonstrations (loss on assistant tokens only)
+  rm         reward model on pairwise / K-wise comparisons, evaluated and normalized
+  score      score (prompt, response) pairs with a reward model: --input pairs.jsonl [--output FILE]
+  ppo        PPO of the policy against the reward model (InstructGPT step 3)
+  interop    import Hugging Face / GGUF checkpoints (import SOURCE --out DIR), export to Hugging Face (export)
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import sys
 COMMANDS = {
     "pretrain": "next-token pretraining on plain text (every real token is a target)",
     "sft": "supervised fine-tuning on demonstrations (only assistant tokens are targets)",
+    "rm": "reward model on pairwise / K-wise comparisons (data.format=pairwise|ranking), evaluated and normalized",
+    "score": "score (prompt, response) pairs from a jsonl file with a reward model (--workdir: the rm run)",
+    "ppo": "PPO of the policy (train.init_from) against the reward model (ppo.reward_model), KL-penalised",
 }
 
 
@@ -29,6 +36,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="where checkpoints, metrics.jsonl and TensorBoard files go (default runs/<name>-<command>)")
         p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="override config fields, e.g. --set train.steps=20 optim.learning_rate=1e-3")
+        dist = p.add_argument_group("multi-host (docs/MULTIHOST.md; auto-detected on TPU VMs)")
+        dist.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                          help="process 0's address for jax.distributed (env INSTRUCT_JAX_COORDINATOR)")
+        dist.add_argument("--num-processes", type=int, default=None, metavar="N",
+                          help="processes in the job (env INSTRUCT_JAX_NUM_PROCESSES)")
+        dist.add_argument("--process-id", type=int, default=None, metavar="I",
+                          help="this process's index, 0..N-1 (env INSTRUCT_JAX_PROCESS_ID)")
+        if name == "score":
+            p.add_argument("--input", required=True, help='jsonl rows {"prompt": ..., "response": "..."}')
+            p.add_argument("--output", default=None, help="where scored rows go (default: stdout)")
+    from instruct_jax.interop.cli import add_parser as add_interop_parser
+
+    add_interop_parser(sub)  # `interop import|export`: its own arguments, no experiment needed for import
     return parser
 
 
@@ -50,6 +70,10 @@ def setup_compilation_cache(workdir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "interop":
+        from instruct_jax.interop.cli import main as interop_main
+
+        return interop_main(args)
     from instruct_jax.config import ConfigError, apply_overrides, load_experiment, validate
 
     try:
@@ -58,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # ---- Multi-host: join the job before anything touches devices.
+    from instruct_jax.parallel import distributed
+
+    try:
+        plan = distributed.plan(cfg.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+                                process_id=args.process_id)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if distributed.initialize(plan, timeout_s=cfg.distributed.timeout_s):
+        import jax
+
+        if jax.process_index() == 0:
+            print(distributed.describe(), flush=True)
     workdir = args.workdir or os.path.join("runs", f"{cfg.name}-{args.command}")
     if cfg.compilation_cache:
         setup_compilation_cache(workdir)
@@ -67,6 +105,30 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_lm(cfg, workdir, phase=args.command)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.command == "rm":
+        from instruct_jax.train.rm_trainer import run_rm
+
+        try:
+            run_rm(cfg, workdir)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.command == "ppo":
+        from instruct_jax.ppo.trainer import run_ppo
+
+        try:
+            run_ppo(cfg, workdir)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.command == "score":
+        from instruct_jax import score
+
+        try:
+            return score.main(cfg, args.workdir or os.path.join("runs", f"{cfg.name}-rm"), args.input, args.output)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
