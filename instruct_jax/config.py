@@ -210,6 +210,61 @@ class DistributedConfig:
     timeout_s: int = 300  # how long process 0 waits for every process to join
 
 
+# ----------------------------------------------------------------------------- PPO
+def _default_ptx_data() -> DataConfig:
+    return DataConfig(format="text")
+
+
+@dataclass
+class PPOConfig:
+    """PPO against the reward model (`python -m instruct_jax ppo`); docs/PPO.md has the algorithm.
+
+    Prompts come from `data` (format "prompt", left-padded to data.max_prompt_len = T tokens) or
+    from `synthetic_prompts`; train.steps counts PPO iterations (one rollout batch each),
+    train.global_batch_size is the prompts per rollout, train.init_from the SFT export that is
+    both the initial policy and the frozen reference, and `optim` the policy's optimizer.
+    """
+
+    # ---- reward
+    reward: str = "model"  # model: the reward model at reward_model | count: toy score = occurrences of count_token
+    reward_model: str = ""  # reward-model workdir or export ({"params", "norm"}); the value model starts from it
+    count_token: int = -1  # reward=count: the token id counted in each response (-1 = the single token of count_text)
+    count_text: str = " good"  # reward=count with count_token=-1: text that the tokenizer encodes as one token
+    missing_eos: str = "replace"  # response with no stop token: replace (score := missing_eos_score) | subtract | none
+    missing_eos_score: float = -1.0  # missing_eos=replace: the score, in the reward model's normalized units
+    missing_eos_penalty: float = 1.0  # missing_eos=subtract: subtracted from the score
+    # ---- rollout
+    synthetic_prompts: int = 0  # > 0: that many numbered prompts (data/synthetic_prefs.py) instead of data.source
+    response_len: int = 32  # N: response tokens sampled per prompt (rows stop early at EOS / end-of-turn)
+    temperature: float = 1.0  # tau: samples from softmax(logits / tau); every recomputed log-prob uses it too
+    # ---- KL penalty: per-token reward -kl_coef * k_t (Ziegler et al. 2019)
+    kl_estimator: str = "k1"  # k1 = logp - logp_ref | k3 = exp(logp_ref - logp) - 1 - (logp_ref - logp) (biased here)
+    kl_coef: float = 0.15  # beta (initial value when adaptive_kl)
+    adaptive_kl: bool = False  # beta <- beta * (1 + clip(KL / kl_target - 1, +-0.2) * batch / kl_horizon)
+    kl_target: float = 6.0  # adaptive_kl: target per-sequence KL (nats)
+    kl_horizon: int = 10000  # adaptive_kl: sequences over which beta moves by the clipped error
+    # ---- advantages
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_rewards: bool = False  # whiten per-token rewards (masked, mean kept) before GAE
+    # ---- update
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per epoch; the rollout batch is reshuffled every epoch
+    clip_ratio: float = 0.2  # policy ratio clip epsilon
+    value_clip: float = 0.2  # value prediction clip around the rollout's values
+    vf_coef: float = 0.1  # value loss coefficient
+    entropy_coef: float = 0.0  # entropy bonus coefficient (0 = off)
+    value_learning_rate: float = 0.0  # value model's peak lr (0 = optim.learning_rate); same schedule otherwise
+    tf_adam_eps: bool = False  # Adam eps added to sqrt(v) before bias correction (TF / lm-human-preferences)
+    ema_decay: float = 0.0  # EMA of the policy's params per optimizer step, for evaluation (0 = off; InstructGPT 0.992)
+    # ---- PPO-ptx (InstructGPT eq. 2): + ptx_coef * pretraining NLL, policy only
+    ptx_coef: float = 0.0  # gamma of InstructGPT's PPO-ptx; 0 = off
+    ptx_batch_size: int = 8  # pretraining / SFT sequences (of train.seq_len tokens) per optimizer step
+    ptx: DataConfig = field(default_factory=_default_ptx_data)  # the pretraining / SFT data (format text or sft)
+    # ---- logging
+    log_samples: int = 2  # decoded (prompt, response, score) rows written to samples.jsonl per logged iteration
+
+
 @dataclass
 class Config:
     name: str = "experiment"  # free-form run name (logs, reports)
@@ -224,6 +279,7 @@ class Config:
     compilation_cache: bool = True  # persistent XLA cache under <workdir>/../.jax_cache or $JAX_CACHE_DIR
     reward: RewardConfig = field(default_factory=RewardConfig)  # the reward model phase (`rm`, `score`)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # multi-host runs
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # the PPO phase (`ppo`)
 
 
 # ----------------------------------------------------------------------------- loading
