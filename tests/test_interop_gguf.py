@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import torch
+import transformers
+import gguf
 
 from test_interop_hf import (FAMILIES, LOGIT_TOL, build_hf_model, hf_logits, jax_logits,  # noqa: E402,F401
                              mesh_and_rules, random_tokens)

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from instruct_jax.config import MeshConfig, ModelConfig  # noqa: E402
 from instruct_jax.interop import UnsupportedConfig, export_hf, import_hf, model_config_from_hf  # noqa: E402
