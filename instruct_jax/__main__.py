@@ -100,38 +100,31 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.compilation_cache:
         setup_compilation_cache(workdir)
 
+    try:
+        return _run(args, cfg, workdir) or 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, cfg, workdir: str):
+    """Dispatch to the phase's entry point (imported lazily: each pulls in only what it needs)."""
     if args.command in ("pretrain", "sft"):
         from instruct_jax.train.trainer import run_lm
 
-        try:
-            run_lm(cfg, workdir, phase=args.command)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        run_lm(cfg, workdir, phase=args.command)
     elif args.command == "rm":
         from instruct_jax.train.rm_trainer import run_rm
 
-        try:
-            run_rm(cfg, workdir)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        run_rm(cfg, workdir)
     elif args.command == "ppo":
         from instruct_jax.ppo.trainer import run_ppo
 
-        try:
-            run_ppo(cfg, workdir)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        run_ppo(cfg, workdir)
     elif args.command == "score":
         from instruct_jax import score
 
-        try:
-            return score.main(cfg, args.workdir or os.path.join("runs", f"{cfg.name}-rm"), args.input, args.output)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return score.main(cfg, args.workdir or os.path.join("runs", f"{cfg.name}-rm"), args.input, args.output)
     return 0
 
 

@@ -34,7 +34,7 @@ from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput
 from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
 from instruct_jax.train.state import TrainState
-from instruct_jax.train.step import _in_context
+from instruct_jax.parallel.context import in_mesh_context
 
 RANKING_KEYS = ("tokens", "positions", "segment_ids", "ranks", "lengths")  # what the steps read
 IDENTITY_NORM = {"gain": 1.0, "bias": 0.0}
@@ -193,7 +193,7 @@ def make_reward_train_step(model: RewardModel, tx: optax.GradientTransformation,
 
     jitted = jax.jit(step, in_shardings=(state_shardings, ranking_shardings(mesh, rules)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-    return _select_keys(_in_context(jitted, mesh, rules), batch_arg=1)
+    return _select_keys(in_mesh_context(jitted, mesh, rules), batch_arg=1)
 
 
 def make_reward_eval_step(model: RewardModel, mesh, rules, param_shardings) -> Callable:
@@ -201,7 +201,7 @@ def make_reward_eval_step(model: RewardModel, mesh, rules, param_shardings) -> C
     jitted = jax.jit(lambda params, batch: ranking_rewards(model, params, batch),
                      in_shardings=(param_shardings, ranking_shardings(mesh, rules)),
                      out_shardings=replicated(mesh))
-    return _select_keys(_in_context(jitted, mesh, rules), batch_arg=1)
+    return _select_keys(in_mesh_context(jitted, mesh, rules), batch_arg=1)
 
 
 def make_score_step(model: RewardModel, mesh, rules, param_shardings) -> Callable:
@@ -215,7 +215,7 @@ def make_score_step(model: RewardModel, mesh, rules, param_shardings) -> Callabl
 
     jitted = jax.jit(score, in_shardings=(param_shardings, replicated(mesh), rows, rows, rows, one),
                      out_shardings=replicated(mesh))
-    return _in_context(jitted, mesh, rules)
+    return in_mesh_context(jitted, mesh, rules)
 
 
 def _select_keys(fn: Callable, batch_arg: int) -> Callable:

@@ -95,5 +95,3 @@ def make_eval_step(model: nn.Module, mesh, rules, param_shardings) -> Callable:
                      out_shardings=replicated(mesh))
     return in_mesh_context(jitted, mesh, rules)
 
-
-_in_context = in_mesh_context  # old private name, kept until every caller imports in_mesh_context
