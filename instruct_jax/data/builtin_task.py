@@ -1,0 +1,338 @@
+"""The built-in instruction task: seven small instruction types, all data generated from one seed.
+
+Nothing is downloaded. `Task(seed)` makes, deterministically,
+
+    pretrain_corpus(n)      plain-text paragraphs over the same words and facts, never in
+                            instruction -> response form (no questions, no imperatives)
+    sft_demos(n)            conversations [user: instruction, assistant: reference answer]
+    train_prompts(n)        TaskPrompts for reward-model labelling and PPO (training templates only)
+    eval_prompts(n)         held-out TaskPrompts; `held_out_fraction` of them use paraphrase
+                            templates that no training prompt or demonstration ever uses
+
+A different seed changes every instance (words, numbers, which template, which reference list of
+items); the templates themselves are fixed here so "held out" means the same thing for every seed.
+Eval instances are drawn first; no train prompt or demo repeats an eval prompt's text, nor (except
+for the 12 possible "list" questions) asks an eval instance in other words.
+
+Each prompt carries its structured `TaskSpec`, so the gold judge (instruct_jax/eval/gold.py) can
+score any response to it. Worked example (seed 0 draws other words):
+
+    TaskSpec(kind="reverse", params={"word": "lemon"}, reference="nomel", template=1, held_out=False)
+    user:      "Write lemon backwards."
+    assistant: "nomel"
+
+The vocabulary is small (about 290 distinct words, numbers 0-99) and answers are a few tokens, so
+a ~1k-piece sentencepiece model and a tiny transformer learn it on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- vocabulary
+CATEGORIES = {
+    "animals": ("cat", "dog", "cow", "fox", "owl", "hen", "pig", "bee", "rat", "bat", "duck", "goat", "horse",
+                "sheep", "mouse", "tiger"),
+    "fruits": ("apple", "pear", "plum", "fig", "lime", "lemon", "grape", "melon", "mango", "peach", "banana",
+               "cherry"),
+    "colors": ("red", "blue", "green", "pink", "brown", "black", "white", "gray", "yellow", "purple", "orange"),
+    "tools": ("saw", "axe", "drill", "hammer", "rake", "shovel", "wrench", "knife", "brush", "ladder"),
+}
+FRUIT_COLOR = {"apple": "red", "pear": "green", "plum": "purple", "fig": "purple", "lime": "green",
+               "lemon": "yellow", "grape": "purple", "melon": "green", "mango": "orange", "peach": "pink",
+               "banana": "yellow", "cherry": "red"}
+WORDS = tuple(w for items in CATEGORIES.values() for w in items)
+ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+NUMBER_WORDS = frozenset(ONES + TENS[2:])
+
+
+def spell_number(n: int) -> str:
+    """0 <= n <= 99 in words, no hyphen: spell_number(42) = "forty two", spell_number(13) = "thirteen"."""
+    if not 0 <= n <= 99:
+        raise ValueError(f"spell_number covers 0..99, got {n}")
+    if n < 20:
+        return ONES[n]
+    tens, ones = divmod(n, 10)
+    return TENS[tens] + ("" if ones == 0 else " " + ONES[ones])
+
+
+# ----------------------------------------------------------------------------- templates
+# kind -> (training templates, held-out paraphrases). Constrained templates name their constraint.
+TEMPLATES = {
+    "reverse": (("Reverse the word {word}.", "Write {word} backwards.", "Spell the word {word} in reverse order.",
+                 "What is {word} written backwards?"),
+                ("Flip the letters of {word} so the last one comes first.", "Give me {word} read from right to left.")),
+    "sort": (("Sort these numbers from smallest to largest: {nums}.", "Put {nums} in increasing order.",
+              "Order the numbers {nums} from low to high.", "Arrange in ascending order: {nums}."),
+             ("Rewrite the list {nums} so that each number is bigger than the one before.",
+              "Starting with the smallest, list {nums}.")),
+    "add": (("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "Find the sum of {a} and {b}."),
+            ("If you have {a} and get {b} more, how many do you have?", "Tell me the total of {a} and {b}.")),
+    "count": (("How many times does the letter {letter} appear in {word}?",
+               "Count the letter {letter} in the word {word}.",
+               "How many {letter}s are in {word}?", "In the word {word}, how often does {letter} occur?"),
+              ("Tell me the number of {letter} letters in {word}.", "What is the count of {letter} in {word}?")),
+    "spell": (("Write the number {n} in words.", "Spell out {n}.", "How do you write {n} in words?",
+               "Give the English name of the number {n}."),
+              ("Express {n} using words instead of digits.", "Say {n} in letters, not digits.")),
+    "list": (("Name {count} {category}.", "List {count} {category}.", "Give me {count} different {category}.",
+              "Write {count} kinds of {category}."),
+             ("Which {count} {category} can you think of?", "Tell me any {count} {category}, separated by commas.")),
+    "constrained": (("max_words:Describe a {fruit} in at most {n} words.",
+                     "max_words:In {n} words or fewer, describe a {fruit}.",
+                     "upper:What color is a {fruit}? Answer in capital letters.",
+                     "upper:Using only capital letters, name the color of a {fruit}."),
+                    ("max_words:Use no more than {n} words to tell me about a {fruit}.",
+                     "upper:Shout the color of a {fruit} in all caps.")),
+}
+KINDS = tuple(TEMPLATES)
+SHARED_KINDS = ("list",)  # too few distinct questions to hold instances out: eval shares them, not wordings
+
+
+def template_text(kind: str, template: int, held_out: bool) -> tuple[str, str]:
+    """(constraint or "", template string); `template` indexes the training or the held-out list."""
+    text = TEMPLATES[kind][int(held_out)][template]
+    constraint, _, body = text.rpartition(":") if kind == "constrained" else ("", "", text)
+    return constraint, body
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task instance: what the gold judge needs to score any response to it."""
+
+    kind: str  # one of KINDS
+    params: dict = field(hash=False)  # the slots, e.g. {"a": 12, "b": 7}
+    reference: str  # a full-marks answer
+    template: int  # index into the training or held-out template list of `kind`
+    held_out: bool  # True: a paraphrase template never used in training
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "params": self.params, "reference": self.reference, "template": self.template,
+                "held_out": self.held_out}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        return cls(d["kind"], dict(d["params"]), d["reference"], int(d["template"]), bool(d["held_out"]))
+
+    def key(self) -> str:
+        """The instance without its wording: two prompts with one key ask the same question."""
+        return json.dumps([self.kind, self.params], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    messages: tuple  # ({"role": "user", "content": instruction},), the repo's message format
+    spec: TaskSpec
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+    def demo(self) -> list[dict]:
+        """The SFT conversation: the prompt answered with the reference."""
+        return list(self.messages) + [{"role": "assistant", "content": self.spec.reference}]
+
+    def to_row(self) -> dict:
+        """A prompt row (docs/DATA.md format "prompt") that also carries the spec for the judge."""
+        return {"prompt": self.text, "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "TaskPrompt":
+        return cls(({"role": "user", "content": row["prompt"]},), TaskSpec.from_dict(row["spec"]))
+
+
+# ----------------------------------------------------------------------------- instances
+def _pick(rng: np.random.Generator, items: Sequence):
+    return items[int(rng.integers(len(items)))]
+
+
+def _instance(kind: str, rng: np.random.Generator) -> tuple[dict, str, str]:
+    """(params, reference, constraint) of a fresh instance of `kind`."""
+    if kind == "reverse":
+        word = _pick(rng, WORDS)
+        return {"word": word}, word[::-1], ""
+    if kind == "sort":
+        nums = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+        return {"nums": nums}, " ".join(map(str, sorted(nums))), ""
+    if kind == "add":
+        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        return {"a": a, "b": b}, str(a + b), ""
+    if kind == "count":
+        word = _pick(rng, WORDS)
+        letters = sorted(set(word)) if rng.random() < 0.85 else sorted(set("abcdefghilmnoprstuwy") - set(word))
+        letter = _pick(rng, letters)
+        return {"word": word, "letter": letter}, str(word.count(letter)), ""
+    if kind == "spell":
+        n = int(rng.integers(0, 100))
+        return {"n": n}, spell_number(n), ""
+    if kind == "list":
+        category = _pick(rng, tuple(CATEGORIES))
+        count = int(rng.integers(2, 5))
+        items = rng.choice(CATEGORIES[category], size=count, replace=False)
+        return {"category": category, "count": count}, ", ".join(items), ""
+    if kind == "constrained":
+        fruit = _pick(rng, tuple(FRUIT_COLOR))
+        return {"fruit": fruit, "n": int(rng.integers(4, 8))}, "", ""  # reference depends on the template
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def _fill(kind: str, body: str, params: dict) -> str:
+    slots = dict(params)
+    if kind == "sort":
+        slots["nums"] = ", ".join(map(str, params["nums"]))
+    if kind == "list":
+        slots["count"] = ONES[params["count"]]
+    return body.format(**slots)
+
+
+def make_prompt(kind: str, rng: np.random.Generator, held_out: bool = False) -> TaskPrompt:
+    """A fresh instance of `kind` worded with a random training (or held-out) template."""
+    params, reference, _ = _instance(kind, rng)
+    template = int(rng.integers(len(TEMPLATES[kind][int(held_out)])))
+    constraint, body = template_text(kind, template, held_out)
+    if kind == "constrained":
+        params = {**params, "constraint": constraint}
+        color = FRUIT_COLOR[params["fruit"]]
+        reference = f"a {params['fruit']} is {color}" if constraint == "max_words" else color.upper()
+    spec = TaskSpec(kind, params, reference, template, held_out)
+    return TaskPrompt(({"role": "user", "content": _fill(kind, body, params)},), spec)
+
+
+# ----------------------------------------------------------------------------- the task
+_STREAMS = {"eval": 0, "sft": 1, "train": 2, "pretrain": 3}
+
+
+class Task:
+    """All the built-in task's data from one seed. Each split has its own random stream, so asking
+    for more train prompts never changes the eval prompts or the demos."""
+
+    def __init__(self, seed: int = 0, num_eval: int = 240, held_out_fraction: float = 0.4):
+        if num_eval < 1 or not 0.0 <= held_out_fraction <= 1.0:
+            raise ValueError(f"need num_eval >= 1 and 0 <= held_out_fraction <= 1, got {num_eval}, {held_out_fraction}")
+        self.seed = seed
+        self._eval = self._draw("eval", num_eval, held_out_fraction, exclude=set())
+        # "list" has only 12 (category, count) questions, so training asks them all and only the
+        # exact eval wordings are excluded; every other kind's eval instances are never trained on.
+        self._eval_keys = {p.spec.key() for p in self._eval if p.spec.kind not in SHARED_KINDS}
+        self._eval_keys |= {p.text for p in self._eval}
+
+    def _rng(self, split: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _STREAMS[split]])
+
+    def _draw(self, split: str, n: int, held_out_fraction: float, exclude: set) -> list[TaskPrompt]:
+        """n prompts cycling through the kinds in a shuffled order; the first round(n * fraction)
+        positions (then shuffled) use held-out templates. Excluded instances (key or text) are redrawn."""
+        rng = self._rng(split)
+        held = np.zeros(n, bool)
+        held[:round(n * held_out_fraction)] = True
+        held = rng.permutation(held)
+        out = []
+        for i in range(n):
+            kind = KINDS[(i + int(self.seed)) % len(KINDS)]
+            while True:
+                prompt = make_prompt(kind, rng, held_out=bool(held[i]))
+                if prompt.spec.key() not in exclude and prompt.text not in exclude:
+                    break
+            out.append(prompt)
+        order = rng.permutation(n)
+        return [out[i] for i in order]
+
+    def eval_prompts(self) -> list[TaskPrompt]:
+        """The held-out evaluation prompts (num_eval of them, held_out_fraction with paraphrase templates)."""
+        return list(self._eval)
+
+    def train_prompts(self, n: int) -> list[TaskPrompt]:
+        """Prompts for reward-model labelling and PPO: training templates, no eval instance."""
+        return self._draw("train", n, 0.0, self._eval_keys)
+
+    def sft_prompts(self, n: int) -> list[TaskPrompt]:
+        return self._draw("sft", n, 0.0, self._eval_keys)
+
+    def sft_demos(self, n: int = 400) -> list[list[dict]]:
+        """n SFT conversations [user, assistant] in the repo's message format."""
+        return [p.demo() for p in self.sft_prompts(n)]
+
+    def pretrain_corpus(self, n: int = 2000, sentences: int = 6) -> list[str]:
+        """n plain-text paragraphs of `sentences` statements each: the words, facts and skills of the
+        task (sums, spellings, reversed words, letter counts, sorted lists, category members) stated
+        as prose, never as an instruction followed by an answer."""
+        rng = self._rng("pretrain")
+        return [" ".join(_sentence(rng) for _ in range(sentences)) for _ in range(n)]
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    kind = int(rng.integers(9))
+    word, n = _pick(rng, WORDS), int(rng.integers(0, 100))
+    if kind == 0:
+        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        return _pick(rng, (f"{a} and {b} together make {a + b}.", f"{a} plus {b} is {a + b}.",
+                           f"the sum of {a} and {b} is {a + b}."))
+    if kind == 1:
+        return _pick(rng, (f"the number {n} is written {spell_number(n)}.", f"{spell_number(n)} is {n}."))
+    if kind == 2:
+        return _pick(rng, (f"backwards, {word} reads {word[::-1]}.", f"the word {word} turned around is {word[::-1]}."))
+    if kind == 3:
+        letter = _pick(rng, sorted(set(word)))
+        return f"the word {word} has {ONES[word.count(letter)]} {letter}."
+    if kind == 4:
+        nums = sorted(int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False))
+        return f"from small to large the numbers go {' '.join(map(str, nums))}."
+    if kind == 5:
+        category = _pick(rng, tuple(CATEGORIES))
+        items = list(rng.choice(CATEGORIES[category], size=3, replace=False))
+        return f"some {category} are {items[0]}, {items[1]} and {items[2]}."
+    if kind == 6:
+        fruit = _pick(rng, tuple(FRUIT_COLOR))
+        return _pick(rng, (f"a {fruit} is {FRUIT_COLOR[fruit]}.", f"the {fruit} was {FRUIT_COLOR[fruit]} and sweet."))
+    animal, tool = _pick(rng, CATEGORIES["animals"]), _pick(rng, CATEGORIES["tools"])
+    color = _pick(rng, CATEGORIES["colors"])
+    return _pick(rng, (f"the {animal} sat by the {color} {tool}.", f"a {color} {animal} ran past the {tool}.",
+                       f"the old {animal} found a {tool} near the {color} door."))
+
+
+# ----------------------------------------------------------------------------- simulated responses
+def sample_response(spec: TaskSpec, rng: np.random.Generator) -> str:
+    """A plausible policy sample: a mix of exact, partly right, wrong, chatty and off-format answers.
+    For testing the judge and labeler without a model (about 30% exact, 30% near misses, the rest worse)."""
+    ref = spec.reference
+    style = rng.choice(["exact", "near", "wrong", "chatty", "echo"], p=[0.3, 0.3, 0.15, 0.15, 0.1])
+    if style == "exact":
+        return ref
+    if style == "echo":
+        return _fill(spec.kind, template_text(spec.kind, 0, False)[1], spec.params)
+    if style == "near":
+        return near_miss(spec, rng)
+    if style == "wrong":
+        return make_prompt(spec.kind, rng).spec.reference  # the answer to another question of the same kind
+    answer = near_miss(spec, rng) if rng.random() < 0.7 else ref
+    return _pick(rng, (f"The answer is {answer}.", f"Sure! {answer}. I hope this helps you today.",
+                       f"{answer}, I think, but I am not sure about it."))
+
+
+def near_miss(spec: TaskSpec, rng: np.random.Generator) -> str:
+    """The reference with one small mistake of the kind's typical sort."""
+    p, ref = spec.params, spec.reference
+    if spec.kind in ("reverse", "spell") or (spec.kind == "constrained" and p["constraint"] == "upper"):
+        chars = list(ref)
+        i = int(rng.integers(len(chars)))
+        chars[i] = _pick(rng, "aeioustr") if spec.kind != "constrained" else chars[i].lower()
+        return "".join(chars)
+    if spec.kind == "sort":
+        nums = ref.split()
+        i = int(rng.integers(len(nums) - 1))
+        nums[i], nums[i + 1] = nums[i + 1], nums[i]
+        return " ".join(nums)
+    if spec.kind in ("add", "count"):
+        return str(max(0, int(ref) + int(_pick(rng, (-2, -1, 1, 2)))))
+    if spec.kind == "list":
+        items = ref.split(", ")
+        others = [w for c, ws in CATEGORIES.items() if c != p["category"] for w in ws]
+        items[int(rng.integers(len(items)))] = _pick(rng, others)
+        return ", ".join(items)
+    return f"a {p['fruit']} is very sweet and {FRUIT_COLOR[p['fruit']]} and soft and round"  # breaks the limit

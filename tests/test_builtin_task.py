@@ -1,0 +1,111 @@
+"""The built-in task: seeded data, held-out paraphrases, plain-text pretraining corpus, repo formats."""
+
+import re
+
+import numpy as np
+import pytest
+
+from instruct_jax.data.builtin_task import (KINDS, SHARED_KINDS, TEMPLATES, Task, TaskPrompt, TaskSpec, make_prompt,
+                                            spell_number, template_text)
+from instruct_jax.data.formats import check_conversation
+
+
+def _pattern(kind: str, template: int, held_out: bool) -> re.Pattern:
+    """A template as a regex: every {slot} matches any text."""
+    body = template_text(kind, template, held_out)[1]
+    parts = re.split(r"\{[a-z]+\}", body)
+    return re.compile("^" + "(.+?)".join(map(re.escape, parts)) + "$")
+
+
+HELD_OUT = [_pattern(k, i, True) for k in KINDS for i in range(len(TEMPLATES[k][1]))]
+TRAIN = [_pattern(k, i, False) for k in KINDS for i in range(len(TEMPLATES[k][0]))]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return Task(seed=0)
+
+
+def test_at_least_six_kinds_with_train_and_held_out_templates():
+    assert len(KINDS) >= 6
+    for kind in KINDS:
+        train, held = TEMPLATES[kind]
+        assert len(train) >= 3 and len(held) >= 2 and not set(train) & set(held)
+
+
+def test_same_seed_same_data_other_seed_other_data(task):
+    again, other = Task(seed=0), Task(seed=1)
+    assert [p.to_row() for p in task.eval_prompts()] == [p.to_row() for p in again.eval_prompts()]
+    assert task.sft_demos(50) == again.sft_demos(50)
+    assert task.pretrain_corpus(20) == again.pretrain_corpus(20)
+    assert [p.text for p in task.train_prompts(50)] == [p.text for p in again.train_prompts(50)]
+    assert [p.text for p in task.eval_prompts()] != [p.text for p in other.eval_prompts()]
+    assert task.sft_demos(50) != other.sft_demos(50)
+    assert task.pretrain_corpus(20) != other.pretrain_corpus(20)
+
+
+def test_eval_prompts_size_kinds_and_held_out_share(task):
+    prompts = task.eval_prompts()
+    assert len(prompts) >= 200
+    held = [p for p in prompts if p.spec.held_out]
+    assert len(held) / len(prompts) >= 0.3
+    assert {p.spec.kind for p in held} == set(KINDS)
+    for p in held:  # the flag tells the truth: the wording is a held-out paraphrase
+        assert any(pat.match(p.text) for pat in HELD_OUT)
+
+
+def test_held_out_paraphrases_never_in_training(task):
+    training = [p.text for p in task.train_prompts(2000)] + [d[0]["content"] for d in task.sft_demos(500)]
+    for text in training:
+        assert not any(pat.match(text) for pat in HELD_OUT), text
+        assert any(pat.match(text) for pat in TRAIN), text
+
+
+def test_eval_instances_not_trained_on(task):
+    eval_keys = {p.spec.key() for p in task.eval_prompts() if p.spec.kind not in SHARED_KINDS}
+    eval_texts = {p.text for p in task.eval_prompts()}
+    for p in task.train_prompts(1000) + task.sft_prompts(400):
+        assert p.spec.key() not in eval_keys and p.text not in eval_texts
+
+
+def test_demos_are_conversations_answered_with_the_reference(task):
+    demos = task.sft_demos(300)
+    assert len(demos) == 300 and {d[0]["content"] for d in demos}  # distinct-ish prompts exist
+    for d in demos:
+        check_conversation(d)
+        assert [m["role"] for m in d] == ["user", "assistant"]
+        assert len(d[1]["content"].split()) <= 8  # short answers: a few dozen tokens at most
+    kinds = {p.spec.kind for p in task.sft_prompts(300)}
+    assert kinds == set(KINDS)
+
+
+def test_pretrain_corpus_is_plain_text_not_instructions(task):
+    corpus = task.pretrain_corpus(300)
+    assert len(corpus) == 300
+    for doc in corpus:
+        assert "?" not in doc and "<|" not in doc
+        for sentence in doc.split(". "):
+            s = sentence.strip().rstrip(".") + "."
+            assert not any(pat.match(s) for pat in TRAIN + HELD_OUT), s
+    words = {w for doc in corpus for w in re.findall(r"[a-z]+", doc)}
+    assert len(words) < 400  # a small vocabulary a ~1k sentencepiece model covers
+
+
+def test_rows_round_trip_and_specs_are_judgeable(task):
+    for p in task.eval_prompts()[:50]:
+        row = p.to_row()
+        assert set(row) == {"prompt", "spec"} and TaskPrompt.from_row(row) == p
+        assert TaskSpec.from_dict(p.spec.to_dict()).key() == p.spec.key()
+
+
+def test_references_worked_examples():
+    assert spell_number(0) == "zero" and spell_number(13) == "thirteen"
+    assert spell_number(40) == "forty" and spell_number(42) == "forty two"
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        p = make_prompt("sort", rng)
+        assert p.spec.reference.split() == [str(x) for x in sorted(p.spec.params["nums"])]
+        p = make_prompt("count", rng)
+        assert p.spec.reference == str(p.spec.params["word"].count(p.spec.params["letter"]))
+        p = make_prompt("reverse", rng)
+        assert p.spec.reference == p.spec.params["word"][::-1]
