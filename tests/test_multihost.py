@@ -1,8 +1,9 @@
 """Multi-host on loopback: 2 processes x 4 CPU devices (gloo collectives) behave like 1 process x 8.
 
 Real processes joined by jax.distributed on 127.0.0.1, launched with
-`instruct_jax.parallel.distributed.launch_local` (reusable: a PPO or reward-model multi-host
-test is one more call with its own command line). Measured numbers: docs/MULTIHOST.md.
+`instruct_jax.parallel.distributed.launch_local` (reusable: the PPO and reward-model multi-host
+tests in test_multihost_rl.py are more calls with their own command lines). Measured numbers:
+docs/MULTIHOST.md.
 """
 
 import json
