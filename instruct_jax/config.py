@@ -369,6 +369,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def save_config(cfg: Config, workdir: str) -> None:
+    """Create the run's workdir and record the resolved config there (process 0 writes)."""
+    import jax  # local: config loading and validation stay importable without touching devices
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2, default=str)
+
+
 # ----------------------------------------------------------------------------- validation
 def _check_types(node: Any, prefix: str) -> None:
     for f in dataclasses.fields(node):

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
-from instruct_jax.config import Config, ConfigError, to_dict, validate
+from instruct_jax.config import Config, ConfigError, save_config, validate
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.config import DataConfigError, validate_data_config
 from instruct_jax.data.examples import encode_prompt
@@ -341,12 +341,9 @@ def truncate_samples(path: str, step: int) -> None:
 # ----------------------------------------------------------------------------- the loop
 def run_ppo(cfg: Config, workdir: str) -> dict:
     """Train the policy with PPO; returns the last logged metrics row."""
-    os.makedirs(workdir, exist_ok=True)
     validate(cfg)
     validate_ppo(cfg)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2, default=str)
+    save_config(cfg, workdir)
 
     # ---- Input (first: the tokenizer decides the stop set, pad and vocabulary)
     tokenizer = build_tokenizer(cfg.data, workdir)

@@ -34,7 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
-from instruct_jax.config import Config, ConfigError, ModelConfig, to_dict, validate
+from instruct_jax.config import Config, ConfigError, ModelConfig, save_config, validate
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.examples import RankingExample, encode_ranking
 from instruct_jax.data.formats import Ranking
@@ -332,10 +332,7 @@ def normalize(setup: RMSetup, params, cfg: Config, data: RMData) -> tuple[dict, 
 # ----------------------------------------------------------------------------- the loop
 def run_rm(cfg: Config, workdir: str) -> dict:
     """Train, evaluate, normalize, export; returns the final evaluation (normalized scores)."""
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2, default=str)
+    save_config(cfg, workdir)
 
     # ---- Mesh, Model, Shard, Update (validates the config against the devices first)
     setup = build_rm(cfg)

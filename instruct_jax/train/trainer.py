@@ -8,7 +8,6 @@ have seen. SIGTERM (TPU preemption) saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -16,7 +15,7 @@ import signal
 import jax
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
-from instruct_jax.config import Config, ConfigError, to_dict
+from instruct_jax.config import Config, ConfigError, save_config
 from instruct_jax.data.pipeline import LMData, build_lm_data
 from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
 from instruct_jax.parallel.sharding import batch_sharding
@@ -76,10 +75,7 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
     expected = {"sft": "sft", "pretrain": "text"}[phase]
     if cfg.data.format != expected:
         raise ConfigError("data.format", f"the {phase} command needs format {expected!r}, got {cfg.data.format!r}")
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2, default=str)
+    save_config(cfg, workdir)
 
     # ---- Mesh, Model, Shard, Update (validates the config against the devices first)
     setup = build_lm(cfg)
