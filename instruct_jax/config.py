@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
 
@@ -30,7 +31,10 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- model
 ROPE_TYPES = ("default", "linear", "ntk", "yarn", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("reference",)
+# auto: by backend, length and mesh (model/attention.py: select_implementation); reference: einsum
+# with [T, S] scores; blockwise: flash-style, linear memory; ring: sequence-parallel over the mesh
+# axis of "length"; splash: TPU Pallas kernel; cudnn: GPU fused kernel (packed rows -> blockwise).
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "ring", "splash", "cudnn")
 
 
 @dataclass
@@ -54,10 +58,14 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # output projection = embedding table transposed
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    parallel_block: bool = False  # PaLM block: x + attn(norm(x)) + mlp(norm(x)), one shared pre-norm
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params are always float32)
     remat: str = "none"  # one of REMAT_POLICIES: what each scanned block saves for backward
-    attention: str = "reference"  # one of ATTENTION_IMPLS
+    attention: str = "auto"  # one of ATTENTION_IMPLS
+    attention_block_q: int = 512  # blockwise / ring: query rows per tile (memory ~ block_q * block_kv per head)
+    attention_block_kv: int = 512  # blockwise / ring: key rows per tile
     init_std: float = 0.02  # normal init std of every weight matrix
+    loss_chunk: int = 64  # LM training loss: logits for this many positions at a time (fused CE); 0 = all at once
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -153,6 +161,12 @@ class TrainConfig:
     eval_every: int = 50  # run evaluation every N steps (0 = only at the end)
     eval_batches: int = 4  # global batches per evaluation
     init_from: str = ""  # params-only checkpoint dir (or workdir of an earlier phase) to start from
+    # Numerical guards (train/guards.py): a step whose loss or gradient norm is non-finite is skipped
+    # (params and optimizer state unchanged, the batch consumed); this many in a row stop the run
+    # after a checkpoint of the last good state.
+    max_nonfinite_in_a_row: int = 10
+    loss_spike_factor: float = 0.0  # > 1: also skip a step whose loss > factor * running mean; 0 = off
+    loss_spike_window: int = 50  # running-mean horizon, and finite steps seen before spikes are tested
 
 
 @dataclass
@@ -263,6 +277,66 @@ class PPOConfig:
     ptx: DataConfig = field(default_factory=_default_ptx_data)  # the pretraining / SFT data (format text or sft)
     # ---- logging
     log_samples: int = 2  # decoded (prompt, response, score) rows written to samples.jsonl per logged iteration
+    export_every: int = 0  # also export the policy to <workdir>/snapshots/<iteration> every N iterations (0 = off)
+
+
+# ----------------------------------------------------------------------------- pipeline
+@dataclass
+class StageConfig:
+    """One training stage of `python -m instruct_jax pipeline`: what differs from the experiment's
+    train / optim sections (everything else — model, mesh, optimizer shape, logging — is shared)."""
+
+    steps: int = 100  # optimizer steps (PPO: iterations)
+    global_batch_size: int = 16  # sequences per step (rm: rankings; ppo: prompts per rollout)
+    seq_len: int = 128  # tokens per sequence
+    learning_rate: float = 1e-3  # peak learning rate
+    warmup_steps: int = 10  # linear warmup
+    eval_every: int = 0  # evaluate every N steps (0 = only at the end)
+
+
+def _stage(**kw) -> Callable[[], StageConfig]:
+    return lambda: StageConfig(**kw)
+
+
+@dataclass
+class PipelineConfig:
+    """The whole InstructGPT recipe on the built-in task (`python -m instruct_jax pipeline`, docs/PIPELINE.md).
+
+    Every random choice — task instances, demonstrators, initialisation, sampling, labeler noise —
+    derives from the top-level `seed`; the stages' model, mesh and optimizer come from the experiment.
+    """
+
+    # ---- built-in task (data/builtin_task.py)
+    pretrain_paragraphs: int = 2000  # plain-text paragraphs of the pretraining corpus
+    sft_demos: int = 400  # demonstrations written by the simulated demonstrators
+    demo_chatty: float = 0.6  # fraction of demonstrations wrapped in chat ("Sure! 59. I hope this helps…")
+    demo_slip: float = 0.15  # fraction of demonstrations with a typical slip (near miss)
+    eval_prompts: int = 240  # held-out evaluation prompts (>= 200 for the report's claims)
+    held_out_fraction: float = 0.4  # of eval prompts worded with paraphrase templates never trained on
+    # ---- comparisons (InstructGPT step 2)
+    label_prompts: int = 600  # training prompts whose SFT samples the labeler ranks
+    responses_per_prompt: int = 4  # K, 4..9 in InstructGPT
+    labeler_temperature: float = 0.25  # Plackett-Luce temperature on gold totals
+    labeler_flip_rate: float = 0.1  # probability of swapping each adjacent pair of the sampled order
+    max_comparisons: int = 0  # budget of pairwise comparisons, C(K, 2) per ranking (0 = unlimited)
+    # ---- PPO (InstructGPT step 3); the ppo section configures the algorithm
+    ppo_prompts: int = 2000  # training prompts PPO samples from
+    kl_budget: float = 0.0  # max allowed KL(PPO || SFT) per response on held-out prompts (nats); 0 = no check
+    snapshots: int = 4  # policy exports during PPO for the gold-vs-proxy picture (0 = none)
+    # ---- evaluation
+    decode_temperature: float = 0.0  # how every policy is decoded for scoring (0 = greedy)
+    max_new_tokens: int = 24  # response buffer for evaluation decoding
+    best_of: tuple = (4, 16)  # best-of-n against the reward model, sampled from SFT at temperature 1
+    kl_samples: int = 2  # samples per held-out prompt for KL(PPO || SFT)
+    # ---- stages
+    pretrain: StageConfig = field(default_factory=_stage(steps=300, global_batch_size=32, seq_len=128,
+                                                         learning_rate=3e-3))
+    sft: StageConfig = field(default_factory=_stage(steps=200, global_batch_size=32, seq_len=64,
+                                                    learning_rate=1e-3, eval_every=25))
+    rm: StageConfig = field(default_factory=_stage(steps=200, global_batch_size=16, seq_len=64,
+                                                   learning_rate=1e-3))
+    ppo: StageConfig = field(default_factory=_stage(steps=60, global_batch_size=64, seq_len=64,
+                                                    learning_rate=3e-4, warmup_steps=0))
 
 
 @dataclass
@@ -280,6 +354,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)  # the reward model phase (`rm`, `score`)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # multi-host runs
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the PPO phase (`ppo`)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # the end-to-end run (`pipeline`)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -291,10 +366,18 @@ def load_experiment(spec: str) -> Config:
     module_name = "instruct_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)
-    loader_spec.loader.exec_module(module)
+    try:  # a broken experiment file is a configuration error that names it, not a traceback
+        loader_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError("experiment", f"{path} failed to load: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError("experiment", f"{path} defines no get_config(arg=None)")
-    cfg = module.get_config(arg or None)
+    try:
+        cfg = module.get_config(arg or None)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError("experiment", f"{spec}: get_config({arg or None!r}) raised {type(e).__name__}: {e}") from e
     if not isinstance(cfg, Config):
         raise ConfigError("experiment", f"{path}: get_config must return instruct_jax.config.Config, got {type(cfg).__name__}")
     return cfg
@@ -326,9 +409,12 @@ def _parse_value(key: str, raw: str, hint: Any) -> Any:
             raise ConfigError(key, f"expected an integer, got {raw!r}") from None
     if hint is float:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ConfigError(key, f"expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {raw!r}")
+        return value
     if hint is str:
         return raw
     if hint is tuple or origin is tuple:
@@ -381,10 +467,13 @@ def save_config(cfg: Config, workdir: str) -> None:
 
 # ----------------------------------------------------------------------------- validation
 def _check_types(node: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(node))  # once per section: it re-evaluates every annotation
     for f in dataclasses.fields(node):
         key, value = f"{prefix}{f.name}", getattr(node, f.name)
-        hint = typing.get_type_hints(type(node))[f.name]
+        hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(key, f"expected a {hint.__name__} section, got {type(value).__name__}")
             _check_types(value, key + ".")
             continue
         expected = {int: int, float: (int, float), str: str, bool: bool, tuple: (tuple, list)}.get(hint)
@@ -392,6 +481,20 @@ def _check_types(node: Any, prefix: str) -> None:
             continue
         if hint is int and isinstance(value, bool) or not isinstance(value, expected):
             raise ConfigError(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        if hint is float and not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+
+
+def _check_rule_entries(rules: Any) -> None:
+    """mesh.rules entries are (logical name, None | mesh axis | tuple of mesh axes) pairs."""
+    for i, entry in enumerate(rules):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ConfigError("mesh.rules", f"entry {i} must be a (logical_name, mesh_axes) pair, got {entry!r}")
+        target = entry[1]
+        axes = target if isinstance(target, (tuple, list)) else (target,)
+        if target is not None and not all(isinstance(a, str) for a in axes):
+            raise ConfigError("mesh.rules", f"entry {i} ({entry[0]!r}) must map to None, a mesh axis name or a "
+                              f"tuple of them, got {target!r}")
 
 
 def _positive(prefix: str, node: Any, *names: str) -> None:
@@ -405,7 +508,8 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     _check_types(cfg, "")
     m = cfg.model
     _positive("model", m, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "mlp_dim", "max_seq_len", "rope_theta", "norm_eps")
+              "head_dim", "mlp_dim", "max_seq_len", "rope_theta", "norm_eps", "attention_block_q",
+              "attention_block_kv")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError("model.num_kv_heads", f"must divide num_heads={m.num_heads}, got {m.num_kv_heads}")
     if m.head_dim % 2:
@@ -418,11 +522,19 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
                                 ("optim.mu_dtype", cfg.optim.mu_dtype, ("float32", "bfloat16"))):
         if value not in allowed:
             raise ConfigError(key, f"expected one of {list(allowed)}, got {value!r}")
+    if m.attention == "cudnn" and m.dtype != "bfloat16":
+        raise ConfigError("model.attention", f"'cudnn' flash attention is 16-bit only: needs model.dtype "
+                          f"'bfloat16', got {m.dtype!r}")
     if m.rope_type != "default" and m.rope_factor < 1.0:
         raise ConfigError("model.rope_factor", f"must be >= 1 for rope_type={m.rope_type!r}, got {m.rope_factor}")
+    if m.loss_chunk < 0:
+        raise ConfigError("model.loss_chunk", f"must be >= 0 (0 = full logits), got {m.loss_chunk}")
 
     t = cfg.train
-    _positive("train", t, "steps", "global_batch_size", "microbatches", "seq_len", "eval_batches")
+    _positive("train", t, "steps", "global_batch_size", "microbatches", "seq_len", "eval_batches",
+              "max_nonfinite_in_a_row", "loss_spike_window")
+    if t.loss_spike_factor != 0 and not t.loss_spike_factor > 1:
+        raise ConfigError("train.loss_spike_factor", f"must be 0 (off) or > 1, got {t.loss_spike_factor}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError("train.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}, got {t.seq_len}")
     if t.global_batch_size % t.microbatches:
@@ -442,6 +554,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     from instruct_jax.parallel.mesh import resolve_mesh_shape  # local: parallel imports config
     from instruct_jax.parallel.sharding import check_rules
 
+    _check_rule_entries(cfg.mesh.rules)
     check_rules(cfg.mesh.logical_rules())
     if num_devices is not None:
         shape = resolve_mesh_shape(cfg.mesh, num_devices)

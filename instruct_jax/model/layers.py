@@ -88,7 +88,8 @@ class Attention(nn.Module):
             kv_pos, kv_seg = slots.positions, slots.segment_ids  # [B, S]
             kv = (k_, v)
         out = dot_product_attention(q, k_, v, positions, kv_pos, segment_ids, kv_seg,
-                                    implementation=cfg.attention)  # [B, T, N, H]
+                                    implementation=cfg.attention, block_q=cfg.attention_block_q,
+                                    block_kv=cfg.attention_block_kv, self_attention=kv is None)  # [B, T, N, H]
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv
 
@@ -112,6 +113,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block with the nn.scan signature (carry, *inputs) -> (carry, output).
 
+    Serial (Llama):   h = x + attn(attn_norm(x));  out = h + mlp(mlp_norm(h))
+    Parallel (PaLM, cfg.parallel_block): out = x + attn(norm(x)) + mlp(norm(x)), one norm
+    shared by both branches, so attention and the MLP read the same input and their input
+    matmuls can run side by side (PaLM section 2: ~15% faster at scale, same quality).
+
     positions, segment_ids and slots are broadcast to every layer; kv (this layer's
     cache buffers, or None) is scanned over the stacked layer axis, and the updated
     buffers are the scan's per-layer output (None without a cache).
@@ -122,6 +128,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        if cfg.parallel_block:
+            normed = RMSNorm(cfg.norm_eps, dtype, name="norm")(x)
+            attn_out, kv = Attention(cfg, name="attn")(normed, positions, segment_ids, kv, slots)
+            out = x + attn_out + MLP(cfg, name="mlp")(normed)
+            return constrain(out, ("batch", "length", "act_embed")), kv
         attn_out, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x),
                                                    positions, segment_ids, kv, slots)
         h = x + attn_out
