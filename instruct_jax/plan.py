@@ -1,0 +1,524 @@
+"""Ahead-of-time plans for TPU pods: compile the SFT, reward-model and PPO steps for a real TPU
+topology on a CPU-only machine and report what each chip would hold.
+
+    python -m instruct_jax plan --experiment experiments/palm.py:540b-v5p --topology v5p:16x16x24
+    python -m instruct_jax plan --experiment experiments/palm.py:540b-v4 --topology v4:16x16x12 --slices 2
+
+How: libtpu (the optional `tpu` extra) describes any TPU topology without TPUs
+(jax.experimental.topologies.get_topology_desc); the experiment's own jitted steps (train/build.py,
+train/reward.py, ppo/step.py) are lowered with abstract, sharded inputs over a mesh of those devices
+and compiled by the real TPU compiler. Its memory_analysis() gives each device's argument, output,
+aliased (donated) and temporary bytes; its cost_analysis() the FLOPs each device executes.
+
+The compile runs in a subprocess with JAX_PLATFORMS=cpu, so the calling process (a test on 8
+emulated CPU devices, say) never loads the TPU plugin. The reward step compiles the experiment's
+config with train.global_batch_size comparisons of K = max(data.max_responses, 2) responses; PPO
+with train.global_batch_size prompts of data.max_prompt_len tokens and ppo.response_len responses.
+
+Per device, for each compiled step:
+    params, optimizer state    bytes of the resident trees, from their shapes and shardings;
+                               for PPO all four models (policy, value, reference, reward) + EMA
+    other inputs / outputs     batch, experience, rollout buffers that are not aliased
+    temporaries                the compiler's temp_size (activations, gradients, collectives)
+    total                      arguments + outputs - aliased + temporaries + code
+                               (+ resident trees the step does not take as arguments)
+FLOPs per step per device: the model's own count (metrics.model_flops_per_token, PaLM appendix B),
+the hardware count (model + what remat recomputes: a layer's forward pass for remat=full, the
+attention matmuls for dots_no_batch), and the compiler's cost_analysis. XLA counts the body of
+every loop ONCE (measured: a 2-layer and an 8-layer scan report the same FLOPs), so with scanned
+layers, microbatches and decode loops its number is a per-iteration figure, printed as a check,
+not used. At the chip's peak a step takes at least hardware FLOPs / peak seconds, and its MFU at
+that speed is model / hardware FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+GIB = 2 ** 30
+PHASES = ("sft", "rm", "ppo")
+
+
+# ----------------------------------------------------------------------------- chips
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int  # per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
+
+
+# Public Cloud TPU specifications, keyed by jax's device_kind.
+CHIPS = {
+    "TPU v4": Chip("TPU v4", 32 * GIB, 275e12),
+    "TPU v5 lite": Chip("TPU v5e", 16 * GIB, 197e12),
+    "TPU v5": Chip("TPU v5p", 95 * GIB, 459e12),
+    "TPU v6 lite": Chip("TPU v6e", 32 * GIB, 918e12),
+}
+
+
+class PlanError(RuntimeError):
+    """Planning cannot start (libtpu missing, unknown topology); the message says what to do."""
+
+
+def require_libtpu() -> None:
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError("plan needs libtpu, the TPU compiler, which the core install leaves out. Install the "
+                        "optional extra:  pip install -e '.[tpu]'   (or: pip install libtpu==0.0.42.1, the "
+                        "version jax 0.10.2 pins)")
+
+
+def load_topology(name: str, slices: int = 1):
+    """Devices of a TPU topology ("v5p:8x8x8") without TPUs; `slices` > 1 gives a multi-slice job."""
+    require_libtpu()
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": slices} if slices > 1 else {}
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+    except Exception as e:  # libtpu raises its own error types
+        raise PlanError(f"--topology {name!r} (slices {slices}): libtpu cannot describe it: {e}") from None
+
+
+def devices_per_chip(topology: str, num_devices: int, slices: int) -> int:
+    """Devices jax sees per chip: 1 on megacore chips (v5p), 2 TensorCores on v4 topologies here."""
+    dims = topology.partition(":")[2].split("x")
+    chips = math.prod(int(d) for d in dims) * slices
+    return max(num_devices // chips, 1)
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays (the largest shard)."""
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def abstract(shape, dtype, sharding):
+    import jax
+
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def lm_batch(cfg, mesh, rules) -> dict:
+    """An abstract SFT / pretraining batch: LM_KEYS arrays [global_batch_size, seq_len], rows over batch."""
+    import jax.numpy as jnp
+
+    from instruct_jax.data.packing import LM_KEYS
+    from instruct_jax.parallel.sharding import batch_sharding
+
+    shape, sh = (cfg.train.global_batch_size, cfg.train.seq_len), batch_sharding(mesh, rules)
+    return {k: abstract(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sh) for k in LM_KEYS}
+
+
+def ranking_slots(cfg) -> int:
+    """K responses per comparison: data.max_responses when set, else a pair."""
+    return max(cfg.data.max_responses or 2, 2)
+
+
+def ranking_batch(cfg, mesh, rules) -> dict:
+    """An abstract reward-model batch: [B, K, T] sequences and [B, K] ranks / lengths."""
+    import jax.numpy as jnp
+
+    from instruct_jax.train.reward import ranking_shardings
+
+    b, k, t = cfg.train.global_batch_size, ranking_slots(cfg), cfg.train.seq_len
+    sh = ranking_shardings(mesh, rules)
+    return {name: abstract((b, k, t) if name in ("tokens", "positions", "segment_ids") else (b, k), jnp.int32,
+                           sh[name]) for name in sh}
+
+
+# ----------------------------------------------------------------------------- compile and measure
+@dataclasses.dataclass
+class Piece:
+    """One compiled function: what the compiler says it needs per device."""
+
+    name: str
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    resident_elsewhere: int  # resident trees (frozen models, optimizer states) this function doesn't take
+    flops_compiler: float  # XLA's cost_analysis: loop bodies counted once
+    flops_model: float
+    flops_hardware: float  # model + remat recomputation
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code + self.resident_elsewhere
+
+
+def compile_piece(name: str, fn, args: Sequence, flops: tuple[float, float], resident_elsewhere: int = 0):
+    """(Piece, compiled) for fn.lower(*args).compile(); flops = (model, hardware) per device."""
+    print(f"  compiling {name} ...", file=sys.stderr, flush=True)  # a 540B step takes minutes
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    piece = Piece(name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                  mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, resident_elsewhere,
+                  float((cost or {}).get("flops", 0.0)), *flops, seconds)
+    return piece, compiled
+
+
+def out_structs(compiled):
+    """The compiled function's outputs as sharded ShapeDtypeStructs (inputs for the next piece)."""
+    import jax
+
+    return jax.tree.map(lambda s, sh: abstract(s.shape, s.dtype, sh), compiled.out_info, compiled.output_shardings)
+
+
+def remat_flops_per_token(model_cfg, seq_len: int) -> float:
+    """FLOPs per token that remat adds in the backward pass (recomputed forward work).
+
+    full / save_attention_out: each layer's forward again (2 x layer weights + attention);
+    dots_no_batch: the attention matmuls (dots with batch dims are not saved); dots / none: nothing.
+    """
+    from instruct_jax.metrics import model_flops_per_token
+
+    layer_matmuls = model_flops_per_token(model_cfg, 0, output_size=0) / 6  # weights of every layer's matmuls
+    attention = (model_flops_per_token(model_cfg, seq_len, output_size=0) - 6 * layer_matmuls) / 3
+    return {"full": 2 * layer_matmuls + attention, "save_attention_out": 2 * layer_matmuls + attention,
+            "dots_no_batch": attention}.get(model_cfg.remat, 0.0)
+
+
+def train_flops(model_cfg, seq_len: int, tokens: int, num_devices: int, output_size=None) -> tuple[float, float]:
+    """(model, hardware) FLOPs per device of forward + backward over `tokens` tokens."""
+    from instruct_jax.metrics import model_flops_per_token
+
+    model = model_flops_per_token(model_cfg, seq_len, output_size=output_size) * tokens / num_devices
+    return model, model + remat_flops_per_token(model_cfg, seq_len) * tokens / num_devices
+
+
+def plan_sft(cfg, devices) -> dict:
+    from instruct_jax.train.build import build_lm
+
+    setup = build_lm(cfg, devices)
+    state = setup.abstract_state
+    tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    flops = train_flops(cfg.model, cfg.train.seq_len, tokens, len(devices))
+    piece, _ = compile_piece("train_step", setup.train_step, (state, lm_batch(cfg, setup.mesh, setup.rules)), flops)
+    return phase_result("sft", [piece], params=per_device_bytes(state.params), optimizer=per_device_bytes(
+        state.opt_state), tokens=tokens)
+
+
+def plan_rm(cfg, devices) -> dict:
+    from instruct_jax.config import validate
+    from instruct_jax.parallel.mesh import make_mesh
+    from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
+    from instruct_jax.train.reward import make_reward_train_step
+    from instruct_jax.train.rm_trainer import RewardModel, abstract_rm_state
+
+    validate(cfg, num_devices=len(devices))
+    mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules()
+    state, shardings = abstract_rm_state(cfg, mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps), learning_rate_schedule(cfg.optim, cfg.train.steps)
+    step = make_reward_train_step(RewardModel(cfg.model), tx, schedule, mesh, rules, shardings,
+                                  cfg.train.microbatches, cfg.reward.margin)
+    tokens = cfg.train.global_batch_size * ranking_slots(cfg) * cfg.train.seq_len
+    flops = train_flops(cfg.model, cfg.train.seq_len, tokens, len(devices), output_size=1)
+    piece, _ = compile_piece("train_step", step, (state, ranking_batch(cfg, mesh, rules)), flops)
+    return phase_result("rm", [piece], params=per_device_bytes(state.params),
+                        optimizer=per_device_bytes(state.opt_state), tokens=tokens)
+
+
+def ppo_flops(cfg, num_devices: int) -> dict[str, tuple[float, float]]:
+    """(model, hardware) FLOPs per device of sampling, scoring and updating one rollout batch."""
+    from instruct_jax.metrics import model_flops_per_token
+    from instruct_jax.ppo.trainer import prompt_len
+
+    m, p, b = cfg.model, cfg.ppo, cfg.train.global_batch_size
+    seq = prompt_len(cfg) + p.response_len + 1
+    fwd_lm = model_flops_per_token(m, seq) / 3  # forward only: a third of forward + backward
+    fwd_rm = model_flops_per_token(m, seq, output_size=1) / 3
+    # sampling: prefill the prompt, then one token at a time against the cache (~ a forward pass per token)
+    sample = fwd_lm * b * (prompt_len(cfg) + p.response_len) / num_devices
+    experience = (2 * fwd_lm + 2 * fwd_rm) * b * seq / num_devices  # policy, reference, value, reward forwards
+    policy = train_flops(m, seq, p.epochs * b * seq, num_devices)
+    value = train_flops(m, seq, p.epochs * b * seq, num_devices, output_size=1)
+    update = [policy[0] + value[0], policy[1] + value[1]]
+    if p.ptx_coef > 0:
+        ptx = train_flops(m, cfg.train.seq_len, p.epochs * p.minibatches * p.ptx_batch_size * cfg.train.seq_len,
+                          num_devices)
+        update = [update[0] + ptx[0], update[1] + ptx[1]]
+    return {"sample": (sample, sample), "experience": (experience, experience), "update": tuple(update)}
+
+
+def ppo_config(cfg):
+    """The experiment as PPO reads it: a reward model and the four-model rollout (placeholders for paths)."""
+    return dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, reward="model",
+                                                           reward_model=cfg.ppo.reward_model or "(plan)"))
+
+
+def plan_ppo(cfg, devices) -> dict:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
+    from instruct_jax.model.transformer import ModelInput
+    from instruct_jax.parallel.mesh import make_mesh
+    from instruct_jax.parallel.sharding import logical_to_spec, replicated
+    from instruct_jax.ppo.rewards import reward_model_reward
+    from instruct_jax.ppo.step import PTX_KEYS
+    from instruct_jax.ppo.trainer import build_ppo, prompt_len
+    from instruct_jax.train.state import param_shardings_for
+
+    cfg = ppo_config(cfg)
+    mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules()
+    # The reward model: the value model's shape (trunk + scalar head) plus its normalization scalars.
+    reward_params, _ = param_shardings_for(
+        functools.partial(init_reward_params_boxed, RewardModel(cfg.model)), mesh, rules)
+    scalar = abstract((), jnp.float32, replicated(mesh))
+    reward = {"params": reward_params, "norm": {"gain": scalar, "bias": scalar}}
+    vocab = cfg.model.vocab_size
+    setup = build_ppo(cfg, stop_tokens=(vocab - 1,), pad_id=0, eot_id=vocab - 1,
+                      reward_fn=reward_model_reward(cfg.model),
+                      reward_shardings=jax.tree.map(lambda x: x.sharding, reward), devices=devices)
+    state = setup.abstract_state
+    policy, value, ema = state.policy.params, state.value.params, state.ema
+    b, t = cfg.train.global_batch_size, prompt_len(cfg)
+    rows_2d = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", None), rules))
+    prompt = ModelInput(*(abstract((b, t), jnp.int32, rows_2d) for _ in range(3)))
+    rng = abstract((2,), jnp.uint32, replicated(mesh))
+
+    sizes = {"policy": per_device_bytes(policy), "value": per_device_bytes(value),
+             "reference": per_device_bytes(policy), "reward": per_device_bytes(reward), "ema": per_device_bytes(ema),
+             "policy_opt": per_device_bytes(state.policy.opt_state),
+             "value_opt": per_device_bytes(state.value.opt_state)}
+    resident = sum(sizes.values())
+    flops = ppo_flops(cfg, len(devices))
+    # The reference's params are a separate copy of the policy's shape (the update donates the policy).
+    sample, compiled = compile_piece("sample", setup.steps.sample, (policy, prompt, rng), flops["sample"],
+                                     resident - sizes["policy"])
+    sampled = out_structs(compiled)
+    kl = abstract((), jnp.float32, replicated(mesh))
+    experience, compiled = compile_piece(
+        "experience", setup.steps.experience, (policy, policy, value, reward, prompt, sampled, kl),
+        flops["experience"], resident - sizes["policy"] - sizes["reference"] - sizes["value"] - sizes["reward"])
+    exp = out_structs(compiled)[0]
+    args = [state, exp, rng]
+    if cfg.ppo.ptx_coef > 0:  # one ptx slice per minibatch step: [E * M * P, T]
+        rows = cfg.ppo.ptx_batch_size * cfg.ppo.epochs * cfg.ppo.minibatches
+        batch = lm_batch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=rows)),
+                         mesh, rules)
+        args.append({k: batch[k] for k in PTX_KEYS})
+    update, _ = compile_piece("update", setup.steps.update, args, flops["update"],
+                              sizes["reference"] + sizes["reward"])
+    return phase_result("ppo", [sample, experience, update], params=sizes["policy"] + sizes["value"]
+                        + sizes["reference"] + sizes["reward"] + sizes["ema"],
+                        optimizer=sizes["policy_opt"] + sizes["value_opt"], tokens=b * (t + cfg.ppo.response_len),
+                        trees=sizes)
+
+
+def phase_result(phase: str, pieces: list[Piece], *, params: int, optimizer: int, tokens: int, **extra) -> dict:
+    return {"phase": phase, "params_bytes": params, "optimizer_bytes": optimizer, "tokens": tokens,
+            "pieces": [dict(dataclasses.asdict(p), total=p.total) for p in pieces], **extra}
+
+
+PLANNERS = {"sft": plan_sft, "rm": plan_rm, "ppo": plan_ppo}
+
+
+def plan(cfg, topology: str, slices: int = 1, phases: Sequence[str] = PHASES) -> dict:
+    """Compile each phase's steps for the topology; a JSON-able dict of per-device numbers."""
+    topo = load_topology(topology, slices)
+    devices = list(topo.devices)
+    kind = devices[0].device_kind
+    if kind not in CHIPS:
+        raise PlanError(f"no HBM / peak FLOPs on record for device kind {kind!r}; known: {sorted(CHIPS)}")
+    chip, per_chip = CHIPS[kind], devices_per_chip(topology, len(devices), slices)
+    result = {"experiment": cfg.name, "topology": topology, "slices": slices, "devices": len(devices),
+              "chip": chip.name, "devices_per_chip": per_chip, "hbm_bytes_per_device": chip.hbm_bytes // per_chip,
+              "peak_flops_per_device": chip.peak_flops / per_chip, "mesh": mesh_sizes(cfg, len(devices), slices),
+              "model": dataclasses.asdict(cfg.model), "phases": []}
+    for phase in phases:
+        try:
+            result["phases"].append(PLANNERS[phase](cfg, devices))
+        except Exception as e:  # a config the compiler rejects is a plan result too
+            message = f"{type(e).__name__}: {e}"[:2000]
+            result["phases"].append({"phase": phase, "error": message,
+                                     "out_of_memory": "RESOURCE_EXHAUSTED" in message})
+    return result
+
+
+def mesh_sizes(cfg, num_devices: int, slices: int) -> dict[str, int]:
+    from instruct_jax.parallel.mesh import resolve_mesh_shape
+
+    return resolve_mesh_shape(cfg.mesh, num_devices, slices)
+
+
+# ----------------------------------------------------------------------------- report
+def gib(n: float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def report(result: dict) -> str:
+    """The human-readable plan: one table per phase, then a verdict per compiled step."""
+    hbm, peak = result["hbm_bytes_per_device"], result["peak_flops_per_device"]
+    unit = "chip" if result["devices_per_chip"] == 1 else f"device (1/{result['devices_per_chip']} chip)"
+    lines = [f"plan: {result['experiment']} on {result['topology']} x {result['slices']} slice(s) = "
+             f"{result['devices']} devices ({result['chip']}); mesh {result['mesh']}",
+             f"per {unit}: HBM {hbm / GIB:.2f} GiB, peak {peak / 1e12:.1f} TFLOP/s (bf16)"]
+    for ph in result["phases"]:
+        lines.append("")
+        if ph.get("out_of_memory"):  # the TPU compiler refuses programs that exceed HBM
+            lines.append(f"[{ph['phase']}] DOES NOT FIT: the TPU compiler ran out of HBM: {ph['error']}")
+            lines.append("    to change: " + ACTIVATION_ADVICE)
+            continue
+        if "error" in ph:
+            lines.append(f"[{ph['phase']}] did not compile: {ph['error']}")
+            continue
+        lines.append(f"[{ph['phase']}] params {ph['params_bytes'] / GIB:.2f} GiB, optimizer state "
+                     f"{ph['optimizer_bytes'] / GIB:.2f} GiB per {unit.split(' ')[0]}")
+        lines.append(f"  {'step':<11}{'args GiB':>10}{'out GiB':>9}{'alias GiB':>10}{'temp GiB':>9}"
+                     f"{'resident*':>10}{'total GiB':>10}{'of HBM':>8}{'TFLOP model':>12}{'TFLOP hw':>10}"
+                     f"{'TFLOP xla*':>11}{'s @peak':>9}{'MFU':>6}{'compile s':>10}")
+        for p in ph["pieces"]:
+            step_s = p["flops_hardware"] / peak
+            mfu = p["flops_model"] / p["flops_hardware"] if p["flops_hardware"] else float("nan")
+            lines.append(f"  {p['name']:<11}{gib(p['argument']):>10}{gib(p['output']):>9}{gib(p['alias']):>10}"
+                         f"{gib(p['temp']):>9}{gib(p['resident_elsewhere']):>10}{gib(p['total']):>10}"
+                         f"{p['total'] / hbm:>7.0%} {p['flops_model'] / 1e12:>11.2f}{p['flops_hardware'] / 1e12:>10.2f}"
+                         f"{p['flops_compiler'] / 1e12:>11.2f}{step_s:>9.3f}{mfu:>6.0%}{p['compile_s']:>10.1f}")
+        lines.extend(verdicts(ph, hbm))
+    lines.append("")
+    lines.append("* resident: trees on the chip that the step does not take as arguments (frozen models, optimizer "
+                 "states while sampling). TFLOP per device and step; hw = model + remat recompute; xla: the "
+                 "compiler's cost_analysis, which counts each loop body (scanned layers, microbatches, decode "
+                 "steps) once. s @peak: hw FLOPs / peak; MFU at that speed: model / hw FLOPs.")
+    return "\n".join(lines)
+
+
+def verdicts(ph: dict, hbm: int) -> list[str]:
+    """'fits' or 'DOES NOT FIT' per step, naming the biggest buffers, the overflow and what to change."""
+    out = []
+    for p in ph["pieces"]:
+        if p["total"] <= hbm:
+            out.append(f"  {p['name']}: fits, {(hbm - p['total']) / GIB:.2f} GiB to spare")
+            continue
+        parts = {"temporaries (activations, gradients, collective buffers)": p["temp"],
+                 "params": ph["params_bytes"], "optimizer state": ph["optimizer_bytes"],
+                 "other inputs/outputs": max(p["argument"] + p["output"] - p["alias"] + p["resident_elsewhere"]
+                                             - ph["params_bytes"] - ph["optimizer_bytes"], 0)}
+        biggest = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        out.append(f"  {p['name']}: DOES NOT FIT: needs {p['total'] / GIB:.2f} GiB, HBM {hbm / GIB:.2f} GiB, over by "
+                   f"{(p['total'] - hbm) / GIB:.2f} GiB. Largest: {biggest}.")
+        out.append("    to change: " + advice(p, ph, hbm))
+    return out
+
+
+ACTIVATION_ADVICE = ("temporaries dominate: model.remat=full (save only each layer's input), more train.microbatches "
+                     "(same global batch, fewer rows live at once), a smaller per-device batch, shard activations "
+                     "further (a larger mesh.tensor or mesh.sequence axis), and no replicated large weight (a "
+                     "gathered, unsharded table costs its full size on every device)")
+
+
+def advice(p: dict, ph: dict, hbm: int) -> str:
+    state = ph["params_bytes"] + ph["optimizer_bytes"]
+    if p["temp"] >= state:
+        return ACTIVATION_ADVICE
+    return ("parameters / optimizer state dominate: shard them over more devices (a larger mesh.fsdp; "
+            "params shard over fsdp x tensor), optim.mu_dtype=bfloat16, or a larger slice / more slices")
+
+
+# ----------------------------------------------------------------------------- subprocess entry points
+def run_in_subprocess(experiment: str, topology: str, slices: int = 1, phases: Sequence[str] = PHASES,
+                      overrides: Sequence[str] = (), timeout: Optional[float] = None) -> dict:
+    """Plan in a fresh `python -m instruct_jax.plan` with JAX_PLATFORMS=cpu; returns the result dict.
+
+    The child prints the report on stderr (streamed through) and the JSON on stdout."""
+    require_libtpu()
+    cmd = [sys.executable, "-m", "instruct_jax.plan", "--experiment", experiment, "--topology", topology,
+           "--slices", str(slices), "--phases", ",".join(phases), "--json", "-"]
+    if overrides:
+        cmd += ["--set", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+           # libtpu asks the (absent) TPU metadata server where it runs; these answers skip that look-up.
+           "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": os.environ.get("TPU_ACCELERATOR_TYPE", "v5p-8"),
+           "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+    env.pop("XLA_FLAGS", None)  # the caller's emulated CPU devices are not the plan's business
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise PlanError(f"plan subprocess failed with exit code {proc.returncode} (its error is printed above)")
+    return json.loads(proc.stdout)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m instruct_jax plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--json", default=None, help="write the result as JSON to this file ('-': stdout)")
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True, metavar="FILE[:ARG]")
+    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:8x8x8, v4:16x16x12, v5e:2x2")
+    p.add_argument("--slices", type=int, default=1, help="slices of that topology joined over DCN")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of sft,rm,ppo")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The subprocess side: load, plan, print the report (stderr) and the JSON (--json)."""
+    args = _parser().parse_args(argv)
+    from instruct_jax.config import ConfigError, apply_overrides, load_experiment
+
+    try:
+        phases = parse_phases(args.phases)
+        cfg = apply_overrides(load_experiment(args.experiment), args.overrides)
+        result = plan(cfg, args.topology, args.slices, phases)
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report(result), file=sys.stderr, flush=True)
+    if args.json == "-":
+        print(json.dumps(result))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def parse_phases(text: str) -> tuple[str, ...]:
+    from instruct_jax.config import ConfigError
+
+    phases = tuple(p for p in text.split(",") if p)
+    bad = [p for p in phases if p not in PHASES]
+    if bad or not phases:
+        raise ConfigError("--phases", f"expected a comma-separated subset of {list(PHASES)}, got {text!r}")
+    return phases
+
+
+def cli(args) -> int:
+    """`python -m instruct_jax plan ...`: the plan runs in a subprocess; print its report, keep its JSON."""
+    from instruct_jax.config import ConfigError
+
+    try:
+        result = run_in_subprocess(args.experiment, args.topology, args.slices, parse_phases(args.phases),
+                                   args.overrides)
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
