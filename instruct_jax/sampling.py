@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from instruct_jax.model.kv_cache import KVCache
-from instruct_jax.model.transformer import ModelInput, Transformer
+from instruct_jax.model.transformer import ModelInput, Transformer, compute_dtype_weights, split_layers
 from instruct_jax.parallel.sharding import logical_to_shardings, logical_to_spec, replicated
 from instruct_jax.parallel.context import in_mesh_context
 
@@ -190,9 +190,13 @@ def sample(params, model: Transformer, prompt: ModelInput, rng: jax.Array, cfg: 
     """Sample up to cfg.max_new_tokens tokens after each prompt row (prompt [B, T], one segment a row)."""
     b, t = prompt.tokens.shape
     n = cfg.max_new_tokens
+    # Once per call, outside the loop: weights split per layer and cast to the compute dtype, the
+    # cache held per layer, so every decode step reads each buffer in place and writes only the
+    # new token's keys / values (Transformer.cached_layers; docs/BENCHMARKS.md has the measurement).
+    params = compute_dtype_weights(model.cfg, split_layers(params))
     # S = T + N: the last loop step feeds token N-1 into slot T + N - 1 (its logits are unused,
     # but a fixed loop body is simpler than skipping it).
-    cache = KVCache.init(model.cfg, b, t + n)
+    cache = KVCache.init(model.cfg, b, t + n, per_layer=True)
     logits, cache = prefill(params, model, prompt, cache)
     _, next_pos, segment = prompt_tail(prompt)  # [B] each
     stop = jnp.asarray(cfg.stop_tokens, jnp.int32)  # [num stop tokens]

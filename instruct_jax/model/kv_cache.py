@@ -9,6 +9,11 @@ Layout (one struct for the whole model; the L axis matches the nn.scan-stacked b
     positions    [B, S] int32     position of the token held in each slot
     segment_ids  [B, S] int32     segment of that token; 0 = empty slot or padding
 
+The sampler's decode loop holds k and v per layer instead (`init(..., per_layer=True)`): tuples of
+L separate [B, S, K, H] buffers. Each layer then updates its own buffer in place, one token's keys /
+values a step, and attention reads it without a copy; slices of one stacked [L, ...] buffer would be
+copied out and back every step (Transformer.cached_layers). Same values, same shardings per layer.
+
 Slots are not positions. A row's tokens sit in slots in the order they were written; the
 attention mask comes only from the stored positions and segment ids, through the same
 rule as training (`attention_mask`: same non-zero segment and kv_pos <= q_pos). So a
@@ -59,18 +64,30 @@ class CacheSlots:
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array | tuple  # [L, B, S, K, H], or L x [B, S, K, H] (per_layer)
+    v: jax.Array | tuple  # [L, B, S, K, H], or L x [B, S, K, H] (per_layer)
     positions: jax.Array  # [B, S] int32
     segment_ids: jax.Array  # [B, S] int32; 0 = slot holds nothing visible
 
     @classmethod
-    def init(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
-        """An empty cache (every slot segment 0) for a ModelConfig; dtype defaults to cfg.dtype."""
+    def init(cls, cfg, batch: int, length: int, dtype=None, per_layer: bool = False) -> "KVCache":
+        """An empty cache (every slot segment 0) for a ModelConfig; dtype defaults to cfg.dtype.
+
+        per_layer: k and v as tuples of L separate [B, S, K, H] buffers instead of one [L, ...]
+        array each (see the module docstring)."""
         dtype = jnp.dtype(dtype or cfg.dtype)
-        kv_shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        layer_shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         slots = jnp.zeros((batch, length), jnp.int32)
-        return cls(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype), slots, slots).constrain()
+        if per_layer:
+            k = tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers))
+        else:
+            k = v = jnp.zeros((cfg.num_layers,) + layer_shape, dtype)
+        return cls(k, v, slots, slots).constrain()
+
+    @property
+    def is_per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
 
     @classmethod
     def logical_axes(cls) -> "KVCache":
@@ -83,8 +100,12 @@ class KVCache:
 
     def constrain(self) -> "KVCache":
         """Pin every field to its logical sharding (a no-op outside a logical-rules context)."""
-        return KVCache(nn.with_logical_constraint(self.k, KV_AXES), nn.with_logical_constraint(self.v, KV_AXES),
-                       nn.with_logical_constraint(self.positions, SLOT_AXES),
+        def kv(x):
+            if isinstance(x, (tuple, list)):
+                return tuple(nn.with_logical_constraint(layer, LAYER_KV_AXES) for layer in x)
+            return nn.with_logical_constraint(x, KV_AXES)
+
+        return KVCache(kv(self.k), kv(self.v), nn.with_logical_constraint(self.positions, SLOT_AXES),
                        nn.with_logical_constraint(self.segment_ids, SLOT_AXES))
 
     def write_slots(self, positions: jax.Array, segment_ids: jax.Array, write_index: jax.Array) -> "KVCache":

@@ -70,9 +70,17 @@ class ModelInput:
         return cls(jnp.asarray(tokens, jnp.int32), positions, valid.astype(jnp.int32))
 
 
+def output_kernel(cfg: ModelConfig, params) -> jax.Array:
+    """The output projection of `params` as [V, D] in the compute dtype: the tied embedding table,
+    or lm_head transposed. logits = hidden @ output_kernel.T, for losses that project hidden states
+    themselves (train/losses.py `fused_masked_loss_sum`)."""
+    kernel = params["embedding"] if cfg.tie_embeddings else params["lm_head"].T
+    return kernel.astype(jnp.dtype(cfg.dtype))
+
+
 @flax.struct.dataclass
 class ModelOutput:
-    logits: jax.Array | None  # [B, T, V] float32 ([B, 1, V] with logits_at), or None when not requested
+    logits: jax.Array | None  # [B, T, V] float32 ([B, K, V] with logits_at [B, K]), or None when not requested
     hidden: jax.Array  # [B, T, D] final (normed) hidden states in the compute dtype
     cache: KVCache | None = None  # the updated cache when one was passed in
 
@@ -88,8 +96,10 @@ class Transformer(nn.Module):
         cache, write_index: decode with a KV cache; row b's T tokens go to cache slots
             write_index[b] .. write_index[b] + T - 1 (write_index [B] int32, or a scalar for
             every row) and attend to every visible slot. The caller keeps them in range.
-        logits_at: [B] int32, compute logits only at this index of each row ([B, 1, V]):
-            prefill needs one row of logits, not a [B, T, V] tensor.
+        logits_at: [B] or [B, K] int32, compute logits only at these indices of each row
+            ([B, 1, V] or [B, K, V]): prefill needs one row of logits, PPO's scoring and update
+            the N response positions, not a [B, T, V] tensor (the vocabulary projection is the
+            model's largest matmul, and its logits its largest activation).
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -114,23 +124,23 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        kv = slots = None
-        if cache is not None:
+        if cache is None or self.is_initializing():
+            x, _ = blocks(x, inputs.positions, inputs.segment_ids, None, None)
+        else:
             if write_index is None:
                 raise ValueError("decoding with a cache needs write_index (the slot of each row's first token)")
             # Record the new tokens' positions / segments first: every layer's queries must see them.
             cache = cache.write_slots(inputs.positions, inputs.segment_ids, write_index)
-            kv, slots = (cache.k, cache.v), cache.slots(write_index)  # kv: 2 x [L, B, S, K, H]
-        x, kv = blocks(x, inputs.positions, inputs.segment_ids, kv, slots)
-        if cache is not None:
-            cache = cache.replace(k=kv[0], v=kv[1]).constrain()
+            x, cache = self.cached_layers(x, inputs, cache, cache.slots(write_index))
         hidden = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
 
         if not compute_logits:
             return ModelOutput(None, hidden, cache)
         picked = hidden
         if logits_at is not None:
-            picked = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
+            index = jnp.asarray(logits_at, jnp.int32)
+            index = index.reshape(index.shape[0], -1)  # [B, K]; K = 1 for a [B] index
+            picked = jnp.take_along_axis(hidden, index[:, :, None], axis=1)  # [B, K, D]
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", picked, embedding.astype(dtype), preferred_element_type=jnp.float32)
         else:
@@ -138,3 +148,55 @@ class Transformer(nn.Module):
                           nn.initializers.normal(cfg.init_std))
             logits = jnp.einsum("BTD,DV->BTV", picked, head.astype(dtype), preferred_element_type=jnp.float32)
         return ModelOutput(constrain(logits, ("batch", "length", "act_vocab")), hidden, cache)
+
+    def cached_layers(self, x, inputs: ModelInput, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
+        """The blocks one after another (unrolled, not scanned) over the KV cache: decoding's layer loop.
+
+        The same Block and the same parameters as the scan: layer i runs with slice i of the stacked
+        "layers" params, or with entry i when the caller passed them split (`split_layers`). Why not
+        the scan: inside it, each layer's weights and cache are dynamic slices of the stacked arrays,
+        and XLA's CPU backend copies every such slice before its matmul, so a decode step wrote a
+        second copy of all weights and of the whole cache (27% of decode time at batch 8:
+        docs/BENCHMARKS.md, docs/profile_generate_scan_before.json). Unrolled, with the weights split once per sampling call and the
+        cache held per layer (`KVCache.per_layer`), each layer reads its own buffers in place and
+        writes only the new tokens' keys / values.
+        """
+        layers = self.variables["params"]["layers"]
+        keys, values = [], []
+        for i in range(self.cfg.num_layers):
+            params_i = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda p: p[i], layers)
+            x, (k, v) = Block(self.cfg, parent=None).apply({"params": params_i}, x, inputs.positions,
+                                                           inputs.segment_ids, (cache.k[i], cache.v[i]), slots)
+            keys.append(k)
+            values.append(v)
+        if cache.is_per_layer:
+            return x, cache.replace(k=tuple(keys), v=tuple(values)).constrain()
+        return x, cache.replace(k=jnp.stack(keys), v=jnp.stack(values)).constrain()
+
+
+def split_layers(params) -> dict:
+    """params with the stacked "layers" subtree ([L, ...] leaves) split into a tuple of L per-layer
+    subtrees: separate buffers, which `Transformer.cached_layers` uses without slicing. One copy of
+    the weights, made once per sampling call, outside the decode loop."""
+    stacked = params["layers"]
+    if isinstance(stacked, (tuple, list)):
+        return params
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda p: p[i], stacked) for i in range(num_layers))}
+
+
+def compute_dtype_weights(cfg: ModelConfig, params):
+    """params with every weight but the norm scales cast to the compute dtype.
+
+    The model casts each weight at use (`w.astype(dtype)`); on a bfloat16 model a decode loop would
+    then read float32 weights, twice the bytes, every step. Cast once before the loop, those casts
+    are no-ops and the logits are bit-identical: RMSNorm multiplies by its float32 `scale` in float32,
+    so the scales are left alone.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+
+    def cast(path, p):
+        is_scale = getattr(path[-1], "key", None) == "scale"
+        return p if is_scale or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)

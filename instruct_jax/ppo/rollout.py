@@ -29,7 +29,7 @@ from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.parallel.sharding import logical_to_spec
 from instruct_jax.ppo.advantages import explained_variance, gae, masked_mean, masked_var, masked_whiten
-from instruct_jax.ppo.losses import logprobs_and_entropy, response_slice
+from instruct_jax.ppo.losses import logprobs_and_entropy
 from instruct_jax.ppo.rewards import (RewardFn, apply_missing_eos, first_stop, kl_estimate, response_mask,
                                       scoring_input, sequence_kl, token_rewards)
 from instruct_jax.sampling import SampleOutput, prompt_and_response
@@ -81,9 +81,16 @@ def value_index(prompt_len: int, n: int) -> jax.Array:
 
 def policy_outputs(model: Transformer, params, inputs: ModelInput, response: jax.Array, prompt_len: int,
                    temperature: float) -> tuple[jax.Array, jax.Array]:
-    """(log-probs, entropies) [B, N] of the response under `params`, one forward over [B, T + N]."""
-    logits = model.apply({"params": params}, inputs).logits  # [B, T + N, V]
-    return logprobs_and_entropy(response_slice(logits, prompt_len, response.shape[1]), response, temperature)
+    """(log-probs, entropies) [B, N] of the response under `params`, one forward over [B, T + N].
+
+    Logits are computed only at the N positions that predict response tokens (`logits_at`), never
+    over the prompt: the vocabulary projection and the [B, T + N, V] logits were the largest part of
+    scoring and of the update's forward and backward passes.
+    """
+    b, n = response.shape
+    at = jnp.broadcast_to(value_index(prompt_len, n), (b, n))
+    logits = model.apply({"params": params}, inputs, logits_at=at).logits  # [B, N, V]
+    return logprobs_and_entropy(logits, response, temperature)
 
 
 def value_outputs(model: RewardModel, params, inputs: ModelInput, prompt_len: int, n: int) -> jax.Array:
