@@ -240,6 +240,9 @@ def ranking_record(row: Any, cfg: DataConfig) -> Ranking:
             raise MalformedDataError("empty_text", "each response must be a non-empty string",
                                      field=f"{cfg.responses_field}[{i}]")
     check_ranks(ranks, len(responses), cfg.ranks_field)
+    if any(a == b and ra != rb for i, (a, ra) in enumerate(zip(responses, ranks))
+           for b, rb in zip(responses[i + 1:], ranks[i + 1:])):
+        raise FilteredRow("identical_pair", "the same response text ranked twice, differently")
     return Ranking(prompt, tuple(responses), tuple(ranks))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from instruct_jax.data.chat import ChatTemplate, load_chat_template
-from instruct_jax.data.config import TRAIN_SENTENCEPIECE, DataConfig
+from instruct_jax.data.config import TRAIN_SENTENCEPIECE, DataConfig, DataConfigError
 from instruct_jax.data.examples import encode_conversation, encode_prompt, encode_ranking, encode_text
 from instruct_jax.data.formats import Ranking, prompt_key, row_to_record, self_instruct_config
 from instruct_jax.data.loader import Loader
@@ -50,7 +50,7 @@ def build_tokenizer(cfg: DataConfig, workdir: Optional[str] = None) -> Tokenizer
     if not files and cfg.format == "text":
         files = local_files(cfg.source) or []
     if not files:
-        raise ValueError("config field 'data.tokenizer_train_files': no text files to train sentencepiece on")
+        raise DataConfigError("data.tokenizer_train_files", "no text files to train sentencepiece on")
     folder = os.path.join(workdir, "tokenizer") if workdir else tempfile.mkdtemp(prefix="instruct_jax_tok_")
     model = os.path.join(folder, f"spm_{cfg.vocab_size}.model")
     if not os.path.isfile(model):  # else trained by an earlier (or interrupted and resumed) run
@@ -150,7 +150,7 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemp
               seq_len: int, seed: int = 0) -> Data:
     """Read cfg.source (and eval_source), split off eval by prompt, and tokenize both sides."""
     if not cfg.source:
-        raise ValueError("config field 'data.source': empty; name a Hub dataset or local files")
+        raise DataConfigError("data.source", "empty; name a Hub dataset or local files")
     template = template or build_chat_template(cfg, tokenizer)
     train_stats, eval_stats = DataStats(name="train"), DataStats(name="eval")
     records, _ = read_records(cfg.source, cfg, train_stats)
@@ -197,7 +197,7 @@ def build_lm_data(cfg, workdir: Optional[str] = None) -> LMData:
     """
     d, t = cfg.data, cfg.train
     if d.format not in ("sft", "text"):
-        raise ValueError(f"config field 'data.format': next-token training reads 'sft' or 'text', got {d.format!r}")
+        raise DataConfigError("data.format", f"next-token training reads 'sft' or 'text', got {d.format!r}")
     tokenizer = build_tokenizer(d, workdir)
     data = load_data(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed)
     common = dict(global_batch_size=t.global_batch_size, seq_len=t.seq_len, seed=cfg.seed)

@@ -42,6 +42,7 @@ from instruct_jax.ppo.losses import policy_loss, ptx_loss, value_loss
 from instruct_jax.ppo.rewards import RewardFn
 from instruct_jax.ppo.rollout import Experience, make_experience, policy_outputs, value_outputs
 from instruct_jax.sampling import SampleOutput, SamplingConfig, make_sampler
+from instruct_jax.train.guards import GuardConfig, guard_decision, guarded_apply
 from instruct_jax.train.state import TrainState
 
 PTX_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
@@ -95,8 +96,12 @@ def ppo_loss(policy_model: Transformer, value_model: RewardModel, hp: PPOConfig,
 
 def ppo_update(policy_model: Transformer, value_model: RewardModel, policy_tx: optax.GradientTransformation,
                value_tx: optax.GradientTransformation, hp: PPOConfig, shardings: PPOState, rules,
-               state: PPOState, exp: Experience, rng: jax.Array, ptx: dict | None = None):
-    """Epochs x minibatches of PPO on one rollout batch; returns (state, per-minibatch stats [E * M])."""
+               state: PPOState, exp: Experience, rng: jax.Array, ptx: dict | None = None,
+               guard_cfg: GuardConfig = GuardConfig()):
+    """Epochs x minibatches of PPO on one rollout batch; returns (state, per-minibatch stats [E * M]).
+
+    Each minibatch goes through the numerical guard (train/guards.py): a non-finite loss or gradient
+    leaves the policy, the value model and the EMA unchanged (stats["skipped"] = 1 for it)."""
     b = exp.mask.shape[0]
     steps = hp.epochs * hp.minibatches
     order = minibatch_order(rng, b, hp.epochs, hp.minibatches)  # [E * M, B / M]
@@ -113,15 +118,26 @@ def ppo_update(policy_model: Transformer, value_model: RewardModel, policy_tx: o
         (_, stats), (g_policy, g_value) = grad_fn(state.policy.params, state.value.params, mb, ptx_mb)
         g_policy = jax.lax.with_sharding_constraint(g_policy, shardings.policy.params)
         g_value = jax.lax.with_sharding_constraint(g_value, shardings.value.params)
-        new = []
-        for ts, grads, tx in ((state.policy, g_policy, policy_tx), (state.value, g_value, value_tx)):
-            updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-            new.append(ts.replace(step=ts.step + 1, params=optax.apply_updates(ts.params, updates),
-                                  opt_state=opt_state))
         stats["policy_grad_norm"] = optax.tree.norm(g_policy)
         stats["value_grad_norm"] = optax.tree.norm(g_value)
-        ema = ema_update(state.ema, new[0].params, hp.ema_decay) if hp.ema_decay > 0 else state.ema
-        return PPOState(policy=new[0], value=new[1], ema=ema), stats
+        # One guard decision for both models (the loss is shared): a non-finite minibatch updates neither.
+        apply, guard = guard_decision(state.policy.guard, stats["loss"],
+                                      stats["policy_grad_norm"] + stats["value_grad_norm"], guard_cfg)
+        stats["skipped"] = (~apply).astype(jnp.float32)
+
+        def update():
+            new = []
+            for ts, grads, tx in ((state.policy, g_policy, policy_tx), (state.value, g_value, value_tx)):
+                updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+                new.append((optax.apply_updates(ts.params, updates), opt_state))
+            ema = ema_update(state.ema, new[0][0], hp.ema_decay) if hp.ema_decay > 0 else state.ema
+            return new, ema
+
+        keep = ([(state.policy.params, state.policy.opt_state), (state.value.params, state.value.opt_state)], state.ema)
+        new, ema = guarded_apply(apply, update, keep)
+        policy, value = (ts.replace(step=ts.step + 1, params=p, opt_state=o, guard=guard)
+                         for ts, (p, o) in zip((state.policy, state.value), new))
+        return PPOState(policy=policy, value=value, ema=ema), stats
 
     return jax.lax.scan(one_minibatch, state, (order, ptx))
 
@@ -136,7 +152,8 @@ class PPOSteps:
 
 def make_ppo_steps(policy_model: Transformer, value_model: RewardModel, reward_fn: RewardFn, hp: PPOConfig,
                    sampling: SamplingConfig, eot_id: int, policy_tx, value_tx, mesh, rules,
-                   shardings: PPOState, reward_shardings: Any, ptx: bool = False) -> PPOSteps:
+                   shardings: PPOState, reward_shardings: Any, ptx: bool = False,
+                   guard: GuardConfig = GuardConfig()) -> PPOSteps:
     """Jit the three pieces for this mesh; `shardings` is the PPOState sharding tree, `reward_shardings`
     the reward params' (any pytree of NamedShardings; {} for a parameter-free reward)."""
     sampling.require_exact()
@@ -161,7 +178,7 @@ def make_ppo_steps(policy_model: Transformer, value_model: RewardModel, reward_f
 
     def update(state, exp, rng, ptx_batch=None):
         return ppo_update(policy_model, value_model, policy_tx, value_tx, hp, shardings, rules, state, exp, rng,
-                          ptx_batch)
+                          ptx_batch, guard)
 
     in_sh = (shardings, exp_sh, replicated(mesh))
     if ptx:
@@ -170,9 +187,14 @@ def make_ppo_steps(policy_model: Transformer, value_model: RewardModel, reward_f
                              donate_argnums=(0,))
         update_fn = in_mesh_context(update_jit, mesh, rules)
 
-        def update_with_ptx(state, exp, rng, ptx_batch):
-            return update_fn(state, exp, rng, {k: ptx_batch[k] for k in PTX_KEYS})
+        def ptx_only(ptx_batch):
+            return {k: ptx_batch[k] for k in PTX_KEYS}
 
+        def update_with_ptx(state, exp, rng, ptx_batch):
+            return update_fn(state, exp, rng, ptx_only(ptx_batch))
+
+        # Ahead-of-time compiles (`plan`) lower the step like any jitted function.
+        update_with_ptx.lower = lambda state, exp, rng, ptx_batch: update_fn.lower(state, exp, rng, ptx_only(ptx_batch))
         update_call = update_with_ptx
     else:
         update_call = in_mesh_context(jax.jit(lambda s, e, r: update(s, e, r), in_shardings=in_sh,

@@ -16,6 +16,7 @@ import optax
 from instruct_jax.config import Config, validate
 from instruct_jax.model.transformer import Transformer
 from instruct_jax.parallel.mesh import make_mesh
+from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from instruct_jax.train.state import TrainState, create_train_state, init_params_boxed, state_shardings_for
 from instruct_jax.train.step import make_eval_step, make_train_step
@@ -64,6 +65,7 @@ def build_lm(cfg: Config, devices: Sequence | None = None) -> LMSetup:
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     abstract_state, shardings = state_shardings_for(init_boxed, tx, mesh, rules)
     # ---- Update
-    train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, cfg.train.microbatches)
+    train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, cfg.train.microbatches,
+                                 GuardConfig.from_train(cfg.train))
     eval_step = make_eval_step(model, mesh, rules, shardings.params)
     return LMSetup(cfg, mesh, rules, model, tx, schedule, init_boxed, abstract_state, shardings, train_step, eval_step)

@@ -33,7 +33,9 @@ from jax.sharding import NamedSharding
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput
 from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
+from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.state import TrainState
+from instruct_jax.train.step import guarded_optimizer_step
 from instruct_jax.parallel.context import in_mesh_context
 
 RANKING_KEYS = ("tokens", "positions", "segment_ids", "ranks", "lengths")  # what the steps read
@@ -180,16 +182,16 @@ def reward_loss_and_grads(model: RewardModel, params, batch: dict, num_micro: in
 
 def make_reward_train_step(model: RewardModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
                            mesh, rules, state_shardings: TrainState, num_micro: int = 1,
-                           margin: float = 0.0) -> Callable:
-    """step(state, batch) -> (state, metrics); batch holds at least RANKING_KEYS. State donated."""
+                           margin: float = 0.0, guard: GuardConfig = GuardConfig()) -> Callable:
+    """step(state, batch) -> (state, metrics); batch holds at least RANKING_KEYS. State donated.
+    A non-finite (or spiking) step is skipped by the numerical guard (train/guards.py)."""
 
     def step(state: TrainState, batch: dict):
         loss, grads, stats = reward_loss_and_grads(model, state.params, batch, num_micro, rules,
                                                    state_shardings.params, margin)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **stats}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new, guard_stats = guarded_optimizer_step(tx, state, grads, loss, guard)
+        metrics = {"loss": loss, "lr": schedule(state.step), **stats, **guard_stats}
+        return new, metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, ranking_shardings(mesh, rules)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

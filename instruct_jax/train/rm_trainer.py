@@ -50,13 +50,14 @@ from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import Transformer
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.parallel.sharding import replicated, unbox
+from instruct_jax.train.guards import GuardConfig, rearm
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from instruct_jax.train.reward import (IDENTITY_NORM, RANKING_KEYS, fit_normalization, make_reward_eval_step,
                                        make_reward_train_step, make_score_step, put_global, ranking_metrics,
                                        ranking_shardings, score_token_sequences)
 from instruct_jax.train.state import (TrainState, create_train_state, init_params_boxed, param_shardings_for,
                                       state_shardings_for)
-from instruct_jax.train.trainer import log, maybe_kill, resolve_params_dir
+from instruct_jax.train.trainer import check_tokenizer_fits, log, maybe_kill, resolve_params_dir, stop_diverged
 
 NORM_FILE = "reward_norm.json"
 EVAL_FILE = "eval.json"
@@ -93,8 +94,6 @@ def validate_reward(cfg: Config) -> None:
             raise ConfigError(f"reward.{name}", f"must be >= 0, got {getattr(r, name)}")
     if r.reference.format not in ("sft", "pairwise", "ranking"):
         raise ConfigError("reward.reference.format", f"expected sft, pairwise or ranking, got {r.reference.format!r}")
-    if not (r.synthetic or cfg.data.source):
-        raise ConfigError("data.source", "empty; name the comparisons to train on (or set reward.synthetic)")
 
 
 def abstract_rm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:
@@ -119,7 +118,7 @@ def build_rm(cfg: Config, devices: Optional[Sequence] = None) -> RMSetup:
     abstract_state, shardings = state_shardings_for(init_boxed, tx, mesh, rules)
     # ---- Update
     train_step = make_reward_train_step(model, tx, schedule, mesh, rules, shardings, cfg.train.microbatches,
-                                        cfg.reward.margin)
+                                        cfg.reward.margin, GuardConfig.from_train(cfg.train))
     eval_step = make_reward_eval_step(model, mesh, rules, shardings.params)
     score_step = make_score_step(model, mesh, rules, shardings.params)
     return RMSetup(cfg, mesh, rules, model, tx, schedule, init_boxed, abstract_state, shardings, train_step,
@@ -181,7 +180,7 @@ def initial_state(setup: RMSetup, ckpt: CheckpointManager) -> tuple[TrainState, 
     if restored is not None:
         step, state, meta = restored
         log(f"resumed from checkpoint at step {step}")
-        return state, step, meta
+        return state.replace(guard=rearm(state.guard, setup.cfg.train.max_nonfinite_in_a_row)), step, meta
     init_from = setup.cfg.train.init_from
     if not init_from:
         return setup.init_state(), 0, {}
@@ -224,10 +223,10 @@ def load_rankings(cfg: Config, tokenizer: Tokenizer, template: ChatTemplate) -> 
 
 
 def build_rm_data(cfg: Config, workdir: Optional[str]) -> RMData:
+    if not (cfg.reward.synthetic or cfg.data.source):  # training needs comparisons; scoring (score.py) doesn't
+        raise ConfigError("data.source", "empty; name the comparisons to train on (or set reward.synthetic)")
     tokenizer = build_tokenizer(cfg.data, workdir)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}, "
-                          f"got {cfg.model.vocab_size}")
+    check_tokenizer_fits(tokenizer, cfg.model)
     template = build_chat_template(cfg.data, tokenizer)
     data = load_rankings(cfg, tokenizer, template)
     if not data.eval:
@@ -361,11 +360,18 @@ def run_rm(cfg: Config, workdir: str) -> dict:
     total, last = cfg.train.steps, dict(meta.get("last_train_row", {}))
     bar = progress(total, initial=start, desc="rm", enabled=cfg.logging.progress_bar and jax.process_index() == 0)
     batches = data.train.iterate(start, sharding)
+    in_flight, limit = None, cfg.train.max_nonfinite_in_a_row
     with PreemptionGuard() as guard:
         for step in range(start, total):
             profiler.step(step, block_on=state)
             state, metrics = setup.train_step(state, next(batches))
+            # The guard's verdict on the previous step (train/trainer.py reads it the same way).
+            diverged = in_flight is not None and int(in_flight["nonfinite_in_a_row"]) >= limit
+            in_flight = metrics
             done = step + 1
+            if diverged:
+                writer.write(done, {k: float(v) for k, v in jax.device_get(metrics).items()})
+                stop_diverged("rm", done, state, {"data_step": done}, limit, ckpt, writer)
             timer.add(tokens_per_step)
             bar.update(1)
             if done == start + 1:

@@ -18,6 +18,7 @@ import optax
 from instruct_jax.model.transformer import ModelInput
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.sharding import check_divisible, logical_to_shardings, replicated, unbox
+from instruct_jax.train.guards import GuardState
 
 
 @flax.struct.dataclass
@@ -26,6 +27,7 @@ class TrainState:
     params: Any  # plain pytree of float32 arrays
     opt_state: Any  # optax state (moments shaped and sharded like params)
     rng: jax.Array  # base PRNG key; step s uses fold_in(rng, s)
+    guard: GuardState = None  # numerical-guard counters (train/guards.py); None only in hand-built states
 
 
 def init_params_boxed(model: nn.Module, rng, seq_len: int = 8):
@@ -63,12 +65,16 @@ def state_shardings_for(init_boxed: Callable, tx: optax.GradientTransformation, 
     abstract_params, p_shardings = param_shardings_for(init_boxed, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     o_shardings = opt_state_shardings(abstract_opt, jax.tree.structure(abstract_params), p_shardings, mesh)
-    shardings = TrainState(step=replicated(mesh), params=p_shardings, opt_state=o_shardings, rng=replicated(mesh))
+    abstract_guard = jax.eval_shape(GuardState.zeros)
+    g_shardings = jax.tree.map(lambda _: replicated(mesh), abstract_guard)
+    shardings = TrainState(step=replicated(mesh), params=p_shardings, opt_state=o_shardings, rng=replicated(mesh),
+                           guard=g_shardings)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
         params=abstract_params,
         opt_state=with_shardings(abstract_opt, o_shardings),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh)))
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh)),
+        guard=with_shardings(abstract_guard, g_shardings))
     return abstract, shardings
 
 
@@ -81,7 +87,8 @@ def create_train_state(init_boxed: Callable, tx: optax.GradientTransformation, m
 
     def init(given_params):
         p = unbox(init_boxed(init_rng)) if given_params is None else given_params
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng,
+                          guard=GuardState.zeros())
 
     with mesh_and_rules(mesh, rules):
         if params is None:

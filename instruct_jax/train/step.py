@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from instruct_jax.model.transformer import ModelInput
+from instruct_jax.model.transformer import ModelInput, output_kernel
 from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
-from instruct_jax.train.losses import masked_loss_sum
+from instruct_jax.train.guards import GuardConfig, guard_decision, guard_metrics, guarded_apply
+from instruct_jax.train.losses import fused_masked_loss_sum, masked_loss_sum
 from instruct_jax.train.state import TrainState
 
 Batch = dict  # tokens, targets, loss_mask, positions, segment_ids: each [B, T]
@@ -45,6 +46,10 @@ def lm_loss_and_grads(model: nn.Module, params, batch: Batch, num_micro: int, ru
     """(loss, grads, token count) with loss = sum of masked token losses / number of target tokens."""
 
     def loss_sum(p, micro):
+        if model.cfg.loss_chunk:  # logits a chunk of positions at a time, never [B, T, V] (losses.py)
+            out = model.apply({"params": p}, ModelInput.from_batch(micro), compute_logits=False)
+            return fused_masked_loss_sum(out.hidden, output_kernel(model.cfg, p), micro["targets"],
+                                         micro["loss_mask"], model.cfg.loss_chunk)
         out = model.apply({"params": p}, ModelInput.from_batch(micro))
         return masked_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
 
@@ -65,18 +70,33 @@ def lm_loss_and_grads(model: nn.Module, params, batch: Batch, num_micro: int, ru
     return total / denom, jax.tree.map(lambda g: g / denom, grads), count
 
 
+def guarded_optimizer_step(tx: optax.GradientTransformation, state: TrainState, grads, loss,
+                           guard: GuardConfig) -> tuple[TrainState, dict]:
+    """The optimizer update if the guard allows it (train/guards.py), else params and optimizer state
+    unchanged; the step advances either way. Returns (state, grad_norm + guard metrics)."""
+    grad_norm = optax.tree.norm(grads)
+    apply, new_guard = guard_decision(state.guard, loss, grad_norm, guard)
+
+    def update():
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = guarded_apply(apply, update, (state.params, state.opt_state))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=new_guard)
+    return new, {"grad_norm": grad_norm, **guard_metrics(new_guard)}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh, rules, state_shardings: TrainState, num_micro: int = 1) -> Callable:
+                    mesh, rules, state_shardings: TrainState, num_micro: int = 1,
+                    guard: GuardConfig = GuardConfig()) -> Callable:
     """Returns step(state, batch) -> (state, metrics); traced under this mesh and rules only."""
 
     def step(state: TrainState, batch: Batch):
         loss, grads, count = lm_loss_and_grads(model, state.params, batch, num_micro, rules,
                                                state_shardings.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-                   "target_tokens": count}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new, guard_stats = guarded_optimizer_step(tx, state, grads, loss, guard)
+        metrics = {"loss": loss, "lr": schedule(state.step), "target_tokens": count, **guard_stats}
+        return new, metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

@@ -20,6 +20,7 @@ from instruct_jax.data.pipeline import LMData, build_lm_data
 from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
 from instruct_jax.parallel.sharding import batch_sharding
 from instruct_jax.train.build import LMSetup, build_lm
+from instruct_jax.train.guards import TrainingDiverged, diverged_message, rearm
 
 
 # Fault injection for tests: SIGKILL this process right after the given step (and its
@@ -32,9 +33,29 @@ def maybe_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def check_tokenizer_fits(tokenizer, model_cfg) -> None:
+    """Every token id must have an embedding row: ConfigError naming model.vocab_size otherwise."""
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}, "
+                          f"got {model_cfg.vocab_size}")
+
+
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
+
+
+def stop_diverged(phase: str, done: int, state, meta: dict, limit: int, ckpt: CheckpointManager,
+                  writer: MetricsWriter):
+    """The guard latched (train/guards.py): checkpoint the state (its params and optimizer state are
+    the last good ones: every later update was skipped), close up and raise TrainingDiverged."""
+    ckpt.save(done, state, meta, force=True)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    message = diverged_message(phase, done, limit, str(ckpt.directory))
+    log(message)
+    raise TrainingDiverged(message)
 
 
 def initial_state(setup: LMSetup, ckpt: CheckpointManager):
@@ -43,7 +64,7 @@ def initial_state(setup: LMSetup, ckpt: CheckpointManager):
     if restored is not None:
         step, state, meta = restored
         log(f"resumed from checkpoint at step {step}")
-        return state, step, meta
+        return state.replace(guard=rearm(state.guard, setup.cfg.train.max_nonfinite_in_a_row)), step, meta
     init_from = setup.cfg.train.init_from
     params = None
     if init_from:
@@ -83,9 +104,7 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
 
     # ---- Input
     data = build_lm_data(cfg, workdir)
-    if data.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's vocabulary {data.tokenizer.vocab_size}, "
-                          f"got {cfg.model.vocab_size}")
+    check_tokenizer_fits(data.tokenizer, cfg.model)
     sharding = batch_sharding(setup.mesh, setup.rules)
 
     # ---- Checkpoint
@@ -111,10 +130,15 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
             state, metrics = setup.train_step(state, next(batches))
             # At most two steps in flight: dispatch overlaps host work with the device, and on
             # emulated CPU devices an unbounded queue of collective programs can exhaust XLA's
-            # thread pool and deadlock in its rendezvous.
-            jax.block_until_ready(in_flight)
+            # thread pool and deadlock in its rendezvous. The guard's verdict on the previous step
+            # is read here, once it is ready anyway (a latched guard skips this step too).
+            limit = cfg.train.max_nonfinite_in_a_row
+            diverged = in_flight is not None and int(in_flight["nonfinite_in_a_row"]) >= limit
             in_flight = metrics
             done = step + 1
+            if diverged:
+                writer.write(done, {k: float(v) for k, v in jax.device_get(metrics).items()})
+                stop_diverged(phase, done, state, {"data_step": done}, limit, ckpt, writer)
             timer.add(tokens_per_step)
             bar.update(1)
             if done == start + 1:
