@@ -78,7 +78,7 @@ def tiny_model_tokens_per_s(seconds: float) -> dict:
     from instruct_jax.train.build import build_lm
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = apply_overrides(load_experiment(os.path.join(repo, "experiments", "tiny_cpu.py")), ["mesh.data=1"])
+    cfg = apply_overrides(load_experiment(os.path.join(repo, "experiments", "tiny_cpu.py") + ":sft"), ["mesh.data=1"])
     b, t = cfg.train.global_batch_size, cfg.train.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(8, cfg.model.vocab_size, size=(b, t)).astype(np.int32)

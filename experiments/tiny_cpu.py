@@ -1,12 +1,16 @@
-"""A tiny Llama-family model that trains in seconds on 8 emulated CPU devices.
+"""A tiny Llama-family model on 8 emulated CPU devices: the whole InstructGPT pipeline, or one phase.
 
 Run:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m instruct_jax pipeline --experiment experiments/tiny_cpu.py --workdir runs/pipeline
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m instruct_jax sft --experiment experiments/tiny_cpu.py --workdir runs/tiny-sft
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m instruct_jax pretrain --experiment experiments/tiny_cpu.py:pretrain --workdir runs/tiny-pt
 
-arg: "sft" (default; Self-Instruct seed demonstrations) or "pretrain" (tinyshakespeare text).
+arg: "pipeline" (default; the built-in task end to end, docs/PIPELINE.md), "ci" (the same, sized to
+finish in about two minutes for the test suite), "sft" (Self-Instruct seed demonstrations) or
+"pretrain" (tinyshakespeare text).
 Data files come from $INSTRUCT_JAX_DATA, else ../shared/data beside the repository; any
 local path or Hub dataset name works with --set data.source=...
 """
@@ -14,20 +18,22 @@ local path or Hub dataset name works with --set data.source=...
 import os
 
 from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, ModelConfig, OptimConfig,
-                                 TrainConfig)
+                                 PipelineConfig, PPOConfig, StageConfig, TrainConfig)
 from instruct_jax.data.config import DataConfig
 
 DATA = os.environ.get("INSTRUCT_JAX_DATA",
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 
 
-ARGS = ("sft", "pretrain")  # the args get_config accepts (tests build each)
+ARGS = ("pipeline", "ci", "sft", "pretrain")  # the args get_config accepts (tests build each)
 
 
 def get_config(arg=None) -> Config:
-    phase = arg or "sft"
-    if phase not in ("sft", "pretrain"):
-        raise ValueError(f"tiny_cpu.py: arg must be 'sft' or 'pretrain', got {arg!r}")
+    phase = arg or "pipeline"
+    if phase not in ARGS:
+        raise ValueError(f"tiny_cpu.py: arg must be one of {ARGS}, got {arg!r}")
+    if phase in ("pipeline", "ci"):
+        return pipeline_config(ci=phase == "ci")
     shakespeare = os.path.join(DATA, "tinyshakespeare.txt")
     if phase == "sft":
         data = DataConfig(
@@ -50,4 +56,38 @@ def get_config(arg=None) -> Config:
                           eval_batches=2),
         checkpoint=CheckpointConfig(every_steps=20, keep=2),
         logging=LoggingConfig(log_every=5),
+    )
+
+
+def pipeline_config(ci: bool) -> Config:
+    """The built-in task end to end (python -m instruct_jax pipeline). `ci`: every stage, a fraction of the work."""
+    stage = StageConfig
+    if ci:
+        pipeline = PipelineConfig(
+            pretrain_paragraphs=400, sft_demos=200, eval_prompts=64, label_prompts=64, ppo_prompts=128,
+            responses_per_prompt=4, snapshots=2, best_of=(4,), kl_samples=1,
+            pretrain=stage(steps=20, global_batch_size=16, seq_len=128, learning_rate=3e-3),
+            sft=stage(steps=20, global_batch_size=16, seq_len=64, learning_rate=1e-3, eval_every=10),
+            rm=stage(steps=16, global_batch_size=16, seq_len=64, learning_rate=1e-3),
+            ppo=stage(steps=4, global_batch_size=32, seq_len=64, learning_rate=3e-4, warmup_steps=0))
+    else:
+        pipeline = PipelineConfig(
+            sft_demos=600, label_prompts=1200, labeler_temperature=0.15,
+            pretrain=stage(steps=200, global_batch_size=32, seq_len=128, learning_rate=3e-3),
+            sft=stage(steps=100, global_batch_size=32, seq_len=80, learning_rate=1e-3, eval_every=10),
+            rm=stage(steps=100, global_batch_size=16, seq_len=80, learning_rate=5e-4),
+            ppo=stage(steps=40, global_batch_size=64, seq_len=72, learning_rate=1e-4, warmup_steps=0),
+            kl_budget=10.0)
+    return Config(
+        name="tiny-pipeline" + ("-ci" if ci else ""),
+        model=ModelConfig(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                          mlp_dim=384, max_seq_len=128),
+        mesh=MeshConfig(data=8, fsdp=1),  # pure data parallel: the model is tiny, the collectives are not
+        data=DataConfig(vocab_size=1024),  # the pipeline writes the task's files and trains this tokenizer
+        optim=OptimConfig(weight_decay=0.0, decay="cosine", b2=0.99),
+        checkpoint=CheckpointConfig(every_steps=50, keep=2),
+        logging=LoggingConfig(log_every=10),
+        ppo=PPOConfig(response_len=24, temperature=1.0, kl_coef=0.2, epochs=4, minibatches=2, clip_ratio=0.2,
+                      value_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, log_samples=2),
+        pipeline=pipeline,
     )

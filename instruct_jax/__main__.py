@@ -6,7 +6,10 @@ Commands:
   rm         reward model on pairwise / K-wise comparisons, evaluated and normalized
   score      score (prompt, response) pairs with a reward model: --input pairs.jsonl [--output FILE]
   ppo        PPO of the policy against the reward model (InstructGPT step 3)
+  pipeline   the whole InstructGPT recipe on the built-in task, with a report (--seeds 0,1,2, --stage NAME)
+  eval       decode and score checkpoints on prompts: gold / reward-model scores, win rates, samples file
   interop    import Hugging Face / GGUF checkpoints (import SOURCE --out DIR), export to Hugging Face (export)
+  plan       compile the SFT / reward / PPO steps for a TPU topology (--topology v5p:8x8x8): per-chip memory, FLOPs
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ COMMANDS = {
     "rm": "reward model on pairwise / K-wise comparisons (data.format=pairwise|ranking), evaluated and normalized",
     "score": "score (prompt, response) pairs from a jsonl file with a reward model (--workdir: the rm run)",
     "ppo": "PPO of the policy (train.init_from) against the reward model (ppo.reward_model), KL-penalised",
+    "pipeline": "pretrain -> SFT -> rankings -> reward model -> PPO -> evaluation on the built-in task (docs/PIPELINE.md)",
+    "eval": "evaluate LM checkpoints on prompts (--policy NAME=PATH ...): gold / RM scores, win rates, samples",
 }
 
 
@@ -46,9 +51,23 @@ def _parser() -> argparse.ArgumentParser:
         if name == "score":
             p.add_argument("--input", required=True, help='jsonl rows {"prompt": ..., "response": "..."}')
             p.add_argument("--output", default=None, help="where scored rows go (default: stdout)")
+        if name == "pipeline":
+            p.add_argument("--seeds", default=None, metavar="S,S,...",
+                           help="run one pipeline per seed (<workdir>/seed_S) and report mean +- std")
+            p.add_argument("--stage", default=None, help="run only this stage (task pretrain sft label rm ppo eval)")
+        if name == "eval":
+            from instruct_jax.eval.command import add_arguments as add_eval_arguments
+
+            add_eval_arguments(p)
     from instruct_jax.interop.cli import add_parser as add_interop_parser
 
     add_interop_parser(sub)  # `interop import|export`: its own arguments, no experiment needed for import
+    from instruct_jax import plan as plan_module
+
+    plan_parser = sub.add_parser("plan", help="ahead-of-time per-chip plan for a TPU topology (docs/PLANS.md)",
+                                 description=plan_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan_module.add_arguments(plan_parser)
+    plan_parser.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     return parser
 
 
@@ -74,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from instruct_jax.interop.cli import main as interop_main
 
         return interop_main(args)
+    if args.command == "plan":  # compiles in a subprocess; this process never touches a device
+        from instruct_jax.plan import cli as plan_cli
+
+        return plan_cli(args)
     from instruct_jax.config import ConfigError, apply_overrides, load_experiment, validate
 
     try:
@@ -100,11 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.compilation_cache:
         setup_compilation_cache(workdir)
 
+    from instruct_jax.data.config import DataConfigError
+    from instruct_jax.data.stats import MalformedDataError
+    from instruct_jax.train.guards import TrainingDiverged
+
     try:
         return _run(args, cfg, workdir) or 0
-    except ConfigError as e:
+    except (ConfigError, DataConfigError, MalformedDataError, FileNotFoundError) as e:  # each names its field / file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # the message names the checkpoint holding the last good state
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 def _run(args, cfg, workdir: str):
@@ -121,6 +151,17 @@ def _run(args, cfg, workdir: str):
         from instruct_jax.ppo.trainer import run_ppo
 
         run_ppo(cfg, workdir)
+    elif args.command == "pipeline":
+        from instruct_jax.pipeline import run_pipeline, run_seeds
+
+        if args.seeds:
+            run_seeds(cfg, workdir, [int(x) for x in args.seeds.split(",") if x.strip()], args.stage)
+        else:
+            run_pipeline(cfg, workdir, args.stage)
+    elif args.command == "eval":
+        from instruct_jax.eval.command import main as eval_main
+
+        return eval_main(cfg, workdir, args)
     elif args.command == "score":
         from instruct_jax import score
 

@@ -17,7 +17,7 @@ EXPERIMENTS = sorted(glob.glob(str(REPO / "experiments" / "*.py")))
 
 
 def tiny() -> Config:
-    return load_experiment(str(REPO / "experiments" / "tiny_cpu.py"))
+    return load_experiment(str(REPO / "experiments" / "tiny_cpu.py") + ":sft")
 
 
 def experiment_specs():

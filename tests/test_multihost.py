@@ -22,7 +22,7 @@ from instruct_jax.parallel.distributed import (ENV_COORDINATOR, ENV_NUM_PROCESSE
                                              on_tpu_vm, plan)
 from instruct_jax.parallel.mesh import hybrid_device_grid
 
-EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
+EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py") + ":sft"
 SFT = ["train.steps=8", "checkpoint.every_steps=2", "logging.log_every=1", "train.eval_every=4",
        "logging.progress_bar=false", "logging.peak_flops_per_device=1e9", "train.seq_len=64", "model.max_seq_len=64"]
 TIMING_FIELDS = {"tokens_per_sec", "mfu", "step_time"}

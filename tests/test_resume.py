@@ -22,7 +22,7 @@ BASE = ["train.steps=12", "checkpoint.every_steps=4", "logging.log_every=1", "tr
 def cli(workdir, *overrides, env_extra=None, wait=True):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
-    cmd = [sys.executable, "-m", "instruct_jax", "sft", "--experiment", str(REPO / "experiments" / "tiny_cpu.py"),
+    cmd = [sys.executable, "-m", "instruct_jax", "sft", "--experiment", str(REPO / "experiments" / "tiny_cpu.py") + ":sft",
            "--workdir", str(workdir), "--set", *BASE, *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -42,7 +42,7 @@ def final_params(workdir):
     from instruct_jax.parallel.mesh import make_mesh
     from instruct_jax.train.build import abstract_lm_state
 
-    cfg = apply_overrides(load_experiment(str(REPO / "experiments" / "tiny_cpu.py")), BASE)
+    cfg = apply_overrides(load_experiment(str(REPO / "experiments" / "tiny_cpu.py") + ":sft"), BASE)
     abstract, _ = abstract_lm_state(cfg, make_mesh(cfg.mesh))
     return jax.device_get(load_params(os.path.join(workdir, "params"), abstract.params))
 

@@ -159,12 +159,12 @@ def test_two_slice_commands_use_one_queued_resource(fake):
 
 def test_command_after_double_dash_overrides_the_env_file(fake):
     dry, _ = fake("launch", "--env", str(ONE_SLICE), "--dry-run", "--restart", "--",
-                  "python", "-m", "instruct_jax", "sft", "--experiment", "experiments/tiny_cpu.py",
+                  "python", "-m", "instruct_jax", "sft", "--experiment", "experiments/tiny_cpu.py:sft",
                   "--set", "train.steps=5", "optim.learning_rate=1e-3", mode="fail")
     assert dry.returncode == 0, dry.stderr
     stop, launch = printed_commands(dry.stdout)  # --restart stops the old run first
     assert "kill -TERM" in stop[-1]
-    assert ("instruct_jax python -m instruct_jax sft --experiment experiments/tiny_cpu.py --set train.steps=5 "
+    assert ("instruct_jax python -m instruct_jax sft --experiment experiments/tiny_cpu.py:sft --set train.steps=5 "
             "optim.learning_rate=1e-3'") in launch[-1]
 
 

@@ -205,7 +205,7 @@ def make_prompt(kind: str, rng: np.random.Generator, held_out: bool = False) -> 
 
 
 # ----------------------------------------------------------------------------- the task
-_STREAMS = {"eval": 0, "sft": 1, "train": 2, "pretrain": 3}
+_STREAMS = {"eval": 0, "sft": 1, "train": 2, "pretrain": 3, "demonstrators": 4}
 
 
 class Task:
@@ -254,9 +254,24 @@ class Task:
     def sft_prompts(self, n: int) -> list[TaskPrompt]:
         return self._draw("sft", n, 0.0, self._eval_keys)
 
-    def sft_demos(self, n: int = 400) -> list[list[dict]]:
-        """n SFT conversations [user, assistant] in the repo's message format."""
-        return [p.demo() for p in self.sft_prompts(n)]
+    def sft_demos(self, n: int = 400, chatty: float = 0.0, slip: float = 0.0) -> list[list[dict]]:
+        """n SFT conversations [user, assistant] in the repo's message format.
+
+        By default every answer is the reference. `chatty` and `slip` simulate human demonstrators'
+        habits (InstructGPT's demonstrations came from people, not from the judge): that fraction of
+        answers is wrapped in chat phrases, and that fraction carries a typical slip (`near_miss`).
+        The habits draw from their own random stream, so the prompts are the same for any mix.
+        """
+        if not (0.0 <= chatty <= 1.0 and 0.0 <= slip <= 1.0):
+            raise ValueError(f"need chatty and slip in [0, 1], got {chatty}, {slip}")
+        rng = self._rng("demonstrators")
+        demos = []
+        for p in self.sft_prompts(n):
+            answer = near_miss(p.spec, rng) if rng.random() < slip else p.spec.reference
+            if rng.random() < chatty:
+                answer = chat_wrap(answer, rng, DEMO_WRAPPERS)
+            demos.append(list(p.messages) + [{"role": "assistant", "content": answer}])
+        return demos
 
     def pretrain_corpus(self, n: int = 2000, sentences: int = 6) -> list[str]:
         """n plain-text paragraphs of `sentences` statements each: the words, facts and skills of the
@@ -310,9 +325,16 @@ def sample_response(spec: TaskSpec, rng: np.random.Generator) -> str:
         return near_miss(spec, rng)
     if style == "wrong":
         return make_prompt(spec.kind, rng).spec.reference  # the answer to another question of the same kind
-    answer = near_miss(spec, rng) if rng.random() < 0.7 else ref
-    return _pick(rng, (f"The answer is {answer}.", f"Sure! {answer}. I hope this helps you today.",
-                       f"{answer}, I think, but I am not sure about it."))
+    return chat_wrap(near_miss(spec, rng) if rng.random() < 0.7 else ref, rng)
+
+
+CHAT_WRAPPERS = ("The answer is {}.", "Sure! {}. I hope this helps you today.", "{}, I think, but I am not sure about it.")
+DEMO_WRAPPERS = ("The answer is {}.", "Sure! {}.", "{}, I think.", "Here you go: {}.")  # demonstrators' (shorter)
+
+
+def chat_wrap(answer: str, rng: np.random.Generator, wrappers: Sequence[str] = CHAT_WRAPPERS) -> str:
+    """The answer inside a chat phrase: readable (format 1/2), longer (verbosity), never all caps."""
+    return _pick(rng, wrappers).format(answer)
 
 
 def near_miss(spec: TaskSpec, rng: np.random.Generator) -> str:

@@ -204,6 +204,7 @@ class Labeler:
         self.comparisons = 0
         self.rankings = 0
         self.all_tied = 0  # prompts skipped because every response had the same gold total
+        self.last_totals = np.zeros(0)
 
     def rank_totals(self, totals: Sequence[float]) -> tuple[int, ...]:
         """Noisy ranks (1 = best, gold ties share a rank) for K gold totals; no judge call."""
@@ -231,6 +232,7 @@ class Labeler:
                                        f"this ranking needs {cost}")
         self.comparisons += cost
         totals = self.judge.totals(prompt.spec, responses)
+        self.last_totals = totals  # the gold totals behind the latest ranking (agreement without re-judging)
         if np.unique(totals).size < 2:
             self.all_tied += 1
             return None

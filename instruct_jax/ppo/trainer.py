@@ -51,8 +51,9 @@ from instruct_jax.ppo.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLContro
                                       reward_model_reward, token_count_reward)
 from instruct_jax.ppo.step import PPOState, PPOSteps, make_ppo_steps
 from instruct_jax.sampling import SamplingConfig
+from instruct_jax.train.guards import GuardConfig, guard_metrics, rearm
 from instruct_jax.train.state import create_train_state, init_params_boxed, state_shardings_for
-from instruct_jax.train.trainer import log, maybe_kill, resolve_params_dir
+from instruct_jax.train.trainer import check_tokenizer_fits, log, maybe_kill, resolve_params_dir, stop_diverged
 
 SAMPLES_FILE = "samples.jsonl"
 REWARDS = ("model", "count")
@@ -87,6 +88,11 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
                  "synthetic_prompts"):
         if getattr(p, name) < 0:
             raise ConfigError(f"ppo.{name}", f"must be >= 0, got {getattr(p, name)}")
+    if cfg.train.loss_spike_factor:
+        raise ConfigError("train.loss_spike_factor", "must be 0 for PPO: its loss (a surrogate objective near 0, "
+                          "of either sign) has no scale to compare spikes against; non-finite steps are still skipped")
+    if p.export_every < 0:
+        raise ConfigError("ppo.export_every", f"must be >= 0, got {p.export_every}")
     if not 0 <= p.ema_decay < 1:
         raise ConfigError("ppo.ema_decay", f"must be in [0, 1), got {p.ema_decay}")
     if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
@@ -190,7 +196,7 @@ def build_ppo(cfg: Config, *, stop_tokens: Sequence[int], pad_id: int, eot_id: i
     sampling = sampling_config(cfg, stop_tokens, pad_id)
     steps = make_ppo_steps(policy_model, value_model, reward_fn, p, sampling, eot_id, policy_tx, value_tx, mesh,
                            rules, shardings, reward_shardings if reward_shardings is not None else {},
-                           ptx=p.ptx_coef > 0)
+                           ptx=p.ptx_coef > 0, guard=GuardConfig.from_train(cfg.train))
     return PPOSetup(cfg, mesh, rules, policy_model, value_model, policy_tx, value_tx, policy_init, value_init,
                     abstract, shardings, sampling, steps)
 
@@ -347,9 +353,7 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
 
     # ---- Input (first: the tokenizer decides the stop set, pad and vocabulary)
     tokenizer = build_tokenizer(cfg.data, workdir)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}, "
-                          f"got {cfg.model.vocab_size}")
+    check_tokenizer_fits(tokenizer, cfg.model)
     template = build_chat_template(cfg.data, tokenizer)
     prompts, prompt_stats = build_prompt_loader(cfg, tokenizer, template)
     ptx_loader = build_ptx_loader(cfg, tokenizer)
@@ -373,6 +377,9 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
         start, state, meta = restored
         kl_ctl.load_state_dict(meta["kl_controller"])
         prompt_step, ptx_step = int(meta["prompt_step"]), int(meta["ptx_step"])
+        limit = cfg.train.max_nonfinite_in_a_row
+        state = state.replace(policy=state.policy.replace(guard=rearm(state.policy.guard, limit)),
+                              value=state.value.replace(guard=rearm(state.value.guard, limit)))
         log(f"resumed from checkpoint at iteration {start} (kl_coef {kl_ctl.kl_coef:.6g})")
     else:
         policy, value = initial_params(setup, reward_params)
@@ -401,10 +408,12 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
             args = (state, exp, jax.random.fold_in(rng, 1)) + ((next(ptx_batches),) if ptx_batches else ())
             state, update_stats = setup.steps.update(*args)
             stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+            stats.update({k: float(v) for k, v in jax.device_get(guard_metrics(state.policy.guard)).items()})
             kl_ctl.update(stats["kl"], cfg.train.global_batch_size)  # beta for the next rollout
             done = it + 1
             bar.update(1)
-            if done % cfg.logging.log_every == 0 or done == total:
+            diverged = stats["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_in_a_row
+            if diverged or done % cfg.logging.log_every == 0 or done == total:
                 row = {**stats, **reduce_update_stats(jax.device_get(update_stats)), "kl_coef": beta,
                        "kl_coef_next": kl_ctl.kl_coef}
                 now = time.perf_counter()
@@ -420,6 +429,11 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
                 last = {"step": done, **row}
             meta = {"iteration": done, "kl_controller": kl_ctl.state_dict(), "prompt_step": done,
                     "ptx_step": done if ptx_batches else 0}
+            if diverged:
+                prompt_batches.close()
+                if ptx_batches is not None:
+                    ptx_batches.close()
+                stop_diverged("ppo", done, state, meta, cfg.train.max_nonfinite_in_a_row, ckpt, writer)
             if guard.should_stop():
                 ckpt.save(done, state, meta, force=True)
                 ckpt.close()
@@ -430,6 +444,9 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
                 writer.close()
                 return last
             ckpt.save(done, state, meta)
+            if cfg.ppo.export_every and done % cfg.ppo.export_every == 0 and done != total:
+                # Snapshots for evaluating the policy along the way (rewritten identically on resume).
+                export_params(os.path.join(workdir, "snapshots", str(done)), state.policy.params)
             maybe_kill(done)
     bar.close()
     prompt_batches.close()

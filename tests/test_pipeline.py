@@ -1,0 +1,194 @@
+"""The end-to-end pipeline (instruct_jax/pipeline.py) and its evaluation pieces.
+
+The CI-sized run (experiments/tiny_cpu.py:ci) goes through every stage once per module and is
+shared by the tests below.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from instruct_jax.config import ConfigError, apply_overrides, load_experiment
+from instruct_jax.data.builtin_task import DEMO_WRAPPERS, Task
+from instruct_jax.eval.evaluate import EvalSettings, best_of_n_pick, kl_k1, summarize
+from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, validate_pipeline
+
+EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
+
+
+def _cli(args, workdir, extra_env=None, timeout=900):
+    env = {**os.environ, "JAX_CACHE_DIR": str(workdir.parent / "jax_cache"), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "instruct_jax", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(workdir)], workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, proc.stdout
+
+
+def _finite(tree) -> bool:
+    if isinstance(tree, dict):
+        return all(_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_finite(v) for v in tree)
+    return not isinstance(tree, float) or math.isfinite(tree)
+
+
+def test_ci_pipeline_runs_every_stage_with_finite_metrics(ci_run):
+    workdir, stdout = ci_run
+    for stage in STAGES:
+        assert (workdir / stage / "DONE.json").is_file(), stage
+    report = json.loads((workdir / "report.json").read_text())
+    for key in ("seed", "gold_score", "win_rate_ppo_vs_sft", "win_rate_ci_low", "win_rate_ci_high",
+                "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement", "kl_ppo_sft", "gold_calls"):
+        assert key in report, key
+    assert _finite(report)
+    assert set(report["gold_score"]) >= {"base", "sft", "ppo", "best_of_4"}
+    # The gold judge is called by the labeler (K per kept prompt) and by the evaluation only.
+    label = json.loads((workdir / "label" / "DONE.json").read_text())
+    assert report["gold_calls"] == label["gold_calls"] + report["gold_calls_by_stage"]["eval"]
+    rankings = [json.loads(line) for line in (workdir / "label" / "rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) == label["rankings"] > 0
+    assert label["gold_calls"] == 4 * (label["rankings"] + label["skipped_all_tied"])
+    for name in ("report.md", "scores.png", "gold_vs_proxy.png", "ppo_training.png", "eval_samples.jsonl"):
+        assert (workdir / name).is_file(), name
+    assert "InstructGPT pipeline, seed 0" in stdout
+    # PPO wrote its snapshots, and the eval placed each on the over-optimization curve.
+    # (4 iterations, 2 snapshots: an export at iteration 2, and the final policy at 4.)
+    assert [p["step"] for p in report["overoptimization"]] == [2, 4]
+
+
+def test_report_numbers_recompute_from_the_samples_file(ci_run):
+    workdir, _ = ci_run
+    report = json.loads((workdir / "report.json").read_text())
+    rows = [json.loads(line) for line in (workdir / "eval_samples.jsonl").read_text().splitlines()]
+    settings = EvalSettings(best_of=(4,), kl_pairs=(("ppo", "sft"),), win_pairs=(("ppo", "sft"),))
+    again = summarize(rows, settings)
+    assert again["win_rates"]["ppo_vs_sft"]["win_rate"] == pytest.approx(report["win_rate_ppo_vs_sft"])
+    assert again["rm_accuracy"] == pytest.approx(report["rm_accuracy"])
+    assert again["kl"]["ppo||sft"]["kl"] == pytest.approx(report["kl_ppo_sft"])
+    assert again["policies"]["ppo"]["total"] == pytest.approx(report["gold_score"]["ppo"])
+    # Independent recomputation of two of them from the raw rows.
+    ppo = np.array([r["responses"]["ppo"]["gold"]["total"] for r in rows])
+    sft = np.array([r["responses"]["sft"]["gold"]["total"] for r in rows])
+    assert report["win_rate_ppo_vs_sft"] == pytest.approx(np.mean((ppo > sft) + 0.5 * (ppo == sft)))
+    b4 = [max(r["samples"][:4], key=lambda s: s["rm"])["gold"]["total"] for r in rows]
+    assert report["gold_score"]["best_of_4"] == pytest.approx(np.mean(b4))
+
+
+def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tmp_path):
+    workdir, _ = ci_run
+    before = (workdir / "ppo" / "DONE.json").read_text()
+    proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(workdir)], workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in STAGES:
+        assert f"[{stage}] finished earlier: skipped" in proc.stdout
+    assert (workdir / "ppo" / "DONE.json").read_text() == before
+    # A stage alone in an empty workdir: a clear error naming what is missing.
+    proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(tmp_path / "empty"),
+                 "--stage", "rm"], tmp_path)
+    assert proc.returncode == 2
+    assert "stage 'rm' needs ['task', 'label', 'sft'] finished first" in proc.stderr
+
+
+def test_eval_command_on_the_pipeline_checkpoints(ci_run, tmp_path):
+    workdir, _ = ci_run
+    cfg = load_experiment(EXPERIMENT + ":ci")
+    tok = Paths(str(workdir), cfg.data.vocab_size).tokenizer
+    out = tmp_path / "eval"
+    proc = _cli(["eval", "--experiment", EXPERIMENT + ":ci", "--workdir", str(out), "--policy",
+                 f"sft={workdir / 'sft'}", "--policy", f"ppo={workdir / 'ppo'}", "--reward-model", str(workdir / "rm"),
+                 "--kl", "ppo:sft", "--set", f"data.tokenizer={tok}", "train.seq_len=64"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "eval_summary.json").read_text())
+    report = json.loads((workdir / "report.json").read_text())
+    # Greedy decoding of the same checkpoints on the same prompts: the same gold scores as the pipeline.
+    assert summary["policies"]["ppo"]["total"] == pytest.approx(report["gold_score"]["ppo"])
+    assert summary["policies"]["sft"]["total"] == pytest.approx(report["gold_score"]["sft"])
+    assert summary["win_rates"]["ppo_vs_sft"]["win_rate"] == pytest.approx(report["win_rate_ppo_vs_sft"])
+    assert "best_of_n" in summary and "kl" in summary
+
+
+def test_pipeline_validation_names_the_field():
+    cfg = load_experiment(EXPERIMENT + ":ci")
+    for override, field in (("pipeline.responses_per_prompt=12", "pipeline.responses_per_prompt"),
+                            ("pipeline.demo_chatty=1.5", "pipeline.demo_chatty"),
+                            ("pipeline.sft.steps=0", "pipeline.sft.steps"),
+                            ("pipeline.best_of=four", "pipeline.best_of"),
+                            ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens")):
+        bad = apply_overrides(load_experiment(EXPERIMENT + ":ci"), [override])
+        with pytest.raises(ConfigError) as e:
+            validate_pipeline(bad)
+        assert e.value.field == field
+    validate_pipeline(cfg)
+    paths = Paths("/tmp/x", cfg.data.vocab_size)
+    ppo = stage_config(cfg, "ppo", paths)
+    assert ppo.train.init_from == "/tmp/x/sft" and ppo.ppo.reward_model == "/tmp/x/rm"
+    assert ppo.train.steps == cfg.pipeline.ppo.steps and ppo.ppo.export_every == 2
+
+
+def test_demonstrators_habits_are_seeded_fractions():
+    task = Task(3)
+    plain = task.sft_demos(400)
+    chatty = task.sft_demos(400, chatty=0.5)
+    slips = task.sft_demos(400, slip=0.2)
+    assert [d[0] for d in plain] == [d[0] for d in chatty] == [d[0] for d in slips]  # same prompts for any mix
+    refs = [d[1]["content"] for d in plain]
+    wrapped = [c[1]["content"] != r for c, r in zip(chatty, refs)]
+    assert 0.42 < np.mean(wrapped) < 0.58
+    for c, r, w in zip(chatty, refs, wrapped):  # a changed answer is the reference inside a chat phrase
+        assert not w or c[1]["content"] in {t.format(r) for t in DEMO_WRAPPERS}
+    assert 0.12 < np.mean([s[1]["content"] != r for s, r in zip(slips, refs)]) <= 0.26
+    assert task.sft_demos(400, chatty=0.5) == chatty  # reproducible from the seed
+
+
+def test_best_of_n_and_kl_from_rows():
+    samples = [{"rm": 0.1, "id": 0}, {"rm": 0.9, "id": 1}, {"rm": 0.5, "id": 2}, {"rm": 2.0, "id": 3}]
+    assert best_of_n_pick(samples, 1)["id"] == 0
+    assert best_of_n_pick(samples, 3)["id"] == 1
+    assert best_of_n_pick(samples, 4)["id"] == 3
+    assert kl_k1([{"logp": -1.0, "logp_ref": -3.0}, {"logp": -2.0, "logp_ref": -2.5}]) == pytest.approx(1.25)
+
+
+def test_runner_logprob_equals_the_samplers_own(tmp_path):
+    """Re-scoring a temperature-1 sample under the params that drew it gives the sampler's log-probs."""
+    import jax
+
+    from instruct_jax.data.chat import load_chat_template
+    from instruct_jax.eval.generate import PolicyRunner
+    from instruct_jax.train.build import build_lm
+
+    cfg = apply_overrides(load_experiment(EXPERIMENT + ":ci"),
+                          ["model.num_layers=1", "model.d_model=32", "model.mlp_dim=64", "model.head_dim=8",
+                           "train.seq_len=64"])
+    tok = _tiny_tokenizer(tmp_path)
+    runner = PolicyRunner(cfg, tok, load_chat_template("builtin", tok), prompt_len=24, batch_size=16)
+    params = build_lm(cfg).init_state().params
+    prompts = [list(p.messages) for p in Task(0).train_prompts(20)]
+    gen = runner.generate(params, prompts, temperature=1.0, max_new_tokens=8, seed=1)
+    again = runner.logprob(params, gen, temperature=1.0)
+    np.testing.assert_allclose(again, gen.logprob, rtol=1e-4, atol=1e-4)
+    greedy = runner.generate(params, prompts, temperature=0.0, max_new_tokens=8, seed=5)
+    assert greedy.texts == runner.generate(params, prompts, temperature=0.0, max_new_tokens=8, seed=6).texts
+    assert jax.device_count() == 8
+
+
+def _tiny_tokenizer(tmp_path):
+    from instruct_jax.data.config import DataConfig
+    from instruct_jax.data.pipeline import build_tokenizer
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(Task(0).pretrain_corpus(300)) + "\n" +
+                    "\n".join(p.text for p in Task(0).train_prompts(300)))
+    return build_tokenizer(DataConfig(format="text", tokenizer_train_files=(str(text),), vocab_size=512),
+                           str(tmp_path))
