@@ -40,6 +40,10 @@ def assert_rows_close(got, want, exact, rtol, atol, skip=()):
                 continue
             if k in exact:
                 assert g[k] == w[k], (w["step"], k, g[k], w[k])
+            elif k.endswith("clipfrac"):
+                # A fraction of tokens past a clip boundary: reduction-order noise (~1e-7) may move one
+                # token of a 128-token minibatch across it, a step of 1/256 in the epoch mean.
+                np.testing.assert_allclose(g[k], w[k], rtol=0, atol=1 / 128, err_msg=f"step {w['step']} {k}")
             else:
                 np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=atol, err_msg=f"step {w['step']} {k}")
 

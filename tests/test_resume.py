@@ -14,7 +14,7 @@ from conftest import REPO
 from instruct_jax.checkpoint import MANIFEST_NAME
 
 TIMING_FIELDS = {"tokens_per_sec", "mfu", "step_time"}
-BASE = ["train.steps=12", "checkpoint.every_steps=4", "logging.log_every=1", "train.eval_every=6",
+BASE = ["train.steps=12", "checkpoint.every_steps=4", "checkpoint.async_save=false", "logging.log_every=1", "train.eval_every=6",
         "logging.progress_bar=false", "logging.peak_flops_per_device=1e9", "train.seq_len=64",
         "model.max_seq_len=64"]
 
