@@ -277,10 +277,9 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     return result
 
 
-def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge, results: dict) -> dict:
+def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     """Decode base / SFT / PPO (+ best-of-n, KL, snapshots) on held-out prompts; write the report."""
     from instruct_jax.eval.evaluate import EvalPrompt, EvalSettings, evaluate, generate_scored
-    from instruct_jax.eval.report import write_report
     from instruct_jax.metrics import progress
     from instruct_jax.score import RewardScorer
 
@@ -338,7 +337,7 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
     paths = Paths(workdir, cfg.data.vocab_size)
     save_config(cfg, workdir)
     judge = GoldJudge()
-    results, timings = {}, {}
+    results = {}
     for stage in STAGES:
         if only is not None and stage != only:
             if is_done(paths, stage):
@@ -356,14 +355,13 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
         elif stage == "label":
             out = stage_label(cfg, paths, judge)
         elif stage == "eval":
-            out = stage_eval(cfg, paths, judge, results)
+            out = stage_eval(cfg, paths, judge)
         else:
             out = stage_train(cfg, paths, stage)
         out = dict(out or {})
         out["seconds"] = time.perf_counter() - start
         mark_done(paths, stage, out)
         results[stage] = out
-        timings[stage] = out["seconds"]
     if "eval" not in results:
         return {}
     report = build_report(cfg, results)
