@@ -4,6 +4,11 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI runs that tests start as subprocesses keep a persistent XLA cache (fast restarts). Each
+# pytest-xdist worker gets its own, so two workers never read and write one cache at the same time
+# (JAX writes entries in place, without a lock), and a test run never reads a stale cache of the user's.
+os.environ["JAX_CACHE_DIR"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"instruct_jax_test_cache_{os.getuid()}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
 
 import pathlib  # noqa: E402
 

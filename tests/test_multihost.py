@@ -30,6 +30,16 @@ EXACT_FIELDS = {"step", "lr", "target_tokens", "eval_tokens"}  # counts and the 
 
 
 # ----------------------------------------------------------------------------- when to join a job
+def test_a_hung_process_is_reported_as_timed_out_with_its_python_stack():
+    # The hang is in a function with a telling name; faulthandler's dump must show it before the kill.
+    script = "import time\ndef waiting_forever():\n    time.sleep(120)\nprint('started', flush=True)\nwaiting_forever()\n"
+    start = time.monotonic()
+    (result,) = launch_local(["-c", script], 1, 1, pass_as="env", timeout_s=3)
+    assert time.monotonic() - start < 30
+    assert result.timed_out and result.returncode != 0
+    assert "started" in result.output and "waiting_forever" in result.output, result.output
+
+
 def test_plan_precedence_and_named_errors():
     cfg = DistributedConfig()
     assert not plan(cfg, env={}, tpu=False).initialize  # a laptop: one process

@@ -73,7 +73,8 @@ def test_sigkill_and_restart_is_bitwise_identical(uninterrupted, tmp_path, kill_
     # Synchronous saves: the checkpoint of iteration 2 is complete when iteration 3 ends and the process dies.
     killed = cli(tmp_path, "checkpoint.async_save=false", env_extra={"INSTRUCT_JAX_KILL_AT_STEP": str(kill_at)})
     assert killed.returncode != 0
-    assert len(rows(tmp_path)) == kill_at
+    assert os.path.exists(tmp_path / "metrics.jsonl"), killed.stdout[-4000:] + killed.stderr[-4000:]
+    assert len(rows(tmp_path)) == kill_at, killed.stdout[-4000:] + killed.stderr[-4000:]
     resumed = cli(tmp_path, "checkpoint.async_save=false")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint at iteration 2" in resumed.stdout

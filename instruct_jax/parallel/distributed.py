@@ -32,6 +32,7 @@ import dataclasses
 import glob
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -180,6 +181,19 @@ class ProcessResult:
     process_id: int
     returncode: int
     output: str  # stdout and stderr, interleaved
+    timed_out: bool = False  # still running at the deadline: killed (after a Python traceback dump)
+
+
+def _dump_stacks_and_kill(procs: Sequence[subprocess.Popen], wait_s: float = 5.0) -> None:
+    """SIGABRT (faulthandler prints every thread's Python stack), then SIGKILL whatever is left."""
+    for p in procs:
+        p.send_signal(signal.SIGABRT)
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -200,6 +214,9 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
     for `-m instruct_jax <command> ...`) or as INSTRUCT_JAX_* env vars (pass_as="env", for any
     script that calls `initialize(plan(...))`). If one process fails, the others would wait in a
     collective until the coordinator's heartbeat times out, so after `grace_s` they are killed.
+    A process still running at `timeout_s` first gets SIGABRT, which makes Python's faulthandler
+    (enabled in every process) print each thread's stack to its log, then SIGKILL; its result has
+    `timed_out=True`, so a hang is told apart from a process that killed itself.
     `while_running(procs)` runs in a thread once all are started (e.g. to send one a SIGTERM).
 
         results = launch_local(["-m", "instruct_jax", "sft", "--experiment", "experiments/tiny_cpu.py",
@@ -211,6 +228,7 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
     coordinator = f"127.0.0.1:{free_port()}"
     base_env = {**os.environ, **(env or {})}
     base_env["JAX_PLATFORMS"] = "cpu"
+    base_env["PYTHONFAULTHANDLER"] = "1"
     flags = [f for f in base_env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     base_env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
     procs, logs = [], []
@@ -229,12 +247,15 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
                                           text=True))
         if while_running is not None:
             threading.Thread(target=while_running, args=(procs,), daemon=True).start()
-        deadline, first_failure = time.monotonic() + timeout_s, None
+        deadline, first_failure, timed_out = time.monotonic() + timeout_s, None, set()
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
             if first_failure is None and any(p.poll() not in (None, 0) for p in procs):
                 first_failure = now
-            if now > deadline or (first_failure is not None and now - first_failure > grace_s):
+            if now > deadline and not timed_out:
+                timed_out = {i for i, p in enumerate(procs) if p.poll() is None}
+                _dump_stacks_and_kill([procs[i] for i in timed_out])
+            elif first_failure is not None and now - first_failure > grace_s:
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
@@ -242,6 +263,6 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
         results = []
         for i, (p, log) in enumerate(zip(procs, logs)):
             log.seek(0)
-            results.append(ProcessResult(i, p.wait(), log.read()))
+            results.append(ProcessResult(i, p.wait(), log.read(), i in timed_out))
             log.close()
     return results
