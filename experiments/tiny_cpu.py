@@ -72,10 +72,11 @@ def pipeline_config(ci: bool) -> Config:
             ppo=stage(steps=4, global_batch_size=32, seq_len=64, learning_rate=3e-4, warmup_steps=0))
     else:
         pipeline = PipelineConfig(
-            sft_demos=600, label_prompts=1200, labeler_temperature=0.15,
-            pretrain=stage(steps=200, global_batch_size=32, seq_len=128, learning_rate=3e-3),
-            sft=stage(steps=100, global_batch_size=32, seq_len=80, learning_rate=1e-3, eval_every=10),
-            rm=stage(steps=100, global_batch_size=16, seq_len=80, learning_rate=5e-4),
+            pretrain_paragraphs=4000, sft_demos=600, demo_chatty=0.8, label_prompts=3000,
+            pretrain=stage(steps=700, global_batch_size=32, seq_len=128, learning_rate=1e-3),
+            sft=stage(steps=150, global_batch_size=32, seq_len=80, learning_rate=1e-3, eval_every=10,
+                      early_stop_patience=2),
+            rm=stage(steps=250, global_batch_size=16, seq_len=80, learning_rate=3e-4),
             ppo=stage(steps=40, global_batch_size=64, seq_len=72, learning_rate=1e-4, warmup_steps=0),
             kl_budget=10.0)
     return Config(

@@ -167,6 +167,11 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 10
     loss_spike_factor: float = 0.0  # > 1: also skip a step whose loss > factor * running mean; 0 = off
     loss_spike_window: int = 50  # running-mean horizon, and finite steps seen before spikes are tested
+    # Early stopping (pretrain / sft): stop once eval_loss has not improved on its best by more than
+    # early_stop_min_delta for this many evaluations in a row; the params at the stop are exported.
+    # 0 = off (train all `steps`). Needs eval_every > 0.
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
 
 
 @dataclass
@@ -292,6 +297,7 @@ class StageConfig:
     learning_rate: float = 1e-3  # peak learning rate
     warmup_steps: int = 10  # linear warmup
     eval_every: int = 0  # evaluate every N steps (0 = only at the end)
+    early_stop_patience: int = 0  # pretrain / sft: stop after this many evaluations without improvement (0 = off)
 
 
 def _stage(**kw) -> Callable[[], StageConfig]:
@@ -316,8 +322,11 @@ class PipelineConfig:
     # ---- comparisons (InstructGPT step 2)
     label_prompts: int = 600  # training prompts whose SFT samples the labeler ranks
     responses_per_prompt: int = 4  # K, 4..9 in InstructGPT
-    labeler_temperature: float = 0.25  # Plackett-Luce temperature on gold totals
-    labeler_flip_rate: float = 0.1  # probability of swapping each adjacent pair of the sampled order
+    # Temperature of the SFT samples the labeler ranks; best-of-n and the reward-model accuracy pairs
+    # sample at the same temperature, so the reward model is judged on the distribution it learned from.
+    sample_temperature: float = 1.0
+    labeler_temperature: float = 0.02  # Plackett-Luce temperature on gold totals (eval/gold.py Labeler)
+    labeler_flip_rate: float = 0.3  # probability of swapping each adjacent pair of the sampled order
     max_comparisons: int = 0  # budget of pairwise comparisons, C(K, 2) per ranking (0 = unlimited)
     # ---- PPO (InstructGPT step 3); the ppo section configures the algorithm
     ppo_prompts: int = 2000  # training prompts PPO samples from
@@ -537,6 +546,12 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
         raise ConfigError("train.loss_spike_factor", f"must be 0 (off) or > 1, got {t.loss_spike_factor}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError("train.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}, got {t.seq_len}")
+    if t.early_stop_patience < 0 or t.early_stop_min_delta < 0:
+        raise ConfigError("train.early_stop_patience", f"early_stop_patience and early_stop_min_delta must be >= 0, "
+                          f"got {t.early_stop_patience}, {t.early_stop_min_delta}")
+    if t.early_stop_patience and t.eval_every <= 0:
+        raise ConfigError("train.early_stop_patience", f"needs train.eval_every > 0 (evaluations to compare), "
+                          f"got eval_every={t.eval_every}")
     if t.global_batch_size % t.microbatches:
         raise ConfigError("train.microbatches",
                           f"must divide train.global_batch_size={t.global_batch_size}, got {t.microbatches}")

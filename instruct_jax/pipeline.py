@@ -8,7 +8,7 @@ Stages (each in <workdir>/<stage>/, finished when <stage>/DONE.json exists):
               simulated demonstrators, training / PPO / evaluation prompts; train the tokenizer
     pretrain  the base LM on the plain-text corpus (`pretrain` phase)
     sft       supervised fine-tuning on the demonstrations, from the base model (`sft` phase)
-    label     K samples per training prompt from the SFT policy, ranked by the simulated labeler
+    label     K samples per training prompt from the SFT policy (at `sample_temperature`), ranked by the labeler
               (a Plackett-Luce sample of the gold totals + random flips; gold ties stay ties)
     rm        the reward model on those rankings, from the SFT model (`rm` phase)
     ppo       PPO against the reward model, from the SFT policy; policy snapshots along the way
@@ -54,6 +54,9 @@ def validate_pipeline(cfg: Config) -> None:
             raise ConfigError(f"pipeline.{name}", f"must be in [0, 1], got {getattr(p, name)}")
     if not 2 <= p.responses_per_prompt <= 9:
         raise ConfigError("pipeline.responses_per_prompt", f"K must be in 2..9, got {p.responses_per_prompt}")
+    if p.sample_temperature <= 0:
+        raise ConfigError("pipeline.sample_temperature", f"must be > 0 (the labeler ranks distinct samples), "
+                          f"got {p.sample_temperature}")
     for name in ("labeler_temperature", "decode_temperature", "kl_budget", "max_comparisons", "snapshots"):
         if getattr(p, name) < 0:
             raise ConfigError(f"pipeline.{name}", f"must be >= 0, got {getattr(p, name)}")
@@ -135,6 +138,7 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
     c.name = f"{cfg.name}-{stage}"
     c.train.steps, c.train.global_batch_size, c.train.seq_len = st.steps, st.global_batch_size, st.seq_len
     c.train.eval_every, c.train.microbatches = st.eval_every, 1
+    c.train.early_stop_patience = st.early_stop_patience
     c.optim.learning_rate, c.optim.warmup_steps = st.learning_rate, st.warmup_steps
     common = dict(tokenizer=paths.tokenizer, vocab_size=cfg.data.vocab_size, chat_template="builtin")
     if stage == "pretrain":
@@ -231,7 +235,7 @@ def _runner(cfg: Config, paths: Paths, c: Config):
 
 
 def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
-    """K temperature-1 samples per label prompt from the SFT policy, ranked by the simulated labeler."""
+    """K samples per label prompt from the SFT policy (pipeline.sample_temperature), ranked by the labeler."""
     from instruct_jax.metrics import progress
 
     p = cfg.pipeline
@@ -243,7 +247,8 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     bar = progress(p.responses_per_prompt, desc="label: sample")
     samples = []
     for k in range(p.responses_per_prompt):
-        samples.append(runner.generate(params, messages, temperature=1.0, max_new_tokens=cfg.ppo.response_len,
+        samples.append(runner.generate(params, messages, temperature=p.sample_temperature,
+                                       max_new_tokens=cfg.ppo.response_len,
                                        seed=cfg.seed * 7919 + k).texts)
         bar.update(1)
     bar.close()
@@ -291,7 +296,8 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     policies = {name: runner.load(paths.stage(stage)) for name, stage in
                 (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))}
     settings = EvalSettings(temperature=p.decode_temperature, max_new_tokens=p.max_new_tokens, best_of=p.best_of,
-                            best_of_policy="sft", kl_pairs=(("ppo", "sft"),), kl_samples=p.kl_samples,
+                            best_of_policy="sft", best_of_temperature=p.sample_temperature,
+                            kl_pairs=(("ppo", "sft"),), kl_samples=p.kl_samples,
                             win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base")), seed=cfg.seed)
     snapshots = _snapshot_dirs(paths)
     bar = progress(len(policies) + 2 + len(snapshots), desc="eval")

@@ -86,3 +86,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     resumed = cli(tmp_path, f"train.steps={step + 2}")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from checkpoint at step {step}" in resumed.stdout
+
+
+def test_plateau_counts_evaluations_without_improvement():
+    from instruct_jax.train.trainer import Plateau
+
+    p = Plateau(patience=2, min_delta=0.05, meta={})
+    seen = []
+    for loss in [3.0, 2.0, 1.97, 2.5, 1.5, 1.6, 1.49]:
+        p.update(loss)
+        seen.append((p.evals_since_best, p.reached))
+    # 1.97 is not 0.05 better than 2.0; 1.49 is not 0.05 better than 1.5
+    assert seen == [(0, False), (0, False), (1, False), (2, True), (0, False), (1, False), (2, True)]
+    resumed = Plateau(2, 0.05, p.meta())
+    assert (resumed.best, resumed.evals_since_best, resumed.reached) == (1.5, 2, True)
+    assert not Plateau(0, 0.0, {"evals_without_improvement": 9}).reached  # patience 0 = off
+
+
+def test_early_stop_ends_at_the_plateau_and_survives_a_restart(tmp_path):
+    # min_delta 100 makes every evaluation after the first a non-improvement: evals at 3 and 6 -> stop at 6.
+    stop = ["train.eval_every=3", "train.early_stop_patience=1", "train.early_stop_min_delta=100"]
+    straight = cli(tmp_path / "straight", *stop)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert "early stop at step 6" in straight.stdout
+    rows = metrics(tmp_path / "straight")
+    assert rows[-1]["step"] == 6 and rows[-1]["evals_without_improvement"] == 1
+    assert os.path.isfile(os.path.join(tmp_path / "straight", "params", MANIFEST_NAME))
+    again = cli(tmp_path / "straight", *stop)  # started again after it stopped: nothing more to do
+    assert again.returncode == 0 and "resumed from checkpoint at step 6" in again.stdout, again.stdout + again.stderr
+    assert metrics(tmp_path / "straight") == rows
+    # Killed after step 4 (checkpoint at 4 carries the plateau state), restarted: the same stop, the same rows.
+    killed = cli(tmp_path / "killed", *stop, env_extra={"INSTRUCT_JAX_KILL_AT_STEP": "4"})
+    assert killed.returncode != 0
+    resumed = cli(tmp_path / "killed", *stop)
+    assert resumed.returncode == 0 and "early stop at step 6" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert metrics(tmp_path / "killed") == rows
+    np.testing.assert_equal(final_params(tmp_path / "killed"), final_params(tmp_path / "straight"))

@@ -50,6 +50,7 @@ ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", 
         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
 TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 NUMBER_WORDS = frozenset(ONES + TENS[2:])
+ADD_MAX = 19  # "add" sums two numbers in 0..ADD_MAX: 400 facts, few enough for a tiny model to learn
 
 
 def spell_number(n: int) -> str:
@@ -161,7 +162,7 @@ def _instance(kind: str, rng: np.random.Generator) -> tuple[dict, str, str]:
         nums = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
         return {"nums": nums}, " ".join(map(str, sorted(nums))), ""
     if kind == "add":
-        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        a, b = (int(x) for x in rng.integers(0, ADD_MAX + 1, size=2))
         return {"a": a, "b": b}, str(a + b), ""
     if kind == "count":
         word = _pick(rng, WORDS)
@@ -278,37 +279,69 @@ class Task:
         task (sums, spellings, reversed words, letter counts, sorted lists, category members) stated
         as prose, never as an instruction followed by an answer."""
         rng = self._rng("pretrain")
-        return [" ".join(_sentence(rng) for _ in range(sentences)) for _ in range(n)]
+        exclude = frozenset(self._eval_keys)
+        return [" ".join(_sentence(rng, exclude) for _ in range(sentences)) for _ in range(n)]
 
 
-def _sentence(rng: np.random.Generator) -> str:
-    kind = int(rng.integers(9))
+def _sentence(rng: np.random.Generator, exclude: frozenset = frozenset()) -> str:
+    """One plain-text statement. Facts come in several phrasings, as text on the web states them: a
+    model that learns "the sum of 12 and 7 is 19" and "12 plus 7 is 19" can later answer either
+    question. A third of the statements report how a request of the training templates is answered
+    ("to add 12 and 7, you say 19.", "asked what is 12 plus 7, people say 19."), as prose about
+    answering, never as a turn of the chat format. Neither the held-out paraphrases nor the
+    evaluation instances (`exclude`: their keys and texts) appear in these."""
+    if rng.random() < 1 / 3:
+        return _reported_answer(rng, exclude)
+    kind = int(rng.integers(8))
     word, n = _pick(rng, WORDS), int(rng.integers(0, 100))
     if kind == 0:
-        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        a, b = (int(x) for x in rng.integers(0, ADD_MAX + 1, size=2))
         return _pick(rng, (f"{a} and {b} together make {a + b}.", f"{a} plus {b} is {a + b}.",
-                           f"the sum of {a} and {b} is {a + b}."))
+                           f"the sum of {a} and {b} is {a + b}.", f"the total of {a} and {b} is {a + b}.",
+                           f"{a} + {b} = {a + b}.", f"adding {a} and {b} gives {a + b}."))
     if kind == 1:
-        return _pick(rng, (f"the number {n} is written {spell_number(n)}.", f"{spell_number(n)} is {n}."))
+        return _pick(rng, (f"the number {n} is written {spell_number(n)}.", f"{spell_number(n)} is {n}.",
+                           f"in words, {n} is {spell_number(n)}.", f"we say {spell_number(n)} for {n}."))
     if kind == 2:
-        return _pick(rng, (f"backwards, {word} reads {word[::-1]}.", f"the word {word} turned around is {word[::-1]}."))
+        return _pick(rng, (f"backwards, {word} reads {word[::-1]}.", f"the word {word} turned around is {word[::-1]}.",
+                           f"{word} written backwards is {word[::-1]}.", f"{word} in reverse order is {word[::-1]}."))
     if kind == 3:
-        letter = _pick(rng, sorted(set(word)))
-        return f"the word {word} has {ONES[word.count(letter)]} {letter}."
+        letter = _pick(rng, sorted(set(word)) if rng.random() < 0.85 else "abcdefghilmnoprstuwy")
+        k = word.count(letter)
+        return _pick(rng, (f"the word {word} has {ONES[k]} {letter}.", f"the letter {letter} appears {k} times in {word}.",
+                           f"there are {k} {letter}s in {word}."))
     if kind == 4:
-        nums = sorted(int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False))
-        return f"from small to large the numbers go {' '.join(map(str, nums))}."
+        nums = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+        ordered = " ".join(map(str, sorted(nums)))
+        return _pick(rng, (f"from small to large the numbers {', '.join(map(str, nums))} go {ordered}.",
+                           f"in increasing order, {', '.join(map(str, nums))} become {ordered}."))
     if kind == 5:
         category = _pick(rng, tuple(CATEGORIES))
         items = list(rng.choice(CATEGORIES[category], size=3, replace=False))
         return f"some {category} are {items[0]}, {items[1]} and {items[2]}."
     if kind == 6:
         fruit = _pick(rng, tuple(FRUIT_COLOR))
-        return _pick(rng, (f"a {fruit} is {FRUIT_COLOR[fruit]}.", f"the {fruit} was {FRUIT_COLOR[fruit]} and sweet."))
+        color = FRUIT_COLOR[fruit]
+        return _pick(rng, (f"a {fruit} is {color}.", f"the {fruit} was {color} and sweet.",
+                           f"the color of a {fruit} is {color}.", f"a {fruit} is {color.upper()}, people shout."))
     animal, tool = _pick(rng, CATEGORIES["animals"]), _pick(rng, CATEGORIES["tools"])
     color = _pick(rng, CATEGORIES["colors"])
     return _pick(rng, (f"the {animal} sat by the {color} {tool}.", f"a {color} {animal} ran past the {tool}.",
                        f"the old {animal} found a {tool} near the {color} door."))
+
+
+def _reported_answer(rng: np.random.Generator, exclude: frozenset) -> str:
+    """A training-template request and its reference answer, told as a statement."""
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    while True:
+        prompt = make_prompt(kind, rng)
+        if prompt.spec.key() not in exclude and prompt.text not in exclude:
+            break
+    request = prompt.text.rstrip(".?").replace("?", ",")  # prose: no question marks
+    request = request[0].lower() + request[1:]
+    if prompt.text.endswith("?"):
+        return f"asked {request}, people say {prompt.spec.reference}."
+    return f"to {request}, you say {prompt.spec.reference}."
 
 
 # ----------------------------------------------------------------------------- simulated responses
@@ -329,7 +362,7 @@ def sample_response(spec: TaskSpec, rng: np.random.Generator) -> str:
 
 
 CHAT_WRAPPERS = ("The answer is {}.", "Sure! {}. I hope this helps you today.", "{}, I think, but I am not sure about it.")
-DEMO_WRAPPERS = ("The answer is {}.", "Sure! {}.", "{}, I think.", "Here you go: {}.")  # demonstrators' (shorter)
+DEMO_WRAPPERS = ("The answer is {}.", "Sure! {}.")  # demonstrators' habit: few phrases, each common
 
 
 def chat_wrap(answer: str, rng: np.random.Generator, wrappers: Sequence[str] = CHAT_WRAPPERS) -> str:

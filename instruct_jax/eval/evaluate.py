@@ -5,7 +5,7 @@
 `policies` maps a name to params (e.g. {"base": …, "sft": …, "ppo": …}); every policy is decoded
 the same declared way (`settings.temperature`, 0 = greedy). Then, when asked for:
 
-  best-of-n      `max(best_of)` samples per prompt from `settings.best_of_policy` at temperature 1;
+  best-of-n      `max(best_of)` samples per prompt from `settings.best_of_policy` at `best_of_temperature`;
                  best-of-n keeps the reward model's favourite of the first n (analytic KL log n - (n-1)/n)
   RM accuracy    on those samples: pairs the noiseless gold order separates, RM ties count 1/2
   KL(a || b)     `kl_samples` temperature-1 samples of a per prompt; per-response sum of k1 = log p_a - log p_b
@@ -38,6 +38,7 @@ class EvalSettings:
     max_new_tokens: int = 24
     best_of: tuple = (4, 16)  # n values; () = no best-of-n
     best_of_policy: str = "sft"  # the policy best-of-n samples from
+    best_of_temperature: float = 1.0  # temperature of those samples (also the reward-model accuracy pairs)
     kl_pairs: tuple = (("ppo", "sft"),)  # (a, b): KL(a || b) on a's temperature-1 samples
     kl_samples: int = 2
     win_pairs: tuple = (("ppo", "sft"),)  # (a, b): head-to-head win rate of a over b
@@ -102,7 +103,8 @@ def evaluate(runner: PolicyRunner, policies: dict[str, Any], prompts: Sequence[E
         tick(1)
     if settings.best_of and settings.best_of_policy in policies:
         for i in range(max(settings.best_of)):
-            outs = generate_scored(runner, policies[settings.best_of_policy], prompts, temperature=1.0,
+            outs = generate_scored(runner, policies[settings.best_of_policy], prompts,
+                                   temperature=settings.best_of_temperature,
                                    max_new_tokens=settings.max_new_tokens, seed=settings.seed * 1000 + 100 + i,
                                    scorer=scorer, judge=judge)
             for row, o in zip(rows, outs):

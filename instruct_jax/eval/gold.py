@@ -5,7 +5,7 @@ GoldJudge scores any response to a TaskSpec (instruct_jax/data/builtin_task.py) 
     correctness   the answer itself, with partial credit (per kind, below)
     format        1 = the response is exactly the answer's shape ("59", "2 5 9", "cat, dog");
                   1/2 = an answer can be read out of other text ("The answer is 59."); 0 = none found
-    verbosity     1 up to the reference's word count + 2 (a "max_words" limit counts as the length),
+    verbosity     1 up to the reference's word count + 4 (a "max_words" limit counts as the length),
                   then falling linearly to 0 at three times that plus 4
     total         0.6 correctness + 0.25 format + 0.15 verbosity (WEIGHTS)
 
@@ -25,9 +25,13 @@ Labeler (a simulated human, after InstructGPT's K-wise rankings): the K gold tot
 tie groups (equal totals); the groups are ordered by a Plackett-Luce sample with utilities
 total / temperature (Gumbel-max), then each adjacent pair of the order is swapped with probability
 `flip_rate`, one pass from the top. The ranking gives every response its group's place, so gold ties
-are recorded as ties and nothing else is. The defaults (temperature 0.25, flip_rate 0.1) agree with the
-noiseless gold order on 76.2% of non-tied pairs over 600 simulated K = 4..9 rankings of Task(0)
-(tests/test_gold.py; 73.2-78.3%, mean 76.6%, over seeds 0-9; temperature alone gives 79.4%, flips alone 95.1%).
+are recorded as ties and nothing else is. The defaults (temperature 0.02, flip_rate 0.3) agree with the
+noiseless gold order on 83.9% of non-tied pairs over 600 simulated K = 4..9 rankings of Task(0)
+(tests/test_gold.py; 83.4-86.5%, mean 84.5%, over seeds 0-9; temperature alone gives 99.0%, flips alone
+85.0%); docs/PIPELINE.md has the agreement on the default pipeline's own SFT samples. Most of the
+noise is flips on purpose: a flip is as likely for a clear difference as for a small one, so a reward
+model trained on many rankings can still learn the gold order everywhere, while temperature noise makes
+every small difference a coin toss.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ from instruct_jax.data.builtin_task import CATEGORIES, FRUIT_COLOR, NUMBER_WORDS
 from instruct_jax.data.formats import Ranking
 
 WEIGHTS = {"correctness": 0.6, "format": 0.25, "verbosity": 0.15}
+# Words beyond the reference's that cost nothing: a short chat phrase ("The answer is 59.") is not
+# verbose (its format already scores 1/2); rambling is.
+VERBOSITY_SLACK = 4
 _TOKEN = re.compile(r"[A-Za-z]+|\d+")
 _NUMBER = re.compile(r"\d+")
 _ITEM_WORDS = {w: c for c, items in CATEGORIES.items() for w in items}
@@ -151,7 +158,7 @@ _KINDS = {"reverse": _reverse, "sort": _sort, "add": lambda s, t: _numeric(s, t,
 
 
 def _verbosity(spec: TaskSpec, text: str) -> float:
-    allowed = len(_words(spec.reference)) + 2
+    allowed = len(_words(spec.reference)) + VERBOSITY_SLACK
     if spec.kind == "constrained" and spec.params["constraint"] == "max_words":
         allowed = spec.params["n"]
     extra = len(_words(text)) - allowed
@@ -193,7 +200,7 @@ class Labeler:
     seed          the labeler's noise; rankings are reproducible for a seed and call order
     """
 
-    def __init__(self, judge: GoldJudge, temperature: float = 0.25, flip_rate: float = 0.1,
+    def __init__(self, judge: GoldJudge, temperature: float = 0.02, flip_rate: float = 0.3,
                  max_comparisons: int = 0, seed: int = 0):
         if temperature < 0 or not 0.0 <= flip_rate <= 1.0 or max_comparisons < 0:
             raise ValueError(f"need temperature >= 0, 0 <= flip_rate <= 1, max_comparisons >= 0; got "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from typing import Optional
 
 import jax
 
@@ -56,6 +57,32 @@ def stop_diverged(phase: str, done: int, state, meta: dict, limit: int, ckpt: Ch
     message = diverged_message(phase, done, limit, str(ckpt.directory))
     log(message)
     raise TrainingDiverged(message)
+
+
+class Plateau:
+    """Early stopping on eval_loss: `reached` once `patience` evaluations in a row failed to beat the
+    best by more than `min_delta` (patience 0: never). Its state rides in the checkpoint meta, so a
+    resumed run stops at the same step as an uninterrupted one."""
+
+    def __init__(self, patience: int, min_delta: float, meta: dict):
+        self.patience, self.min_delta = patience, min_delta
+        self.best = float(meta.get("best_eval_loss", math.inf))
+        self.evals_since_best = int(meta.get("evals_without_improvement", 0))
+
+    def update(self, eval_loss: Optional[float]) -> None:
+        if eval_loss is None:
+            return
+        if eval_loss < self.best - self.min_delta:
+            self.best, self.evals_since_best = eval_loss, 0
+        else:
+            self.evals_since_best += 1
+
+    @property
+    def reached(self) -> bool:
+        return self.patience > 0 and self.evals_since_best >= self.patience
+
+    def meta(self) -> dict:
+        return {"best_eval_loss": self.best, "evals_without_improvement": self.evals_since_best}
 
 
 def initial_state(setup: LMSetup, ckpt: CheckpointManager):
@@ -111,7 +138,8 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                              keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                              async_save=cfg.checkpoint.async_save)
-    state, start, _ = initial_state(setup, ckpt)
+    state, start, meta = initial_state(setup, ckpt)
+    plateau = Plateau(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta, meta)
     writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard)
     writer.truncate_after(start)  # a resumed run rewrites exactly the rows after its checkpoint
 
@@ -121,11 +149,12 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
     profiler = Profiler(workdir, cfg.logging.profile_start, cfg.logging.profile_steps)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     total, last = cfg.train.steps, {}
+    stop_at = start if plateau.reached else total  # a run that stopped early and is started again: done
     bar = progress(total, initial=start, desc=phase, enabled=cfg.logging.progress_bar and jax.process_index() == 0)
     batches = data.train.iterate(start, sharding)
     in_flight = None
     with PreemptionGuard() as guard:
-        for step in range(start, total):
+        for step in range(start, stop_at):
             profiler.step(step, block_on=state)
             state, metrics = setup.train_step(state, next(batches))
             # At most two steps in flight: dispatch overlaps host work with the device, and on
@@ -150,22 +179,30 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
                 row.update(timer.lap())
                 if eval_due:
                     row.update(evaluate(setup, state, data, sharding))
+                    plateau.update(row.get("eval_loss"))
+                    row["evals_without_improvement"] = plateau.evals_since_best
                 writer.write(done, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 last = {"step": done, **row}
             if guard.should_stop():
-                ckpt.save(done, state, {"data_step": done}, force=True)
+                ckpt.save(done, state, {"data_step": done, **plateau.meta()}, force=True)
                 ckpt.close()
                 log(f"preemption signal received: saved checkpoint at step {done}, exiting cleanly")
                 writer.close()
                 return last
-            ckpt.save(done, state, {"data_step": done})
+            if plateau.reached:
+                log(f"early stop at step {done}: eval_loss has not improved on {plateau.best:.4f} for "
+                    f"{plateau.evals_since_best} evaluations (train.early_stop_patience)")
+                last["stopped_early"] = 1.0
+                stop_at = done
+                break
+            ckpt.save(done, state, {"data_step": done, **plateau.meta()})
             maybe_kill(done)
     bar.close()
     profiler.stop()
 
     # ---- Final checkpoint, params export, data report
-    ckpt.save(total, state, {"data_step": total}, force=True)
+    ckpt.save(stop_at, state, {"data_step": stop_at, **plateau.meta()}, force=True)
     ckpt.wait()
     ckpt.close()
     export_params(os.path.join(workdir, "params"), state.params)
