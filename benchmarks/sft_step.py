@@ -87,7 +87,7 @@ def torch_step(model_cfg, tokens: np.ndarray):
 
 def run(tiny: bool = False, quick: bool = False, batch: int = 4, seq_len: int = 256, repeats: int = 0,
         limits: dict | None = None, with_torch: bool = True, variants: dict | None = None) -> dict:
-    """variants: extra instruct_jax cases, {name: ModelConfig overrides} (e.g. {"full logits": {"loss_chunk": 0}})."""
+    """variants: extra instruct_jax cases, {name: ModelConfig overrides} (e.g. {"chunked loss": {"loss_chunk": 64}})."""
     model_cfg = common.tiny_model() if tiny else common.smollm2_135m()
     repeats = repeats or (2 if quick or tiny else 5)
     limits = limits or common.hardware_limits(quick or tiny)
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=0)
     parser.add_argument("--no-torch", action="store_true", help="instruct_jax only")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("FIELD", "VALUE"), default=[],
-                        help="also time instruct_jax with model.FIELD=VALUE (int or str), e.g. --variant loss_chunk 0")
+                        help="also time instruct_jax with model.FIELD=VALUE (int or str), e.g. --variant loss_chunk 64")
     parser.add_argument("--out", default=os.path.join(common.DOCS, "benchmarks_sft.json"))
     args = parser.parse_args(argv)
     variants = {f"{k}={v}": {k: int(v) if v.lstrip("-").isdigit() else v} for k, v in args.variant}

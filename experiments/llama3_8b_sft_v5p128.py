@@ -21,7 +21,8 @@ def get_config(arg=None) -> Config:
         model=ModelConfig(
             vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
             mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
-            rope_original_max_len=8192, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch"),
+            rope_original_max_len=8192, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch",
+            loss_chunk=64),  # 128k vocabulary: the loss never holds [B, T, V] (config.py)
         mesh=MeshConfig(data=1, fsdp=-1, num_devices=64, topology="v5p:4x4x4"),
         data=DataConfig(source="HuggingFaceH4/ultrachat_200k", split="train_sft", format="sft",
                         messages_field="messages", tokenizer="/mnt/gcs/llama3-8b-params/tokenizer.json",

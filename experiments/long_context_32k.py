@@ -48,7 +48,8 @@ def get_config(arg=None) -> Config:
     model = _smollm2_135m(
         max_seq_len=SEQ_LEN, dtype="bfloat16", remat="save_attention_out" if tpu else "full",
         rope_type="yarn", rope_factor=SEQ_LEN / PRETRAINED_LEN, rope_original_max_len=PRETRAINED_LEN,
-        attention="auto", attention_block_q=512, attention_block_kv=512)
+        attention="auto", attention_block_q=512, attention_block_kv=512,
+        loss_chunk=64)  # 32k positions x 49k vocabulary: never hold the full logits
     mesh = (MeshConfig(data=1, fsdp=1, sequence=8, num_devices=8, topology="v5p:2x2x2") if tpu
             else MeshConfig(data=1, fsdp=-1, num_devices=1))
     return Config(

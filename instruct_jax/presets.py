@@ -32,15 +32,16 @@ PRESETS: dict[str, ModelConfig] = {
     "125m": ModelConfig(vocab_size=32000, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                         mlp_dim=1536, max_seq_len=2048, tie_embeddings=True),
     "1b": ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-                      mlp_dim=8192, max_seq_len=8192, tie_embeddings=True, **{**_LLAMA3_ROPE, "rope_factor": 32.0}),
+                      mlp_dim=8192, max_seq_len=8192, tie_embeddings=True, loss_chunk=64,
+                      **{**_LLAMA3_ROPE, "rope_factor": 32.0}),
     "8b": ModelConfig(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                      mlp_dim=14336, max_seq_len=8192, **_LLAMA3_ROPE),
+                      mlp_dim=14336, max_seq_len=8192, **_LLAMA3_ROPE, loss_chunk=64),
     "palm-62b": ModelConfig(vocab_size=256000, d_model=8192, num_layers=64, num_heads=32, num_kv_heads=1,
                             head_dim=256, mlp_dim=4 * 8192, max_seq_len=2048, tie_embeddings=True,
-                            parallel_block=True, norm_eps=1e-6),
+                            parallel_block=True, norm_eps=1e-6, loss_chunk=64),
     "palm-540b": ModelConfig(vocab_size=256000, d_model=18432, num_layers=118, num_heads=48, num_kv_heads=1,
                              head_dim=256, mlp_dim=4 * 18432, max_seq_len=2048, tie_embeddings=True,
-                             parallel_block=True, norm_eps=1e-6),
+                             parallel_block=True, norm_eps=1e-6, loss_chunk=64),
 }
 
 # What the model's authors report (PaLM table 1; Llama 3 / 3.2 model cards; MobileLLM table 9).

@@ -221,7 +221,7 @@ def sft(workdir, num_processes, devices_per_process, *overrides, env=None, pass_
     argv = ["-m", "instruct_jax", "sft", "--experiment", EXPERIMENT, "--workdir", str(workdir),
             "--set", *SFT, *overrides]
     return launch_local(argv, num_processes, devices_per_process, env=env, pass_as=pass_as, cwd=str(REPO),
-                        timeout_s=600, grace_s=grace_s)
+                        timeout_s=360, grace_s=grace_s)
 
 
 def metrics(workdir):
@@ -311,7 +311,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
     argv = ["-m", "instruct_jax", "sft", "--experiment", EXPERIMENT, "--workdir", str(tmp_path),
             "--set", *SFT, "train.steps=100000", "checkpoint.every_steps=0"]
-    p0, p1 = launch_local(argv, 2, 4, cwd=str(REPO), timeout_s=600, while_running=preempt_process_1)
+    p0, p1 = launch_local(argv, 2, 4, cwd=str(REPO), timeout_s=360, while_running=preempt_process_1)
     assert_ok([p0, p1])
     step = int(re.search(r"preemption signal received: saved checkpoint at step (\d+)", p0.output).group(1))
     assert os.path.isfile(tmp_path / "checkpoints" / str(step) / "MANIFEST.json")

@@ -88,7 +88,7 @@ PPO_RTOL, PPO_ATOL = 2e-5, 1e-6
 def ppo(workdir, num_processes, devices_per_process, *overrides, env=None):
     argv = ["-m", "instruct_jax", "ppo", "--experiment", PPO_EXPERIMENT, "--workdir", str(workdir),
             "--set", *PPO, *overrides]
-    return launch_local(argv, num_processes, devices_per_process, env=env, cwd=str(REPO), timeout_s=600,
+    return launch_local(argv, num_processes, devices_per_process, env=env, cwd=str(REPO), timeout_s=360,
                         grace_s=15)
 
 
@@ -172,7 +172,7 @@ def test_ppo_host_side_state_is_the_same_on_every_process(tmp_path):
     value, not broadcast), the rollout statistics, the update means. run_ppo returns its last row on
     every process (only process 0 writes it), so the two are compared bit for bit."""
     results = launch_local(["-c", HOST_STATE_WORKER, PPO_EXPERIMENT, str(tmp_path), *PPO, "train.steps=3"], 2, 4,
-                           pass_as="env", cwd=str(REPO), timeout_s=600, grace_s=15)
+                           pass_as="env", cwd=str(REPO), timeout_s=360, grace_s=15)
     assert_ok(results)
     rows = []
     for r in results:
@@ -205,7 +205,7 @@ RM_RTOL, RM_ATOL = 1e-5, 1e-6
 
 def rm(workdir, num_processes, devices_per_process):
     argv = ["-m", "instruct_jax", "rm", "--experiment", RM_EXPERIMENT, "--workdir", str(workdir), "--set", *RM]
-    return launch_local(argv, num_processes, devices_per_process, cwd=str(REPO), timeout_s=600, grace_s=15)
+    return launch_local(argv, num_processes, devices_per_process, cwd=str(REPO), timeout_s=360, grace_s=15)
 
 
 def test_reward_model_on_two_processes_matches_one_process(tmp_path):
