@@ -109,3 +109,22 @@ def test_references_worked_examples():
         assert p.spec.reference == str(p.spec.params["word"].count(p.spec.params["letter"]))
         p = make_prompt("reverse", rng)
         assert p.spec.reference == p.spec.params["word"][::-1]
+
+
+def _reported_forms(prompt):
+    request = prompt.text.rstrip(".?").replace("?", ",")
+    request = request[0].lower() + request[1:]
+    return f"to {request}, you say", f"asked {request}, people say"
+
+
+def test_pretrain_corpus_never_reports_an_eval_instance(task):
+    # Reported answers read "to <request>, you say ..." or "asked <request>, people say ...".
+    corpus = " ".join(task.pretrain_corpus(2000))
+    assert corpus.count(", you say ") + corpus.count(", people say ") > 2000  # about a third of 12,000
+    for p in task.eval_prompts():
+        if p.spec.kind not in SHARED_KINDS:
+            assert not any(form in corpus for form in _reported_forms(p)), p.text
+    # The same check does find training instances (the instance space is small), so it can fail.
+    found = sum(any(form in corpus for form in _reported_forms(p)) for p in task.train_prompts(2000)
+                if p.spec.kind not in SHARED_KINDS)
+    assert found > 50
