@@ -551,9 +551,9 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
         raise ConfigError("train.loss_spike_factor", f"must be 0 (off) or > 1, got {t.loss_spike_factor}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError("train.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}, got {t.seq_len}")
-    if t.early_stop_patience < 0 or t.early_stop_min_delta < 0:
-        raise ConfigError("train.early_stop_patience", f"early_stop_patience and early_stop_min_delta must be >= 0, "
-                          f"got {t.early_stop_patience}, {t.early_stop_min_delta}")
+    for name in ("early_stop_patience", "early_stop_min_delta"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     if t.early_stop_patience and t.eval_every <= 0:
         raise ConfigError("train.early_stop_patience", f"needs train.eval_every > 0 (evaluations to compare), "
                           f"got eval_every={t.eval_every}")

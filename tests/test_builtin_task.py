@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from instruct_jax.data.builtin_task import (KINDS, SHARED_KINDS, TEMPLATES, Task, TaskPrompt, TaskSpec, make_prompt,
-                                            spell_number, template_text)
+                                            reported_request, spell_number, template_text)
 from instruct_jax.data.formats import check_conversation
 
 
@@ -111,20 +111,13 @@ def test_references_worked_examples():
         assert p.spec.reference == p.spec.params["word"][::-1]
 
 
-def _reported_forms(prompt):
-    request = prompt.text.rstrip(".?").replace("?", ",")
-    request = request[0].lower() + request[1:]
-    return f"to {request}, you say", f"asked {request}, people say"
-
-
 def test_pretrain_corpus_never_reports_an_eval_instance(task):
     # Reported answers read "to <request>, you say ..." or "asked <request>, people say ...".
     corpus = " ".join(task.pretrain_corpus(2000))
     assert corpus.count(", you say ") + corpus.count(", people say ") > 2000  # about a third of 12,000
     for p in task.eval_prompts():
         if p.spec.kind not in SHARED_KINDS:
-            assert not any(form in corpus for form in _reported_forms(p)), p.text
+            assert reported_request(p.text) not in corpus, p.text
     # The same check does find training instances (the instance space is small), so it can fail.
-    found = sum(any(form in corpus for form in _reported_forms(p)) for p in task.train_prompts(2000)
-                if p.spec.kind not in SHARED_KINDS)
+    found = sum(reported_request(p.text) in corpus for p in task.train_prompts(2000) if p.spec.kind not in SHARED_KINDS)
     assert found > 50

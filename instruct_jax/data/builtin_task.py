@@ -337,11 +337,15 @@ def _reported_answer(rng: np.random.Generator, exclude: frozenset) -> str:
         prompt = make_prompt(kind, rng)
         if prompt.spec.key() not in exclude and prompt.text not in exclude:
             break
-    request = prompt.text.rstrip(".?").replace("?", ",")  # prose: no question marks
+    return f"{reported_request(prompt.text)} {prompt.spec.reference}."
+
+
+def reported_request(text: str) -> str:
+    """How prose reports a request, up to its answer: "Add 3 and 4." -> "to add 3 and 4, you say";
+    "What is 3 plus 4?" -> "asked what is 3 plus 4, people say" (no question marks in the corpus)."""
+    request = text.rstrip(".?").replace("?", ",")
     request = request[0].lower() + request[1:]
-    if prompt.text.endswith("?"):
-        return f"asked {request}, people say {prompt.spec.reference}."
-    return f"to {request}, you say {prompt.spec.reference}."
+    return f"asked {request}, people say" if text.endswith("?") else f"to {request}, you say"
 
 
 # ----------------------------------------------------------------------------- simulated responses
