@@ -7,8 +7,9 @@
   writes its config.json), float32, eval mode, randomly initialised.
 * `hardware_limits()`: this machine's f32 `jnp.dot` matmul peak and memory read bandwidth, measured
   by XLA in the calling process, so every fraction in a result is against the same run's limits.
-* `interleaved(cases, repeats)`: each repeat runs every case once, in turn, and the median per case
-  is kept. On a shared machine the load drifts; interleaving exposes both systems to the same drift,
+* `interleaved(cases, repeats)`: each repeat runs every case in turn (an untimed call, then the
+  timed one: steady state, not the first call after the other library) and the median per case is
+  kept. On a shared machine the load drifts; interleaving exposes both systems to the same drift,
   so their ratio stays meaningful even when absolute times move.
 * `machine()`: CPU model, cores, versions and the load average (`uptime`) at that moment.
 
@@ -38,6 +39,12 @@ import numpy as np  # noqa: E402
 from instruct_jax.config import ModelConfig  # noqa: E402
 
 DOCS = os.path.join(REPO, "docs")
+
+
+def default_out(name: str, tiny: bool) -> str:
+    """Where a script writes its JSON: docs/ for measurements, runs/benchmarks/ for --tiny script checks
+    (a tiny run must never replace the measured numbers the docs quote)."""
+    return os.path.join(REPO, "runs", "benchmarks", name) if tiny else os.path.join(DOCS, name)
 
 
 # ----------------------------------------------------------------------------- model shapes
@@ -161,15 +168,25 @@ def hardware_limits(quick: bool = False) -> dict:
 
 
 # ----------------------------------------------------------------------------- timing
-def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                settle: int = 1) -> dict[str, dict]:
     """Median and spread of each case's seconds, the cases run in turn every repeat.
 
     Each callable must finish its work before returning (block_until_ready / a host value). The
-    `warmup` first rounds (compilation, allocator warm-up) are run but not kept.
+    `warmup` first rounds (compilation, allocator warm-up) are run but not kept. In every round each
+    case first runs `settle` untimed calls, then the timed one. Without it, the call right after
+    another system's is slower than the same call in a loop (measured: the first instruct_jax SFT
+    case of each round after a PyTorch step took 10.5-10.7 s, the same step 8.3-8.4 s when it
+    followed another JAX step, whichever loss variant came first; most likely faulting in memory
+    the other library freed). A training loop running steps back to back never pays that, so the
+    timed call is each system's steady state, while interleaving still spreads a drift in the
+    machine's load over every case.
     """
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(warmup + repeats):
         for name, fn in cases.items():
+            for _ in range(settle if r >= warmup else 0):
+                fn()
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start

@@ -16,6 +16,9 @@ Fractions of the machine's limits, over the whole call:
   the valid part of the KV cache, / time / the measured read bandwidth. The limit at small batch.
 * compute: the model FLOPs of prefill and decoding (2 x matmul weights per token + attention) /
   time / the measured f32 matmul peak. The limit at large batch.
+* floor: the fastest a call can be on this machine (`floor_seconds`): the prefill's FLOPs at the
+  matmul peak plus, for every decode step, its FLOPs at the peak or its bytes at the bandwidth,
+  whichever takes longer. A speed target whose time per call is below the floor is out of reach.
 """
 
 from __future__ import annotations
@@ -38,19 +41,27 @@ from instruct_jax.train.state import init_params_boxed  # noqa: E402
 
 
 def decode_costs(cfg, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """Minimum bytes read and model FLOPs of one generate call (float32 weights and cache)."""
+    """Minimum bytes read and model FLOPs of one generate call (float32 weights and cache), in total
+    and per phase: the prefill, then decode steps i = 1 .. N - 1 (the first new token comes from the
+    prefill's logits), each reading every weight once and the cache of prompt_len + i tokens per row."""
     weights = common.param_count(cfg)
     # every weight but the norm scales is a matmul weight for each token; the tied table serves as the head
     matmul_weights = weights - cfg.d_model * (2 * cfg.num_layers + 1)
     kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim  # floats per cached token
-    # Decode step i (i = 1 .. N - 1: the first new token comes from the prefill's logits) reads every
-    # weight once and the cache of prompt_len + i tokens per row.
-    steps = range(1, new_tokens)
-    bytes_read = sum(4 * (weights + batch * kv_per_token * (prompt_len + i)) for i in steps)
     attention = lambda length: 4 * length * cfg.num_heads * cfg.head_dim * cfg.num_layers  # noqa: E731
-    flops = batch * (prompt_len * 2 * matmul_weights + sum(attention(t + 1) for t in range(prompt_len)))
-    flops += batch * sum(2 * matmul_weights + attention(prompt_len + i + 1) for i in steps)
-    return {"bytes_read": float(bytes_read), "flops": float(flops)}
+    prefill_flops = batch * (prompt_len * 2 * matmul_weights + sum(attention(t + 1) for t in range(prompt_len)))
+    steps = range(1, new_tokens)
+    step_bytes = [4 * (weights + batch * kv_per_token * (prompt_len + i)) for i in steps]
+    step_flops = [batch * (2 * matmul_weights + attention(prompt_len + i + 1)) for i in steps]
+    return {"bytes_read": float(sum(step_bytes)), "flops": float(prefill_flops + sum(step_flops)),
+            "prefill_flops": float(prefill_flops), "step_bytes": step_bytes, "step_flops": step_flops}
+
+
+def floor_seconds(costs: dict, peak: float, bandwidth: float) -> float:
+    """The fastest one generate call can be on this machine: the prefill at the f32 matmul peak, and
+    each decode step at whichever limit binds, its FLOPs at the peak or its bytes at the read bandwidth."""
+    return costs["prefill_flops"] / peak + sum(max(f / peak, b / bandwidth)
+                                               for f, b in zip(costs["step_flops"], costs["step_bytes"]))
 
 
 def random_prompt(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -106,7 +117,8 @@ def run(tiny: bool = False, quick: bool = False, batches=(1, 8, 64), prompt_len:
         load = common.load_average()
         times = common.interleaved(cases, repeats)
         costs = decode_costs(cfg, b, prompt_len, new_tokens)
-        row = {"batch": b, "load_average": load, **costs}
+        row = {"batch": b, "load_average": load, "bytes_read": costs["bytes_read"], "flops": costs["flops"],
+               "prefill_flops": costs["prefill_flops"], "floor_s": floor_seconds(costs, peak, bandwidth)}
         for name, t in times.items():
             row[name] = {**t, "new_tokens_per_s": b * new_tokens / t["median_s"],
                          "bandwidth_fraction": costs["bytes_read"] / t["median_s"] / bandwidth,
@@ -141,8 +153,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--out", default=os.path.join(common.DOCS, "benchmarks_generate.json"))
+    parser.add_argument("--out", default="", help="JSON path (common.default_out)")
     args = parser.parse_args(argv)
+    args.out = args.out or common.default_out("benchmarks_generate.json", args.tiny)
     result = run(tiny=args.tiny, quick=args.quick, batches=tuple(args.batches), repeats=args.repeats,
                  with_torch=not args.no_torch)
     return common.finish(result, args.out, table)

@@ -147,8 +147,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--iterations", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(common.DOCS, "benchmarks_ppo.json"))
+    parser.add_argument("--out", default="", help="JSON path (common.default_out)")
     args = parser.parse_args(argv)
+    args.out = args.out or common.default_out("benchmarks_ppo.json", args.tiny)
     result = run(tiny=args.tiny, quick=args.quick, iterations=args.iterations)
     return common.finish(result, args.out, table)
 

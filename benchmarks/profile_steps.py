@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     summary = trace_summary.profile(fn, [fn.hlo()], top=args.top)
     summary.update(what=args.what, batch=batch, model="tiny" if args.tiny else "SmolLM2-135M shape",
                    machine=common.machine())
-    out = args.out or os.path.join(common.DOCS, f"profile_{args.what}.json")
+    out = args.out or common.default_out(f"profile_{args.what}.json", args.tiny)
     common.write_json(out, summary)
     print(trace_summary.format_summary(summary, f"{args.what} batch {batch}:"))
     return summary

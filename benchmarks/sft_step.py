@@ -131,8 +131,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-torch", action="store_true", help="instruct_jax only")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("FIELD", "VALUE"), default=[],
                         help="also time instruct_jax with model.FIELD=VALUE (int or str), e.g. --variant loss_chunk 64")
-    parser.add_argument("--out", default=os.path.join(common.DOCS, "benchmarks_sft.json"))
+    parser.add_argument("--out", default="", help="JSON path (common.default_out)")
     args = parser.parse_args(argv)
+    args.out = args.out or common.default_out("benchmarks_sft.json", args.tiny)
     variants = {f"{k}={v}": {k: int(v) if v.lstrip("-").isdigit() else v} for k, v in args.variant}
     result = run(tiny=args.tiny, quick=args.quick, repeats=args.repeats, with_torch=not args.no_torch,
                  variants=variants)

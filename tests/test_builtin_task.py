@@ -5,8 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from instruct_jax.data.builtin_task import (KINDS, SHARED_KINDS, TEMPLATES, Task, TaskPrompt, TaskSpec, make_prompt,
-                                            reported_request, spell_number, template_text)
+from instruct_jax.data.builtin_task import (ADD_MAX, KINDS, SHARED_KINDS, SHORT_WORDS, SORT_MAX, SORT_SIZES, TEMPLATES,
+                                            Task, TaskPrompt, TaskSpec, make_prompt, reported_request, spell_number,
+                                            template_text)
 from instruct_jax.data.formats import check_conversation
 
 
@@ -105,10 +106,15 @@ def test_references_worked_examples():
     for _ in range(200):
         p = make_prompt("sort", rng)
         assert p.spec.reference.split() == [str(x) for x in sorted(p.spec.params["nums"])]
+        assert len(p.spec.params["nums"]) in SORT_SIZES and max(p.spec.params["nums"]) <= SORT_MAX
+        p = make_prompt("add", rng)
+        assert p.spec.reference == str(p.spec.params["a"] + p.spec.params["b"])
+        assert max(p.spec.params["a"], p.spec.params["b"]) <= ADD_MAX
         p = make_prompt("count", rng)
         assert p.spec.reference == str(p.spec.params["word"].count(p.spec.params["letter"]))
+        assert p.spec.params["word"] in SHORT_WORDS
         p = make_prompt("reverse", rng)
-        assert p.spec.reference == p.spec.params["word"][::-1]
+        assert p.spec.reference == p.spec.params["word"][::-1] and p.spec.params["word"] in SHORT_WORDS
 
 
 def test_pretrain_corpus_never_reports_an_eval_instance(task):

@@ -50,7 +50,9 @@ ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", 
         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
 TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 NUMBER_WORDS = frozenset(ONES + TENS[2:])
-ADD_MAX = 19  # "add" sums two numbers in 0..ADD_MAX: 400 facts, few enough for a tiny model to learn
+ADD_MAX = 9  # "add" sums two numbers in 0..ADD_MAX: 100 facts, few enough for a tiny model to learn
+SORT_MAX, SORT_SIZES = 29, (3, 4)  # "sort" orders 3 or 4 distinct numbers in 0..SORT_MAX
+SHORT_WORDS = tuple(w for w in WORDS if len(w) <= 5)  # the words "reverse" and "count" ask about
 
 
 def spell_number(n: int) -> str:
@@ -156,16 +158,16 @@ def _pick(rng: np.random.Generator, items: Sequence):
 def _instance(kind: str, rng: np.random.Generator) -> tuple[dict, str, str]:
     """(params, reference, constraint) of a fresh instance of `kind`."""
     if kind == "reverse":
-        word = _pick(rng, WORDS)
+        word = _pick(rng, SHORT_WORDS)
         return {"word": word}, word[::-1], ""
     if kind == "sort":
-        nums = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+        nums = [int(x) for x in rng.choice(SORT_MAX + 1, size=_pick(rng, SORT_SIZES), replace=False)]
         return {"nums": nums}, " ".join(map(str, sorted(nums))), ""
     if kind == "add":
         a, b = (int(x) for x in rng.integers(0, ADD_MAX + 1, size=2))
         return {"a": a, "b": b}, str(a + b), ""
     if kind == "count":
-        word = _pick(rng, WORDS)
+        word = _pick(rng, SHORT_WORDS)
         letters = sorted(set(word)) if rng.random() < 0.85 else sorted(set("abcdefghilmnoprstuwy") - set(word))
         letter = _pick(rng, letters)
         return {"word": word, "letter": letter}, str(word.count(letter)), ""
@@ -302,6 +304,7 @@ def _sentence(rng: np.random.Generator, exclude: frozenset = frozenset()) -> str
     if kind == 1:
         return _pick(rng, (f"the number {n} is written {spell_number(n)}.", f"{spell_number(n)} is {n}.",
                            f"in words, {n} is {spell_number(n)}.", f"we say {spell_number(n)} for {n}."))
+    word = _pick(rng, SHORT_WORDS) if kind in (2, 3) else word
     if kind == 2:
         return _pick(rng, (f"backwards, {word} reads {word[::-1]}.", f"the word {word} turned around is {word[::-1]}.",
                            f"{word} written backwards is {word[::-1]}.", f"{word} in reverse order is {word[::-1]}."))
@@ -311,7 +314,7 @@ def _sentence(rng: np.random.Generator, exclude: frozenset = frozenset()) -> str
         return _pick(rng, (f"the word {word} has {ONES[k]} {letter}.", f"the letter {letter} appears {k} times in {word}.",
                            f"there are {k} {letter}s in {word}."))
     if kind == 4:
-        nums = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+        nums = [int(x) for x in rng.choice(SORT_MAX + 1, size=_pick(rng, SORT_SIZES), replace=False)]
         ordered = " ".join(map(str, sorted(nums)))
         return _pick(rng, (f"from small to large the numbers {', '.join(map(str, nums))} go {ordered}.",
                            f"in increasing order, {', '.join(map(str, nums))} become {ordered}."))

@@ -7,11 +7,13 @@ GoldJudge scores any response to a TaskSpec (instruct_jax/data/builtin_task.py) 
                   1/2 = an answer can be read out of other text ("The answer is 59."); 0 = none found
     verbosity     1 up to the reference's word count + 4 (a "max_words" limit counts as the length),
                   then falling linearly to 0 at three times that plus 4
-    total         0.6 correctness + 0.25 format + 0.15 verbosity (WEIGHTS)
+    total         0.6 correctness + 0.25 format + 0.15 verbosity (WEIGHTS); a response with correctness 0
+                  scores 0 on every component (no answer, so no answer's format or length to credit)
 
 Partial credit of `correctness` per kind (the reference always scores 1 on everything):
 
-    reverse      best positional letter match of a response word to the reversed word ("nomel" vs "nomal" 0.8)
+    reverse      best positional letter match of a response word to the reversed word ("nomel" vs "nomal" 0.8),
+                 over words sharing >= 60% of their letters with it (others are not attempts at the answer)
     sort         0.3 multiset overlap + 0.7 positional match of the numbers ("2 9 5" for "2 5 9": 0.3 + 0.7/3)
     add, count   exact 1, else 0.5 (1 - |error| / scale), scale 10 (add) or 3 (count), floored at 0
     spell        positional match of the number words ("forty three" for "forty two": 0.5); the right digits 0.3
@@ -26,9 +28,9 @@ tie groups (equal totals); the groups are ordered by a Plackett-Luce sample with
 total / temperature (Gumbel-max), then each adjacent pair of the order is swapped with probability
 `flip_rate`, one pass from the top. The ranking gives every response its group's place, so gold ties
 are recorded as ties and nothing else is. The defaults (temperature 0.02, flip_rate 0.3) agree with the
-noiseless gold order on 83.9% of non-tied pairs over 600 simulated K = 4..9 rankings of Task(0)
-(tests/test_gold.py; 83.4-86.5%, mean 84.5%, over seeds 0-9; temperature alone gives 99.0%, flips alone
-85.0%); docs/PIPELINE.md has the agreement on the default pipeline's own SFT samples. Most of the
+noiseless gold order on 85.0% of non-tied pairs over 600 simulated K = 4..9 rankings of Task(0)
+(tests/test_gold.py; 82.0-85.0%, mean 83.9%, over seeds 0-9; temperature alone gives 99.2%, flips alone
+84.8%); docs/PIPELINE.md has the agreement on the default pipeline's own SFT samples. Most of the
 noise is flips on purpose: a flip is as likely for a clear difference as for a small one, so a reward
 model trained on many rankings can still learn the gold order everywhere, while temperature noise makes
 every small difference a coin toss.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -98,11 +101,19 @@ def _numeric(spec: TaskSpec, text: str, scale: float) -> tuple[float, float]:
     return correct, 1.0 if re.fullmatch(r"\s*\d+\.?\s*", text) else 0.5
 
 
+def _letter_overlap(a: str, b: str) -> float:
+    """Shared letters (as multisets) over the longer word: 1 for an anagram, 0 for disjoint letters."""
+    return sum((Counter(a) & Counter(b)).values()) / max(len(a), len(b), 1)
+
+
 def _reverse(spec: TaskSpec, text: str) -> tuple[float, float]:
     words = [w for w in _words(text) if w.isalpha()]
     if not words:
         return 0.0, 0.0
-    correct = max(_positional(w, spec.reference) for w in words)
+    # Only a word made of (mostly) the right letters is an attempt at the answer: "nomal" for "nomel"
+    # earns 0.8, while an unrelated word earns nothing for letters it shares by chance.
+    correct = max(_positional(w, spec.reference) if _letter_overlap(w, spec.reference) >= 0.6 else 0.0
+                  for w in words)
     return correct, 1.0 if re.fullmatch(r"\s*[a-z]+\.?\s*", text) else 0.5
 
 
@@ -178,6 +189,8 @@ class GoldJudge:
         if not response.strip():
             return Score(0.0, 0.0, 0.0, 0.0)
         correct, fmt = _KINDS[spec.kind](spec, response)
+        if correct == 0:  # nothing of the answer: no answer whose shape or length could earn credit
+            return Score(0.0, 0.0, 0.0, 0.0)
         verbose = _verbosity(spec, response)
         total = (WEIGHTS["correctness"] * correct + WEIGHTS["format"] * fmt + WEIGHTS["verbosity"] * verbose)
         return Score(correct, fmt, verbose, round(total, 9))  # rounded: equal answers' totals compare equal
