@@ -67,9 +67,9 @@ class ModelConfig:
     init_std: float = 0.02  # normal init std of every weight matrix
     # LM training loss: logits for this many positions at a time (fused, chunked cross-entropy that
     # never holds [B, T, V]); 0 = all at once. Chunking saves memory for large vocabularies and long
-    # sequences (the 8B / PaLM presets and the long-context experiments use 64) but costs speed where
-    # memory is not the limit: on the 2-core CPU the SmolLM2-135M SFT step runs 124 tokens/s with 0
-    # against 98 with 64 (docs/BENCHMARKS.md).
+    # sequences (the 8B / PaLM presets and the long-context experiments use 64); where memory is not
+    # the limit it changes nothing measurable (2-core CPU, SmolLM2-135M SFT step: 123 tokens/s with 0,
+    # 125 with 64, docs/BENCHMARKS.md), and 0 is the plain loss.
     loss_chunk: int = 0
 
 
