@@ -1,7 +1,7 @@
 """Every CPU performance benchmark in one run: the machine's limits once, then SFT, generation and PPO.
 
-    python benchmarks/run_all.py                  # full workloads (~30-40 minutes on an idle 2-core CPU)
-    python benchmarks/run_all.py --quick          # fewer repeats
+    python benchmarks/run_all.py                  # full workloads, 5 repeats
+    python benchmarks/run_all.py --quick          # 2 repeats (15 minutes on an idle 2-core CPU)
     python benchmarks/run_all.py --tiny           # a tiny model: checks the scripts in about a minute
     python benchmarks/run_all.py --only sft generate --batches 8
     python benchmarks/run_all.py --render docs/benchmarks.json --write-doc   # re-render, measure nothing
