@@ -88,6 +88,10 @@ def setup_compilation_cache(workdir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from instruct_jax.parallel.distributed import emulate_cpu_devices
+
+    if "jax" not in sys.modules:  # emulated CPU devices get enough XLA threads (see emulate_cpu_devices)
+        emulate_cpu_devices(os.environ)
     args = _parser().parse_args(argv)
     if args.command == "interop":
         from instruct_jax.interop.cli import main as interop_main

@@ -77,7 +77,7 @@ def tokenizer(tmp_path_factory):
 
 def cli(stage: str, workdir, tokenizer: str, *extra, kill_at=None):
     command, experiment, overrides, steps, _ = STAGES[stage]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "JAX_CACHE_DIR": CACHE}
     env.pop(KILL_ENV, None)
     if kill_at is not None:
@@ -220,7 +220,7 @@ PIPELINE = ["pipeline.pretrain.steps=2", "pipeline.sft.steps=4", "pipeline.rm.st
 
 
 def pipeline(workdir, kill_at=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "JAX_CACHE_DIR": CACHE}
     env.pop(KILL_ENV, None)
     if kill_at is not None:

@@ -16,11 +16,13 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_processes_ok as assert_ok, rerun_on_xla_cpu_deadlock
 from instruct_jax.config import DistributedConfig, ConfigError, MESH_AXES
-from instruct_jax.parallel.distributed import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, launch_local,
-                                             on_tpu_vm, plan)
+from instruct_jax.parallel.distributed import (CPU_THREADS_PER_DEVICE, ENV_COORDINATOR, ENV_NUM_PROCESSES,
+                                             ENV_PROCESS_ID, emulate_cpu_devices, launch_local, on_tpu_vm, plan)
 from instruct_jax.parallel.mesh import hybrid_device_grid
+
+pytestmark = rerun_on_xla_cpu_deadlock
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py") + ":sft"
 SFT = ["train.steps=8", "checkpoint.every_steps=2", "logging.log_every=1", "train.eval_every=4",
@@ -38,6 +40,59 @@ def test_a_hung_process_is_reported_as_timed_out_with_its_python_stack():
     assert time.monotonic() - start < 30
     assert result.timed_out and result.returncode != 0
     assert "started" in result.output and "waiting_forever" in result.output, result.output
+
+
+def test_emulated_cpu_devices_get_a_device_count_and_two_xla_threads_each():
+    env = {}
+    emulate_cpu_devices(env, 8)
+    assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "16"}
+    # A count already there is replaced in place; other flags and a thread count someone chose are kept.
+    env = {"XLA_FLAGS": "--xla_dump_to=/d --xla_force_host_platform_device_count=8 --xla_cpu_ftz=false"}
+    emulate_cpu_devices(env, 4)
+    assert env == {"XLA_FLAGS": "--xla_dump_to=/d --xla_force_host_platform_device_count=4 --xla_cpu_ftz=false",
+                   "PJRT_NPROC": "8"}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PJRT_NPROC": "3"}
+    emulate_cpu_devices(env)
+    assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PJRT_NPROC": "3"}
+    # No emulated devices (a GPU run, one CPU device): nothing is added.
+    env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true"}
+    emulate_cpu_devices(env)
+    assert env == {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true"}
+    env = {}
+    emulate_cpu_devices(env)
+    assert env == {}
+
+
+# 80 programs with collectives over 8 emulated devices dispatched before any result is awaited (a
+# training loop that logs rarely). With XLA's CPU thread pool at one thread per device, waiting
+# collectives and queued launches take every thread and the program deadlocks.
+MANY_PROGRAMS_IN_FLIGHT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("d",))
+x = jax.device_put(jnp.ones((8 * 64, 256)), NamedSharding(mesh, P("d")))
+w = jax.device_put(jnp.full((256, 256), 1e-3), NamedSharding(mesh, P()))
+total = jax.jit(lambda x, w: (jnp.sum(jnp.tanh(x @ w)), jnp.tanh(x @ w)))  # an all-reduce
+gathered = jax.jit(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())).sum())  # an all-gather
+results = []
+for _ in range(40):
+    s, y = total(x, w)
+    results += [s, gathered(y)]
+print("sum", float(jax.block_until_ready(results)[-1]), flush=True)
+"""
+
+
+def test_emulated_devices_need_two_xla_threads_each_to_not_deadlock():
+    # XLA reports a collective stuck for 3 + 6 s instead of 20 + 40 s, then aborts the process.
+    strict = {"XLA_FLAGS": "--xla_cpu_collective_call_warn_stuck_timeout_seconds=3 "
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=6"}
+    (one,) = launch_local(["-c", MANY_PROGRAMS_IN_FLIGHT], 1, 8, pass_as="env", env={**strict, "PJRT_NPROC": "8"},
+                          timeout_s=120)
+    assert one.returncode == -signal.SIGABRT and "Termination timeout" in one.summary(), one.summary()
+    (two,) = launch_local(["-c", MANY_PROGRAMS_IN_FLIGHT], 1, 8, pass_as="env",
+                          env={**strict, "PJRT_NPROC": str(CPU_THREADS_PER_DEVICE * 8)}, timeout_s=120)
+    assert_ok([two])
+    assert "sum" in two.output
 
 
 def test_plan_precedence_and_named_errors():
@@ -195,8 +250,7 @@ def _result(output):
 def test_two_processes_loader_checkpoint_and_writers(tmp_path):
     results = launch_local(["-c", WORKER], num_processes=2, devices_per_process=4, pass_as="env",
                            env={"TEST_DIR": str(tmp_path)}, cwd=str(REPO), timeout_s=300)
-    for r in results:
-        assert r.returncode == 0, f"process {r.process_id}:\n{r.output[-4000:]}"
+    assert_ok(results)
     p0, p1 = (_result(r.output) for r in results)
     assert (p0["process"], p1["process"]) == (0, 1)
     assert not set(p0["local_ids"]) & set(p1["local_ids"])
@@ -242,15 +296,10 @@ def final_params(workdir):
     return jax.device_get(load_params(os.path.join(workdir, "params"), abstract.params))
 
 
-def assert_ok(results):
-    for r in results:
-        assert r.returncode == 0, f"process {r.process_id} exited {r.returncode}:\n{r.output[-4000:]}"
-
-
 def killed_and_resumed(workdir, kill_at=6):
     """2 processes, both SIGKILLed right after step `kill_at`, then the same command again."""
     killed = sft(workdir, 2, 4, env={"INSTRUCT_JAX_KILL_AT_STEP": str(kill_at)}, pass_as="env", grace_s=15)
-    assert [r.returncode for r in killed] == [-9, -9], killed[0].output[-4000:] + killed[1].output[-4000:]
+    assert [r.returncode for r in killed] == [-9, -9], killed[0].summary() + killed[1].summary()
     resumed = sft(workdir, 2, 4)
     assert_ok(resumed)
     return resumed

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, rerun_on_xla_cpu_deadlock
+
+pytestmark = rerun_on_xla_cpu_deadlock
 
 TIMING_FIELDS = {"seconds_per_iteration"}
 REQUIRED = {"step", "score", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy", "explained_variance",
@@ -21,7 +23,7 @@ BASE = ["train.steps=6", "train.init_from=", "train.global_batch_size=16", "chec
 
 
 def cli(workdir, *overrides, env_extra=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
     cmd = [sys.executable, "-m", "instruct_jax", "ppo", "--experiment", str(REPO / "experiments" / "tiny_ppo.py:toy"),
            "--workdir", str(workdir), "--set", *BASE, *overrides]
@@ -73,8 +75,8 @@ def test_sigkill_and_restart_is_bitwise_identical(uninterrupted, tmp_path, kill_
     # Synchronous saves: the checkpoint of iteration 2 is complete when iteration 3 ends and the process dies.
     killed = cli(tmp_path, "checkpoint.async_save=false", env_extra={"INSTRUCT_JAX_KILL_AT_STEP": str(kill_at)})
     assert killed.returncode != 0
-    assert os.path.exists(tmp_path / "metrics.jsonl"), killed.stdout[-4000:] + killed.stderr[-4000:]
-    assert len(rows(tmp_path)) == kill_at, killed.stdout[-4000:] + killed.stderr[-4000:]
+    assert os.path.exists(tmp_path / "metrics.jsonl"), killed.stdout + killed.stderr
+    assert len(rows(tmp_path)) == kill_at, killed.stdout + killed.stderr
     resumed = cli(tmp_path, "checkpoint.async_save=false")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint at iteration 2" in resumed.stdout

@@ -20,7 +20,7 @@ BASE = ["train.steps=12", "checkpoint.every_steps=4", "checkpoint.async_save=fal
 
 
 def cli(workdir, *overrides, env_extra=None, wait=True):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
     cmd = [sys.executable, "-m", "instruct_jax", "sft", "--experiment", str(REPO / "experiments" / "tiny_cpu.py") + ":sft",
            "--workdir", str(workdir), "--set", *BASE, *overrides]

@@ -16,7 +16,7 @@ OVERRIDES = ["train.steps=40", "train.eval_every=20", "reward.synthetic=400", "l
 
 
 def rm(workdir, kill_at=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if kill_at is not None:
         env["INSTRUCT_JAX_KILL_AT_STEP"] = str(kill_at)
     cmd = [sys.executable, "-m", "instruct_jax", "rm", "--experiment", str(REPO / "experiments" / "tiny_rm.py"),

@@ -22,7 +22,7 @@ EXPERIMENT = str(REPO / "experiments" / "tiny_rm.py")
 OVERRIDES = ["train.steps=60", "train.eval_every=30", "reward.synthetic=1000", "reward.normalize_std=true",
              "reward.reference_max_examples=200", "logging.progress_bar=false", "logging.tensorboard=false",
              "logging.peak_flops_per_device=1e9", "checkpoint.every_steps=30"]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def config():

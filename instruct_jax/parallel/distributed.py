@@ -32,6 +32,7 @@ import dataclasses
 import glob
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, MutableMapping, Optional, Sequence
 
 from instruct_jax.config import ConfigError, DistributedConfig
 
@@ -49,6 +50,16 @@ ENV_PROCESS_ID = "INSTRUCT_JAX_PROCESS_ID"
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's vendor id (so is the gVNIC network card)
 # TPU PCI device ids (v3, plc, v4, v5p, v5e, v6e, 7x); JAX's own table is used when it has one.
 _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+# Emulated CPU devices (tests, laptops) are served by one XLA CPU thread pool of max(cores, devices)
+# threads. A collective holds a pool thread while it waits for the other devices, and XLA may start two
+# independent collectives of one device's program at once (an all-reduce next to a loop that
+# all-gathers): with one thread per device, 7 devices waiting at the all-reduce and the 8th at the
+# all-gather hold all 8 threads, and the 8th device's all-reduce never gets one. XLA ends that deadlock
+# after 60 s ("Termination timeout ... Exiting"); a multi-process run's gloo collectives wait forever.
+# Seen in about 1 in 9 PPO runs on a loaded 2-core machine; two threads per device leave room.
+_CPU_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+CPU_THREADS_PER_DEVICE = 2
+_CPU_THREADS_ENV = "PJRT_NPROC"  # read by XLA when it creates the CPU client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +187,37 @@ def describe() -> str:
 
 
 # ----------------------------------------------------------------------------- local rehearsal
+def emulate_cpu_devices(env: MutableMapping[str, str], devices: Optional[int] = None) -> None:
+    """Set `env` (os.environ before jax is imported, or a child process's) up for emulated CPU devices.
+
+    XLA_FLAGS gets `devices` per process, replacing a count already there (None keeps it). When
+    devices are emulated, XLA's CPU thread pool gets CPU_THREADS_PER_DEVICE threads per device unless
+    PJRT_NPROC is already set. Without a device count (a GPU or TPU run) nothing changes.
+    """
+    flags = env.get("XLA_FLAGS", "").split()
+    if devices is not None:
+        count = f"{_CPU_DEVICE_COUNT_FLAG}={devices}"
+        kept = [count if f.startswith(_CPU_DEVICE_COUNT_FLAG) else f for f in flags]
+        env["XLA_FLAGS"] = " ".join(kept if count in kept else kept + [count])
+    counts = [f for f in env.get("XLA_FLAGS", "").split() if f.startswith(_CPU_DEVICE_COUNT_FLAG + "=")]
+    if counts and _CPU_THREADS_ENV not in env:
+        env[_CPU_THREADS_ENV] = str(CPU_THREADS_PER_DEVICE * int(counts[-1].split("=", 1)[1]))
+
+
 @dataclasses.dataclass
 class ProcessResult:
     process_id: int
     returncode: int
     output: str  # stdout and stderr, interleaved
     timed_out: bool = False  # still running at the deadline: killed (after a Python traceback dump)
+
+    def summary(self, tail_chars: int = 4000) -> str:
+        """For a failure message: how the process ended, XLA's fatal log lines (an abort's reason,
+        which the thread-stack dumps after it push out of any tail), then the end of its output."""
+        fatal = [line for line in self.output.splitlines() if re.match(r"F\d{4} ", line)][:5]
+        ended = "timed out" if self.timed_out else "exited"
+        return "\n".join([f"process {self.process_id} {ended} with {self.returncode}", *fatal, "...",
+                          self.output[-tail_chars:]])
 
 
 def _dump_stacks_and_kill(procs: Sequence[subprocess.Popen], wait_s: float = 5.0) -> None:
@@ -229,8 +265,7 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
     base_env = {**os.environ, **(env or {})}
     base_env["JAX_PLATFORMS"] = "cpu"
     base_env["PYTHONFAULTHANDLER"] = "1"
-    flags = [f for f in base_env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    base_env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+    emulate_cpu_devices(base_env, devices_per_process)
     procs, logs = [], []
     with tempfile.TemporaryDirectory(prefix="instruct_jax_launch_") as tmp:
         for i in range(num_processes):
