@@ -5,6 +5,11 @@ import os
 from instruct_jax.parallel.distributed import emulate_cpu_devices  # imports no jax
 
 emulate_cpu_devices(os.environ, devices=8)
+# A multi-process test's gloo collectives give up after 4 minutes instead of XLA's 30 (a deadlock,
+# XLA_CPU_DEADLOCK below, then fails the test in time to rerun it).
+GLOO_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
+if GLOO_TIMEOUT_FLAG not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" {GLOO_TIMEOUT_FLAG}=240"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI runs that tests start as subprocesses keep a persistent XLA cache (fast restarts). Each
 # pytest-xdist worker gets its own, so two workers never read and write one cache at the same time
@@ -35,8 +40,9 @@ def assert_processes_ok(results):
 
 # XLA's CPU runtime sometimes deadlocks a program's collectives on emulated devices (an upstream bug:
 # one device's thread waits at a collective the other devices reach only after one it is not in; see
-# docs/MULTIHOST.md) and aborts the process after 60 s with this message. Tests that run training
-# jobs in subprocesses rerun once on exactly this failure (pytest-rerunfailures reports each rerun as
-# R in the summary); any other failure fails at once.
-XLA_CPU_DEADLOCK = r"Termination timeout for `[^`]* RendezvousKey"
+# docs/MULTIHOST.md). One process aborts after 60 s with the first message; in a multi-process run a
+# gloo collective times out with the second. Tests that run training jobs in subprocesses rerun once
+# on exactly these failures (pytest-rerunfailures counts each rerun as R in the summary); any other
+# failure fails at once.
+XLA_CPU_DEADLOCK = r"Termination timeout for `[^`]* RendezvousKey|Gloo [\w-]+ failed: .*Timed out waiting"
 rerun_on_xla_cpu_deadlock = pytest.mark.flaky(reruns=1, only_rerun=[XLA_CPU_DEADLOCK])

@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_processes_ok as assert_ok, rerun_on_xla_cpu_deadlock
+from conftest import REPO, XLA_CPU_DEADLOCK, assert_processes_ok as assert_ok, rerun_on_xla_cpu_deadlock
 from instruct_jax.config import DistributedConfig, ConfigError, MESH_AXES
 from instruct_jax.parallel.distributed import (CPU_THREADS_PER_DEVICE, ENV_COORDINATOR, ENV_NUM_PROCESSES,
                                              ENV_PROCESS_ID, emulate_cpu_devices, launch_local, on_tpu_vm, plan)
@@ -88,11 +88,37 @@ def test_emulated_devices_need_two_xla_threads_each_to_not_deadlock():
                            "--xla_cpu_collective_call_terminate_timeout_seconds=6"}
     (one,) = launch_local(["-c", MANY_PROGRAMS_IN_FLIGHT], 1, 8, pass_as="env", env={**strict, "PJRT_NPROC": "8"},
                           timeout_s=120)
-    assert one.returncode == -signal.SIGABRT and "Termination timeout" in one.summary(), one.summary()
+    assert one.returncode == -signal.SIGABRT and re.search(XLA_CPU_DEADLOCK, one.summary()), one.summary()
     (two,) = launch_local(["-c", MANY_PROGRAMS_IN_FLIGHT], 1, 8, pass_as="env",
                           env={**strict, "PJRT_NPROC": str(CPU_THREADS_PER_DEVICE * 8)}, timeout_s=120)
     assert_ok([two])
     assert "sum" in two.output
+
+
+# Process 1 reaches the second all-reduce 15 s after process 0, whose gloo collective gives up after 3 s.
+LATE_PROCESS = """
+import time
+import numpy as np
+from instruct_jax.config import DistributedConfig
+from instruct_jax.parallel import distributed
+assert distributed.initialize(distributed.plan(DistributedConfig()))
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("d",))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), np.ones(2, np.float32), (4,))
+total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+print("first", float(total(x)), flush=True)
+if jax.process_index() == 1:
+    time.sleep(15)
+print("second", float(total(x)), flush=True)
+"""
+
+
+def test_a_gloo_collective_that_waits_too_long_fails_with_the_message_tests_rerun_on():
+    (p0, p1) = launch_local(["-c", LATE_PROCESS], 2, 2, pass_as="env", cwd=str(REPO), timeout_s=120, grace_s=5,
+                            env={"XLA_FLAGS": "--xla_cpu_collective_timeout_seconds=3"})
+    assert "first 4.0" in p0.output and "second" not in p0.output, p0.summary()
+    assert p0.returncode == 1 and re.search(XLA_CPU_DEADLOCK, p0.summary()), p0.summary()
 
 
 def test_plan_precedence_and_named_errors():
