@@ -51,12 +51,11 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's vendor id
 # TPU PCI device ids (v3, plc, v4, v5p, v5e, v6e, 7x); JAX's own table is used when it has one.
 _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 # Emulated CPU devices (tests, laptops) are served by one XLA CPU thread pool of max(cores, devices)
-# threads. A collective holds a pool thread while it waits for the other devices, and XLA may start two
-# independent collectives of one device's program at once (an all-reduce next to a loop that
-# all-gathers): with one thread per device, 7 devices waiting at the all-reduce and the 8th at the
-# all-gather hold all 8 threads, and the 8th device's all-reduce never gets one. XLA ends that deadlock
-# after 60 s ("Termination timeout ... Exiting"); a multi-process run's gloo collectives wait forever.
-# Seen in about 1 in 9 PPO runs on a loaded 2-core machine; two threads per device leave room.
+# threads, and a collective holds a pool thread while it waits for the other devices. With one thread
+# per device, programs with collectives queued faster than they finish can take every thread and
+# deadlock (XLA aborts after 60 s: "Termination timeout ... Exiting"; gloo across processes waits
+# 30 min); two threads per device leave room. A rarer deadlock inside one program is XLA's own
+# and not cured by this (docs/MULTIHOST.md).
 _CPU_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 CPU_THREADS_PER_DEVICE = 2
 _CPU_THREADS_ENV = "PJRT_NPROC"  # read by XLA when it creates the CPU client
@@ -197,9 +196,10 @@ def emulate_cpu_devices(env: MutableMapping[str, str], devices: Optional[int] = 
     flags = env.get("XLA_FLAGS", "").split()
     if devices is not None:
         count = f"{_CPU_DEVICE_COUNT_FLAG}={devices}"
-        kept = [count if f.startswith(_CPU_DEVICE_COUNT_FLAG) else f for f in flags]
-        env["XLA_FLAGS"] = " ".join(kept if count in kept else kept + [count])
-    counts = [f for f in env.get("XLA_FLAGS", "").split() if f.startswith(_CPU_DEVICE_COUNT_FLAG + "=")]
+        flags = [count if f.startswith(_CPU_DEVICE_COUNT_FLAG) else f for f in flags]
+        flags += [] if count in flags else [count]
+        env["XLA_FLAGS"] = " ".join(flags)
+    counts = [f for f in flags if f.startswith(_CPU_DEVICE_COUNT_FLAG + "=")]
     if counts and _CPU_THREADS_ENV not in env:
         env[_CPU_THREADS_ENV] = str(CPU_THREADS_PER_DEVICE * int(counts[-1].split("=", 1)[1]))
 
