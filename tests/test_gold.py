@@ -158,6 +158,8 @@ def test_default_labeler_agreement_with_gold_is_human_like():
 def test_pair_agreement_hand_cases():
     assert pair_agreement([3, 1, 2], [0.9, 0.1, 0.5]) == (3.0, 3)
     assert pair_agreement([1, 1, 0], [2, 1, 1]) == (1.5, 2)  # gold tie (1, 1) skipped; predicted tie = 1/2
+    assert pair_agreement([3, 1, 2], [0.9, 0.1, 0.5], same=[1, 0, 1]) == (1.0, 1)  # only the pair labelled alike
+    assert pair_agreement([1, 2, 3], [0.9, 0.1, 0.5], same=[1, 0, 1], want_same=False) == (1.0, 2)
     assert ranking_agreement([2, 1], [0.9, 0.1]) == (0.0, 1)
     assert agreement_rate([(3.0, 3), (1.5, 2), (0.0, 1)]) == 4.5 / 6
 

@@ -4,6 +4,7 @@ The CI-sized run (experiments/tiny_cpu.py:ci) goes through every stage once per 
 shared by the tests below.
 """
 
+import itertools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pytest
 from conftest import REPO
 from instruct_jax.config import ConfigError, apply_overrides, load_experiment
 from instruct_jax.data.builtin_task import DEMO_WRAPPERS, Task
-from instruct_jax.eval.evaluate import EvalSettings, best_of_n_pick, kl_k1, summarize
+from instruct_jax.eval.evaluate import EvalSettings, best_of_n_pick, kl_k1, rm_accuracy_breakdown, summarize
 from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, validate_pipeline
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
@@ -78,6 +79,8 @@ def test_report_numbers_recompute_from_the_samples_file(ci_run):
     assert again["rm_accuracy"] == pytest.approx(report["rm_accuracy"])
     assert again["kl"]["ppo||sft"]["kl"] == pytest.approx(report["kl_ppo_sft"])
     assert again["policies"]["ppo"]["total"] == pytest.approx(report["gold_score"]["ppo"])
+    assert again["rm_accuracy_breakdown"] == report["rm_accuracy_breakdown"]  # every sample carries its "logp"
+    assert "policy_logprob" in report["rm_accuracy_breakdown"]
     # Independent recomputation of two of them from the raw rows.
     ppo = np.array([r["responses"]["ppo"]["gold"]["total"] for r in rows])
     sft = np.array([r["responses"]["sft"]["gold"]["total"] for r in rows])
@@ -158,6 +161,46 @@ def test_best_of_n_and_kl_from_rows():
     assert best_of_n_pick(samples, 3)["id"] == 1
     assert best_of_n_pick(samples, 4)["id"] == 3
     assert kl_k1([{"logp": -1.0, "logp_ref": -3.0}, {"logp": -2.0, "logp_ref": -2.5}]) == pytest.approx(1.25)
+
+
+def test_rm_accuracy_breakdown_equals_a_pair_by_pair_count():
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        samples = []
+        for _ in range(6):
+            c = float(rng.choice([0.0, 0.5, 1.0]))
+            total = 0.6 * c + 0.25 * float(rng.choice([0.5, 1.0]))
+            samples.append({"gold": {"correctness": c, "total": total}, "rm": float(rng.choice([-1.0, 0.0, 1.0])),
+                            "logp": float(rng.normal()), "tokens": int(rng.integers(1, 9))})
+        rows.append({"spec": {"kind": ("add", "sort")[i % 2], "held_out": i % 3 == 0}, "samples": samples})
+
+    def naive(keep_row, score, keep_pair=lambda a, b: True):
+        agree = pairs = 0
+        for r in rows:
+            if not keep_row(r):
+                continue
+            for a, b in itertools.combinations(r["samples"], 2):
+                if a["gold"]["total"] == b["gold"]["total"] or not keep_pair(a, b):
+                    continue
+                pairs += 1
+                sa, sb = score(a), score(b)
+                agree += 0.5 if sa == sb else float((sa > sb) == (a["gold"]["total"] > b["gold"]["total"]))
+        return {"accuracy": agree / pairs, "pairs": pairs}
+
+    rm, every = (lambda o: o["rm"]), (lambda r: True)
+    b = rm_accuracy_breakdown(rows)
+    assert b["by_kind"]["sort"] == pytest.approx(naive(lambda r: r["spec"]["kind"] == "sort", rm))
+    assert b["by_template"]["held_out"] == pytest.approx(naive(lambda r: r["spec"]["held_out"], rm))
+    assert b["by_difference"]["style"] == pytest.approx(
+        naive(every, rm, lambda a, b: a["gold"]["correctness"] == b["gold"]["correctness"]))
+    assert b["by_difference"]["correctness"] == pytest.approx(
+        naive(every, rm, lambda a, b: a["gold"]["correctness"] != b["gold"]["correctness"]))
+    assert b["policy_logprob"] == pytest.approx(naive(every, lambda o: o["logp"] / o["tokens"]))
+    # the splits partition the pairs
+    assert sum(v["pairs"] for v in b["by_kind"].values()) == sum(v["pairs"] for v in b["by_difference"].values())
+    del rows[0]["samples"][0]["logp"]
+    assert "policy_logprob" not in rm_accuracy_breakdown(rows)  # no baseline from partial data
 
 
 def test_runner_logprob_equals_the_samplers_own(tmp_path):

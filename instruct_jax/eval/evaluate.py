@@ -7,20 +7,22 @@ the same declared way (`settings.temperature`, 0 = greedy). Then, when asked for
 
   best-of-n      `max(best_of)` samples per prompt from `settings.best_of_policy` at `best_of_temperature`;
                  best-of-n keeps the reward model's favourite of the first n (analytic KL log n - (n-1)/n)
-  RM accuracy    on those samples: pairs the noiseless gold order separates, RM ties count 1/2
+  RM accuracy    on those samples: pairs the noiseless gold order separates, RM ties count 1/2; broken down
+                 by kind, template split and kind of difference, next to the sampling policy's own
+                 log-prob as a reward model (`rm_accuracy_breakdown`)
   KL(a || b)     `kl_samples` temperature-1 samples of a per prompt; per-response sum of k1 = log p_a - log p_b
   win rates      head to head by gold totals (by reward-model score when there is no judge), ties 1/2,
                  with a 95% bootstrap CI over prompts; and the per-prompt correctness gain's CI
 
-`rows` (one per prompt; written to eval_samples.jsonl) hold every response with its gold components
-and reward-model score, so every number in `summary` can be recomputed from them
-(`summarize(rows, settings)` does exactly that).
+`rows` (one per prompt; written to eval_samples.jsonl) hold every response with its gold components,
+reward-model score and, for sampled ones, the sampler's log-prob "logp", so every number in `summary`
+can be recomputed from them (`summarize(rows, settings)` does exactly that).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -79,12 +81,13 @@ def generate_scored(runner: PolicyRunner, params, prompts: Sequence[EvalPrompt],
     gen = runner.generate(params, [p.messages for p in prompts], temperature=temperature,
                           max_new_tokens=max_new_tokens, seed=seed)
     out = _scored(gen.texts, prompts, scorer, judge)
-    for o, n, done in zip(out, gen.lengths, gen.done):
+    for o, n, done, lp in zip(out, gen.lengths, gen.done, gen.logprob):
         o["tokens"], o["stopped"] = int(n), bool(done)
+        if temperature > 0:  # the sampler's own log-prob of its sample (greedy decoding has none)
+            o["logp"] = float(lp)
     if logprob_under is not None:
-        ref = runner.logprob(logprob_under, gen, temperature=1.0)
-        for o, lp, lr in zip(out, gen.logprob, ref):
-            o["logp"], o["logp_ref"] = float(lp), float(lr)
+        for o, lr in zip(out, runner.logprob(logprob_under, gen, temperature=1.0)):
+            o["logp_ref"] = float(lr)
     return out
 
 
@@ -152,6 +155,39 @@ def _means(outs: Sequence[dict], has_gold: bool, has_rm: bool) -> dict:
     return m
 
 
+def _accuracy(rows: Sequence[dict], score: Callable[[dict], float], **split) -> dict:
+    """Pooled agreement of `score` on the samples with the gold order: {"accuracy", "pairs"}."""
+    counts = []
+    for r in rows:
+        gold = [o["gold"]["total"] for o in r["samples"]]
+        same = [o["gold"]["correctness"] for o in r["samples"]] if split else None
+        counts.append(pair_agreement([score(o) for o in r["samples"]], gold, same, **split))
+    return {"accuracy": agreement_rate(counts), "pairs": int(sum(c[1] for c in counts))}
+
+
+def rm_accuracy_breakdown(rows: Sequence[dict]) -> dict:
+    """Where the reward model ranks the samples like gold, and a baseline it should beat.
+
+    by_kind / by_template: per task kind, and held-out paraphrase vs training templates.
+    by_difference: pairs whose correctness differs ("correctness") vs pairs equal in correctness
+    that differ only in format or verbosity ("style").
+    policy_logprob: the same pairs ranked by the sampling policy's own mean log-prob per token, a
+    reward model that knows only what the policy knows (absent without the samples' "logp").
+    """
+    out: dict = {"by_kind": {}, "by_template": {}}
+    for kind in sorted({r["spec"]["kind"] for r in rows}):
+        out["by_kind"][kind] = _accuracy([r for r in rows if r["spec"]["kind"] == kind], lambda o: o["rm"])
+    for name, held in (("held_out", True), ("train", False)):
+        part = [r for r in rows if bool(r["spec"].get("held_out")) == held]
+        if part:
+            out["by_template"][name] = _accuracy(part, lambda o: o["rm"])
+    out["by_difference"] = {"correctness": _accuracy(rows, lambda o: o["rm"], want_same=False),
+                            "style": _accuracy(rows, lambda o: o["rm"], want_same=True)}
+    if all("logp" in o for r in rows for o in r["samples"]):
+        out["policy_logprob"] = _accuracy(rows, lambda o: o["logp"] / max(o["tokens"], 1))
+    return out
+
+
 def summarize(rows: Sequence[dict], settings: EvalSettings) -> dict:
     """Every reported number, recomputed from the rows alone."""
     has_gold = all(r["spec"] is not None for r in rows)
@@ -197,6 +233,7 @@ def summarize(rows: Sequence[dict], settings: EvalSettings) -> dict:
             s["rm_accuracy_pairs"] = int(sum(c[1] for c in counts))
             pairs = sum(len(r["samples"]) * (len(r["samples"]) - 1) // 2 for r in rows)
             s["sample_pairs_gold_tied"] = 1.0 - s["rm_accuracy_pairs"] / pairs
+            s["rm_accuracy_breakdown"] = rm_accuracy_breakdown(rows)
     if "kl_samples" in rows[0]:
         s["kl"] = {}
         for pair in rows[0]["kl_samples"]:

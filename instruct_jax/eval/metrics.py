@@ -7,22 +7,30 @@ Scores are "higher is better" everywhere; pass `-ranks` for a ranking (rank 1 = 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 
-def pair_agreement(pred: Sequence[float], gold: Sequence[float]) -> tuple[float, int]:
+def pair_agreement(pred: Sequence[float], gold: Sequence[float], same: Optional[Sequence] = None,
+                   want_same: bool = True) -> tuple[float, int]:
     """(agreeing pairs, non-tied gold pairs) over the C(K, 2) pairs of one prompt.
 
     Only pairs the gold order separates count; a predicted tie on such a pair scores 1/2.
     pair_agreement([3, 1, 2], [0.9, 0.1, 0.5]) = (3.0, 3);  pair_agreement([1, 1, 0], [2, 1, 1]) = (1.5, 2).
+    With `same` (one label per response), only pairs whose labels are equal (want_same) or differ
+    (not want_same) count: pair_agreement([3, 1, 2], [0.9, 0.1, 0.5], same=[1, 0, 1]) = (1.0, 1).
     """
     p, g = np.asarray(pred, float), np.asarray(gold, float)
     if p.shape != g.shape:
         raise ValueError(f"pred and gold must have one score per response, got {p.shape} and {g.shape}")
     i, j = np.triu_indices(len(g), k=1)
     separated = g[i] != g[j]
+    if same is not None:
+        labels = np.asarray(same)
+        if labels.shape != g.shape:
+            raise ValueError(f"same must have one label per response, got {labels.shape} for {g.shape}")
+        separated &= (labels[i] == labels[j]) == want_same
     dp, dg = p[i] - p[j], g[i] - g[j]
     agree = np.where(dp == 0, 0.5, (np.sign(dp) == np.sign(dg)).astype(float))
     return float(agree[separated].sum()), int(separated.sum())

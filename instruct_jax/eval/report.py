@@ -46,6 +46,7 @@ def build_report(cfg: Config, results: dict) -> dict:
         "win_rates": ev["win_rates"],
         "rm_accuracy": ev["rm_accuracy"], "rm_accuracy_pairs": ev["rm_accuracy_pairs"],
         "rm_accuracy_own_eval": results["rm"].get("eval_accuracy"),
+        "rm_accuracy_breakdown": ev["rm_accuracy_breakdown"],
         "labeler_agreement": label["labeler_agreement"], "labeler_pairs": label["agreement_pairs"],
         "kl_ppo_sft": kl, "kl_budget": cfg.pipeline.kl_budget,
         "best_of_n": ev.get("best_of_n", {}),
@@ -188,6 +189,7 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
               f"- labeler agreement with gold: **{r['labeler_agreement']:.3f}** on {r['labeler_pairs']} non-tied pairs "
               f"({r['labeling']['rankings']} rankings, {r['labeling']['comparisons']} comparisons; skipped "
               f"{r['labeling']['skipped_all_tied']} all-tied, {r['labeling']['skipped_empty_sample']} with an empty sample)",
+              ""] + breakdown_table(r["rm_accuracy_breakdown"]) + [
               "", "## KL and over-optimization", "",
               f"KL(PPO ‖ SFT) = **{r['kl_ppo_sft']:.3f}** nats per response (sum of k1 over τ = 1 samples)"
               + (f"; budget {r['kl_budget']}" if r["kl_budget"] else "") + ".", "",
@@ -200,6 +202,19 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in r["seconds"].items()]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def breakdown_table(b: dict) -> list[str]:
+    """Markdown rows of the reward model's accuracy by kind, template split and kind of difference."""
+    lines = ["| pairs of SFT samples | RM accuracy | pairs |", "|---|---|---|"]
+    for group, label in (("by_kind", "kind {}"), ("by_template", "{} templates"), ("by_difference", "differ in {}")):
+        for name, a in b[group].items():
+            lines.append(f"| {label.format(name)} | {_fmt(a['accuracy'])} | {a['pairs']} |")
+    if "policy_logprob" in b:
+        a = b["policy_logprob"]
+        lines.append(f"| all, ranked by the SFT policy's own mean log-prob per token (baseline) | "
+                     f"{_fmt(a['accuracy'])} | {a['pairs']} |")
+    return lines
 
 
 def write_report(report: dict, results: dict, root: str) -> None:
