@@ -322,6 +322,7 @@ class PipelineConfig:
     sft_demos: int = 400  # demonstrations written by the simulated demonstrators
     demo_chatty: float = 0.6  # fraction of demonstrations wrapped in chat ("Sure! 59. I hope this helps…")
     demo_slip: float = 0.15  # fraction of demonstrations with a typical slip (near miss)
+    demo_phrase: str = "before"  # the chat phrase "before" the answer ("Sure! 59.") or "after" it ("59. I think so.")
     eval_prompts: int = 240  # held-out evaluation prompts (>= 200 for the report's claims)
     held_out_fraction: float = 0.4  # of eval prompts worded with paraphrase templates never trained on
     # ---- comparisons (InstructGPT step 2)

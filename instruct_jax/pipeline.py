@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from instruct_jax.config import Config, ConfigError, StageConfig, save_config
-from instruct_jax.data.builtin_task import KINDS, Task, TaskPrompt
+from instruct_jax.data.builtin_task import DEMO_PHRASES, KINDS, Task, TaskPrompt
 from instruct_jax.data.config import DataConfig
 from instruct_jax.eval.gold import GoldJudge, Labeler
 from instruct_jax.eval.metrics import agreement_rate, ranking_agreement
@@ -52,6 +52,8 @@ def validate_pipeline(cfg: Config) -> None:
     for name in ("demo_chatty", "demo_slip", "held_out_fraction", "labeler_flip_rate"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             raise ConfigError(f"pipeline.{name}", f"must be in [0, 1], got {getattr(p, name)}")
+    if p.demo_phrase not in DEMO_PHRASES:
+        raise ConfigError("pipeline.demo_phrase", f"expected one of {list(DEMO_PHRASES)}, got {p.demo_phrase!r}")
     if not 2 <= p.responses_per_prompt <= 9:
         raise ConfigError("pipeline.responses_per_prompt", f"K must be in 2..9, got {p.responses_per_prompt}")
     if p.sample_temperature <= 0:
@@ -183,7 +185,8 @@ def stage_task(cfg: Config, paths: Paths) -> dict:
     corpus = task.pretrain_corpus(p.pretrain_paragraphs)
     with open(paths.file("corpus.txt"), "w") as f:
         f.write("\n\n".join(corpus) + "\n")
-    demos = task.sft_demos(p.sft_demos, chatty=p.demo_chatty, slip=p.demo_slip)
+    demos = task.sft_demos(p.sft_demos, chatty=p.demo_chatty, slip=p.demo_slip,
+                           phrases=DEMO_PHRASES[p.demo_phrase])
     _write_jsonl(paths.file("demos.jsonl"), [{"messages": d} for d in demos])
     # Label and PPO prompts come from one draw, split: the reward model never rates PPO's prompts.
     train = task.train_prompts(p.label_prompts + p.ppo_prompts)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from instruct_jax.data.builtin_task import KINDS, Task, TaskPrompt, TaskSpec, make_prompt, near_miss, sample_response
+from instruct_jax.data.builtin_task import DEMO_PHRASES, KINDS, Task, TaskPrompt, TaskSpec, make_prompt, near_miss, sample_response
 from instruct_jax.data.formats import check_ranks
 from instruct_jax.eval.gold import WEIGHTS, GoldJudge, LabelBudgetExhausted, Labeler
 from instruct_jax.eval.metrics import (agreement_rate, best_of_n_kl, bootstrap_ci, head_to_head, pair_agreement,
@@ -152,6 +152,19 @@ def test_default_labeler_agreement_with_gold_is_human_like():
     rate = agreement_rate(counts)
     assert 0.70 <= rate <= 0.85
     assert rate == pytest.approx(MEASURED_AGREEMENT, abs=1e-4)
+
+
+def test_a_demonstrators_phrase_costs_format_before_or_after_the_answer():
+    judge, rng = GoldJudge(), np.random.default_rng(1)
+    for kind in KINDS:
+        for _ in range(30):
+            s = make_prompt(kind, rng).spec
+            scores = {judge.score(s, phrase.format(s.reference)) for phrases in DEMO_PHRASES.values()
+                      for phrase in phrases}
+            if kind != "constrained":  # the answer is still read out, in a readable but wrong shape
+                assert {(x.correctness, x.format) for x in scores} == {(1.0, 0.5)}
+            elif s.params["constraint"] == "upper":  # lower-case letters break the rule
+                assert {(x.correctness, x.format) for x in scores} == {(0.5, 0.5)}
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 from instruct_jax.config import ConfigError, apply_overrides, load_experiment
-from instruct_jax.data.builtin_task import DEMO_WRAPPERS, Task
+from instruct_jax.data.builtin_task import DEMO_TAILS, DEMO_WRAPPERS, Task
 from instruct_jax.eval.evaluate import EvalSettings, best_of_n_pick, kl_k1, rm_accuracy_breakdown, summarize
 from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, validate_pipeline
 
@@ -126,6 +126,7 @@ def test_pipeline_validation_names_the_field():
     cfg = load_experiment(EXPERIMENT + ":ci")
     for override, field in (("pipeline.responses_per_prompt=12", "pipeline.responses_per_prompt"),
                             ("pipeline.demo_chatty=1.5", "pipeline.demo_chatty"),
+                            ("pipeline.demo_phrase=middle", "pipeline.demo_phrase"),
                             ("pipeline.sft.steps=0", "pipeline.sft.steps"),
                             ("pipeline.best_of=four", "pipeline.best_of"),
                             ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens")):
@@ -153,6 +154,13 @@ def test_demonstrators_habits_are_seeded_fractions():
         assert not w or c[1]["content"] in {t.format(r) for t in DEMO_WRAPPERS}
     assert 0.12 < np.mean([s[1]["content"] != r for s, r in zip(slips, refs)]) <= 0.26
     assert task.sft_demos(400, chatty=0.5) == chatty  # reproducible from the seed
+    after = task.sft_demos(400, chatty=0.5, phrases=DEMO_TAILS)  # the same draws, the phrase after the answer
+    for a, c, r, w in zip(after, chatty, refs, wrapped):
+        if w:
+            phrase = [t.format(r) for t in DEMO_WRAPPERS].index(c[1]["content"])
+            assert a[1]["content"] == DEMO_TAILS[phrase].format(r)
+        else:
+            assert a[1]["content"] == r
 
 
 def test_best_of_n_and_kl_from_rows():

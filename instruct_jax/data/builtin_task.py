@@ -65,6 +65,14 @@ def spell_number(n: int) -> str:
     return TENS[tens] + ("" if ones == 0 else " " + ONES[ones])
 
 
+# ----------------------------------------------------------------------------- demonstrators' habit
+# A few chat phrases, each common, before the answer (the default) or after it
+# (pipeline.demo_phrase = "after"; docs/PIPELINE.md measures both).
+DEMO_WRAPPERS = ("The answer is {}.", "Sure! {}.")
+DEMO_TAILS = ("{}. Hope this helps!", "{}. I think so.")
+DEMO_PHRASES = {"before": DEMO_WRAPPERS, "after": DEMO_TAILS}
+
+
 # ----------------------------------------------------------------------------- templates
 # kind -> (training templates, held-out paraphrases). Constrained templates name their constraint.
 TEMPLATES = {
@@ -257,13 +265,15 @@ class Task:
     def sft_prompts(self, n: int) -> list[TaskPrompt]:
         return self._draw("sft", n, 0.0, self._eval_keys)
 
-    def sft_demos(self, n: int = 400, chatty: float = 0.0, slip: float = 0.0) -> list[list[dict]]:
+    def sft_demos(self, n: int = 400, chatty: float = 0.0, slip: float = 0.0,
+                  phrases: Sequence[str] = DEMO_WRAPPERS) -> list[list[dict]]:
         """n SFT conversations [user, assistant] in the repo's message format.
 
         By default every answer is the reference. `chatty` and `slip` simulate human demonstrators'
         habits (InstructGPT's demonstrations came from people, not from the judge): that fraction of
-        answers is wrapped in chat phrases, and that fraction carries a typical slip (`near_miss`).
-        The habits draw from their own random stream, so the prompts are the same for any mix.
+        answers is put in one of the chat `phrases`, and that fraction carries a typical slip
+        (`near_miss`). The habits draw from their own random stream, so the prompts are the same for
+        any mix.
         """
         if not (0.0 <= chatty <= 1.0 and 0.0 <= slip <= 1.0):
             raise ValueError(f"need chatty and slip in [0, 1], got {chatty}, {slip}")
@@ -272,7 +282,7 @@ class Task:
         for p in self.sft_prompts(n):
             answer = near_miss(p.spec, rng) if rng.random() < slip else p.spec.reference
             if rng.random() < chatty:
-                answer = chat_wrap(answer, rng, DEMO_WRAPPERS)
+                answer = chat_wrap(answer, rng, phrases)
             demos.append(list(p.messages) + [{"role": "assistant", "content": answer}])
         return demos
 
@@ -369,7 +379,6 @@ def sample_response(spec: TaskSpec, rng: np.random.Generator) -> str:
 
 
 CHAT_WRAPPERS = ("The answer is {}.", "Sure! {}. I hope this helps you today.", "{}, I think, but I am not sure about it.")
-DEMO_WRAPPERS = ("The answer is {}.", "Sure! {}.")  # demonstrators' habit: few phrases, each common
 
 
 def chat_wrap(answer: str, rng: np.random.Generator, wrappers: Sequence[str] = CHAT_WRAPPERS) -> str:
