@@ -227,10 +227,8 @@ def summarize(rows: Sequence[dict], settings: EvalSettings) -> dict:
             picks = [best_of_n_pick(r["samples"], n) for r in rows]
             s["best_of_n"][str(n)] = {**_means(picks, has_gold, True), "kl": best_of_n_kl(n)}
         if has_gold:
-            counts = [pair_agreement([o["rm"] for o in r["samples"]], [o["gold"]["total"] for o in r["samples"]])
-                      for r in rows]
-            s["rm_accuracy"] = agreement_rate(counts)
-            s["rm_accuracy_pairs"] = int(sum(c[1] for c in counts))
+            overall = _accuracy(rows, lambda o: o["rm"])
+            s["rm_accuracy"], s["rm_accuracy_pairs"] = overall["accuracy"], overall["pairs"]
             pairs = sum(len(r["samples"]) * (len(r["samples"]) - 1) // 2 for r in rows)
             s["sample_pairs_gold_tied"] = 1.0 - s["rm_accuracy_pairs"] / pairs
             s["rm_accuracy_breakdown"] = rm_accuracy_breakdown(rows)
