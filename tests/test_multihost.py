@@ -325,7 +325,13 @@ def final_params(workdir):
 def killed_and_resumed(workdir, kill_at=6):
     """2 processes, both SIGKILLed right after step `kill_at`, then the same command again."""
     killed = sft(workdir, 2, 4, env={"INSTRUCT_JAX_KILL_AT_STEP": str(kill_at)}, pass_as="env", grace_s=15)
-    assert [r.returncode for r in killed] == [-9, -9], killed[0].summary() + killed[1].summary()
+    # Each process either reaches its own SIGKILL or, when its peer got there first (a lagging
+    # process can still be inside the step's checkpoint barrier), is aborted by JAX's coordination
+    # service -- what a real pod does when one host dies. Anything else is a failure.
+    for r in killed:
+        peer_died = r.returncode == -signal.SIGABRT and "distributed service detected fatal errors" in r.output
+        assert r.returncode == -signal.SIGKILL or peer_died, killed[0].summary() + killed[1].summary()
+    assert any(r.returncode == -signal.SIGKILL for r in killed), killed[0].summary() + killed[1].summary()
     resumed = sft(workdir, 2, 4)
     assert_ok(resumed)
     return resumed

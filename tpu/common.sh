@@ -236,9 +236,13 @@ launch_workers() {  # start the experiment in tmux on every worker, unless it is
 }
 
 stop_workers() {  # SIGTERM (the trainer saves a checkpoint and exits), then SIGKILL after the grace period
+  # Once the experiment is gone, worker_run.sh still has to write SESSION.exit and end its tmux
+  # session; killing the session before that (a loaded host takes a moment) would lose the exit
+  # status. So wait up to 30 s for the session to end by itself, then kill what is left.
   local pidfile="$LOG_DIR/$SESSION.pid"
   on_workers "$(steps \
     "if [ -f $pidfile ] && kill -0 \$(cat $pidfile) 2>/dev/null; then pid=\$(cat $pidfile); kill -TERM \$pid; for i in \$(seq $STOP_GRACE_SECONDS); do kill -0 \$pid 2>/dev/null || break; sleep 1; done; kill -KILL \$pid 2>/dev/null || true; fi" \
+    "for i in \$(seq 150); do tmux has-session -t $SESSION 2>/dev/null || break; sleep 0.2; done" \
     "tmux kill-session -t $SESSION 2>/dev/null || true" \
     "echo \"\$(hostname): stopped\"")"
 }
