@@ -161,6 +161,9 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
                             **common)
         c.ppo.reward, c.ppo.reward_model, c.ppo.synthetic_prompts = "model", paths.stage("rm"), 0
         c.ppo.export_every = max(1, st.steps // cfg.pipeline.snapshots) if cfg.pipeline.snapshots else 0
+        if c.ppo.ptx_coef > 0 and not c.ppo.ptx.source:  # PPO-ptx mixes in the base model's own corpus
+            c.ppo.ptx = DataConfig(source=paths.file("corpus.txt"), format="text", text_unit="paragraph",
+                                   eval_fraction=0.0, **common)
         c.train.init_from = paths.stage("sft")
     else:
         raise ValueError(f"no training config for stage {stage!r}")

@@ -139,6 +139,11 @@ def test_pipeline_validation_names_the_field():
     ppo = stage_config(cfg, "ppo", paths)
     assert ppo.train.init_from == "/tmp/x/sft" and ppo.ppo.reward_model == "/tmp/x/rm"
     assert ppo.train.steps == cfg.pipeline.ppo.steps and ppo.ppo.export_every == 2
+    assert ppo.ppo.ptx_coef == 0 and not ppo.ppo.ptx.source  # PPO-ptx off by default
+    ptx = stage_config(apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["ppo.ptx_coef=1.0"]), "ppo", paths)
+    assert ptx.ppo.ptx.source == paths.file("corpus.txt") and ptx.ppo.ptx.format == "text"  # the base LM's corpus
+    own = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["ppo.ptx_coef=1.0", "ppo.ptx.source=/data/x.txt"])
+    assert stage_config(own, "ppo", paths).ppo.ptx.source == "/data/x.txt"  # a declared source is kept
 
 
 def test_demonstrators_habits_are_seeded_fractions():
