@@ -143,9 +143,9 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
     c.train.early_stop_patience = st.early_stop_patience
     c.optim.learning_rate, c.optim.warmup_steps = st.learning_rate, st.warmup_steps
     common = dict(tokenizer=paths.tokenizer, vocab_size=cfg.data.vocab_size, chat_template="builtin")
+    corpus = dict(source=paths.file("corpus.txt"), format="text", text_unit="paragraph", **common)
     if stage == "pretrain":
-        c.data = DataConfig(source=paths.file("corpus.txt"), format="text", text_unit="paragraph",
-                            eval_fraction=0.05, **common)
+        c.data = DataConfig(eval_fraction=0.05, **corpus)
     elif stage == "sft":
         c.data = DataConfig(source=paths.file("demos.jsonl"), format="sft", messages_field="messages",
                             eval_fraction=0.1, **common)
@@ -162,8 +162,7 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.ppo.reward, c.ppo.reward_model, c.ppo.synthetic_prompts = "model", paths.stage("rm"), 0
         c.ppo.export_every = max(1, st.steps // cfg.pipeline.snapshots) if cfg.pipeline.snapshots else 0
         if c.ppo.ptx_coef > 0 and not c.ppo.ptx.source:  # PPO-ptx mixes in the base model's own corpus
-            c.ppo.ptx = DataConfig(source=paths.file("corpus.txt"), format="text", text_unit="paragraph",
-                                   eval_fraction=0.0, **common)
+            c.ppo.ptx = DataConfig(eval_fraction=0.0, **corpus)
         c.train.init_from = paths.stage("sft")
     else:
         raise ValueError(f"no training config for stage {stage!r}")
