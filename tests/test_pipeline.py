@@ -17,7 +17,8 @@ import pytest
 from conftest import REPO
 from instruct_jax.config import ConfigError, apply_overrides, load_experiment
 from instruct_jax.data.builtin_task import DEMO_TAILS, DEMO_WRAPPERS, Task
-from instruct_jax.eval.evaluate import EvalSettings, best_of_n_pick, kl_k1, rm_accuracy_breakdown, summarize
+from instruct_jax.eval.evaluate import (EvalSettings, best_of_n_pick, kl_k1, repeated_responses, rm_accuracy_breakdown,
+                                       summarize)
 from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, validate_pipeline
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
@@ -81,6 +82,8 @@ def test_report_numbers_recompute_from_the_samples_file(ci_run):
     assert again["policies"]["ppo"]["total"] == pytest.approx(report["gold_score"]["ppo"])
     assert again["rm_accuracy_breakdown"] == report["rm_accuracy_breakdown"]  # every sample carries its "logp"
     assert "policy_logprob" in report["rm_accuracy_breakdown"]
+    assert again["repeated_responses"] == report["repeated_responses"]
+    assert "## Most repeated responses" in (workdir / "report.md").read_text()
     # Independent recomputation of two of them from the raw rows.
     ppo = np.array([r["responses"]["ppo"]["gold"]["total"] for r in rows])
     sft = np.array([r["responses"]["sft"]["gold"]["total"] for r in rows])
@@ -174,6 +177,17 @@ def test_best_of_n_and_kl_from_rows():
     assert best_of_n_pick(samples, 3)["id"] == 1
     assert best_of_n_pick(samples, 4)["id"] == 3
     assert kl_k1([{"logp": -1.0, "logp_ref": -3.0}, {"logp": -2.0, "logp_ref": -2.5}]) == pytest.approx(1.25)
+
+
+def test_repeated_responses_counts_texts_across_prompts_and_names_their_kinds():
+    answers = [("add", " 81", "9"), ("spell", "81 ", "nine"), ("count", "81", "3"), ("add", "9", "9"), (None, "x", "")]
+    rows = [{"spec": {"kind": k} if k else None, "responses": {"sft": {"text": s}, "ppo": {"text": p}}}
+            for k, p, s in answers]
+    rep = repeated_responses(rows, top=2)
+    assert rep["ppo"] == {"distinct": 3, "top": [{"text": "81", "prompts": 3, "kinds": ["add", "count", "spell"]},
+                                                 {"text": "9", "prompts": 1, "kinds": ["add"]}]}
+    assert rep["sft"]["distinct"] == 4 and rep["sft"]["top"][0] == {"text": "9", "prompts": 2, "kinds": ["add"]}
+    assert rep["sft"]["top"][1] == {"text": "", "prompts": 1, "kinds": []}  # no spec: no kind; ties by text
 
 
 def test_rm_accuracy_breakdown_equals_a_pair_by_pair_count():

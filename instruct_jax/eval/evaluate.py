@@ -13,6 +13,9 @@ the same declared way (`settings.temperature`, 0 = greedy). Then, when asked for
   KL(a || b)     `kl_samples` temperature-1 samples of a per prompt; per-response sum of k1 = log p_a - log p_b
   win rates      head to head by gold totals (by reward-model score when there is no judge), ties 1/2,
                  with a 95% bootstrap CI over prompts; and the per-prompt correctness gain's CI
+  repetition     each policy's number of distinct responses and its most repeated ones, with the task kinds
+                 they answer (`repeated_responses`): one answer given to many prompts of different kinds is
+                 what a policy that found a reward model's blind spot looks like
 
 `rows` (one per prompt; written to eval_samples.jsonl) hold every response with its gold components,
 reward-model score and, for sampled ones, the sampler's log-prob "logp", so every number in `summary`
@@ -21,6 +24,7 @@ can be recomputed from them (`summarize(rows, settings)` does exactly that).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
@@ -188,6 +192,24 @@ def rm_accuracy_breakdown(rows: Sequence[dict]) -> dict:
     return out
 
 
+def repeated_responses(rows: Sequence[dict], top: int = 3) -> dict:
+    """Per policy: how many distinct responses it gave, and its `top` most repeated ones.
+
+    {"sft": {"distinct": 180, "top": [{"text": "9", "prompts": 12, "kinds": ["add", "count"]}, ...]}}
+    (whitespace-stripped texts; "kinds" only where the prompts have task specs; ties in count by text).
+    """
+    out = {}
+    for name in rows[0]["responses"]:
+        by_text: dict = collections.defaultdict(list)
+        for r in rows:
+            by_text[r["responses"][name]["text"].strip()].append(r)
+        ranked = sorted(by_text.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
+        out[name] = {"distinct": len(by_text),
+                     "top": [{"text": text, "prompts": len(rs),
+                              "kinds": sorted({r["spec"]["kind"] for r in rs if r["spec"]})} for text, rs in ranked]}
+    return out
+
+
 def summarize(rows: Sequence[dict], settings: EvalSettings) -> dict:
     """Every reported number, recomputed from the rows alone."""
     has_gold = all(r["spec"] is not None for r in rows)
@@ -207,6 +229,7 @@ def summarize(rows: Sequence[dict], settings: EvalSettings) -> dict:
                                                                              zip(outs, held) if h]))
             s["policies"][name]["total_train_templates"] = float(np.mean([_value(o, "total") for o, h in
                                                                           zip(outs, held) if not h]))
+    s["repeated_responses"] = repeated_responses(rows)
     if has_gold or has_rm:
         s["win_rates"] = {}
         for a, b in settings.win_pairs:

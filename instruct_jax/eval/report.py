@@ -47,6 +47,7 @@ def build_report(cfg: Config, results: dict) -> dict:
         "rm_accuracy": ev["rm_accuracy"], "rm_accuracy_pairs": ev["rm_accuracy_pairs"],
         "rm_accuracy_own_eval": results["rm"].get("eval_accuracy"),
         "rm_accuracy_breakdown": ev["rm_accuracy_breakdown"],
+        "repeated_responses": ev["repeated_responses"],
         "labeler_agreement": label["labeler_agreement"], "labeler_pairs": label["agreement_pairs"],
         "kl_ppo_sft": kl, "kl_budget": cfg.pipeline.kl_budget,
         "best_of_n": ev.get("best_of_n", {}),
@@ -198,6 +199,9 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
         lines.append(f"| best-of-{n} (SFT samples) | {b['kl']:.3f} | {b['total']:.3f} | {b['rm']:.3f} |")
     for p in r["overoptimization"]:
         lines.append(f"| PPO iteration {p['step']} (τ = 1) | {p['kl']:.3f} | {p['gold']:.3f} | {p['rm']:.3f} |")
+    lines += ["", "## Most repeated responses", "",
+              "One answer given to many prompts, of several kinds, is how a policy that found a blind spot of the "
+              "reward model looks.", ""] + repetition_table(r["repeated_responses"], r["eval_prompts"])
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["seconds"].items()]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -214,6 +218,15 @@ def breakdown_table(b: dict) -> list[str]:
         a = b["policy_logprob"]
         lines.append(f"| all, ranked by the SFT policy's own mean log-prob per token (baseline) | "
                      f"{_fmt(a['accuracy'])} | {a['pairs']} |")
+    return lines
+
+
+def repetition_table(rep: dict, prompts: int) -> list[str]:
+    """Markdown rows: per policy, its distinct responses and the most repeated ones with their kinds."""
+    lines = ["| policy | distinct responses | most repeated (prompts: kinds) |", "|---|---|---|"]
+    for name in (n for n in POLICY_ORDER if n in rep):
+        top = "; ".join(f"`{t['text'] or '(empty)'}` ({t['prompts']}: {', '.join(t['kinds'])})" for t in rep[name]["top"])
+        lines.append(f"| {name} | {rep[name]['distinct']} of {prompts} | {top.replace('|', '/')} |")
     return lines
 
 
