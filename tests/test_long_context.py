@@ -66,7 +66,8 @@ def test_ppo_iteration_with_sequence_parallel_equals_single_device():
         np.testing.assert_allclose(stats8[k], stats1[k], rtol=2e-5, atol=2e-6, err_msg=k)
     for k in upd1:
         np.testing.assert_allclose(upd8[k], upd1[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), (new8.policy, new8.value),
+    # the parameter tolerance of test_ppo_mesh (a tenth of one Adam step)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), (new8.policy, new8.value),
                  (new1.policy, new1.value))
 
 

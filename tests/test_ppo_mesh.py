@@ -53,7 +53,9 @@ def test_ppo_update_on_8_device_mesh_equals_single_device():
         np.testing.assert_allclose(getattr(exp8, field), getattr(exp1, field), rtol=2e-5, atol=2e-5, err_msg=field)
     for k in upd1:
         np.testing.assert_allclose(upd8[k], upd1[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    # parameters after 4 optimizer steps (Adam normalises each update, so compare with an absolute tolerance
-    # a few orders of magnitude below the lr of 1e-3)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), (new8.policy, new8.value, new8.ema),
+    # parameters after 4 optimizer steps. Adam normalises each update, so a gradient that differs only in
+    # summation order can move an element whose gradient is near zero by a visible fraction of the lr
+    # (1e-3); measured up to 2.1e-5 on some CPUs. 1e-4 is a tenth of one step: a sharding error that
+    # changed any gradient would move parameters by whole steps.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), (new8.policy, new8.value, new8.ema),
                  (new1.policy, new1.value, new1.ema))
