@@ -92,6 +92,33 @@ def test_report_numbers_recompute_from_the_samples_file(ci_run):
     assert report["gold_score"]["best_of_4"] == pytest.approx(np.mean(b4))
 
 
+def test_rm_ceiling_benchmark_reproduces_the_reports_accuracies_and_trains_the_implicit_scorer(ci_run, tmp_path):
+    """benchmarks/rm_ceiling.py on the CI run: its reward-model and SFT log-prob accuracies are the report's
+    own, the implicit scorer starts at the SFT's log-prob ranking, and a short training run is recorded."""
+    workdir, _ = ci_run
+    out = tmp_path / "ceiling.json"
+    env = {**os.environ, "JAX_CACHE_DIR": str(workdir.parent / "jax_cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rm_ceiling.py"), str(workdir), "--experiment",
+                           EXPERIMENT + ":ci", "--epochs", "2", "--batch", "8", "--eval-every", "4", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    report = json.loads((workdir / "report.json").read_text())
+    (got,) = result["samples"].values()
+    assert got["reward_model"]["accuracy"] == pytest.approx(report["rm_accuracy"], abs=1e-4)  # the JSON keeps 4 digits
+    assert got["reward_model"]["pairs"] == report["rm_accuracy_pairs"]
+    assert got["sft_logprob"]["accuracy"] == pytest.approx(report["rm_accuracy_breakdown"]["policy_logprob"]["accuracy"],
+                                                           abs=1e-4)
+    # Re-tokenizing the decoded texts can change a few samples' log-probs, not the ranking as a whole.
+    assert abs(result["implicit_at_init"] - got["sft_logprob"]["accuracy"]) < 0.05
+    rankings = (workdir / "label" / "rankings.jsonl").read_text().splitlines()
+    training = result["implicit_training"]
+    assert training["rankings"] == len(rankings) and training["steps"] == 2 * len(rankings) // 8 > 0
+    assert [c["step"] for c in training["curve"]][-1] == training["steps"]
+    assert all(math.isfinite(c["train_loss"]) and 0 <= c["accuracy"] <= 1 for c in training["curve"])
+    assert 0 <= got["implicit"]["accuracy"] <= 1 and got["implicit"]["pairs"] == report["rm_accuracy_pairs"]
+
+
 def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tmp_path):
     workdir, _ = ci_run
     before = (workdir / "ppo" / "DONE.json").read_text()
