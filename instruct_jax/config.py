@@ -325,6 +325,8 @@ class PipelineConfig:
     demo_phrase: str = "before"  # the chat phrase "before" the answer ("Sure! 59.") or "after" it ("59. I think so.")
     eval_prompts: int = 240  # held-out evaluation prompts (>= 200 for the report's claims)
     held_out_fraction: float = 0.4  # of eval prompts worded with paraphrase templates never trained on
+    # The instruction kinds the task mixes (data/builtin_task.py KINDS; default: the original seven)
+    kinds: tuple = ("reverse", "sort", "add", "count", "spell", "list", "constrained")
     # ---- comparisons (InstructGPT step 2)
     label_prompts: int = 600  # training prompts whose SFT samples the labeler ranks
     responses_per_prompt: int = 4  # K, 4..9 in InstructGPT

@@ -52,6 +52,10 @@ def validate_pipeline(cfg: Config) -> None:
     for name in ("demo_chatty", "demo_slip", "held_out_fraction", "labeler_flip_rate"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             raise ConfigError(f"pipeline.{name}", f"must be in [0, 1], got {getattr(p, name)}")
+    p.kinds = tuple(p.kinds) if isinstance(p.kinds, (list, tuple)) else p.kinds
+    if (not isinstance(p.kinds, tuple) or not p.kinds or len(set(p.kinds)) != len(p.kinds)
+            or any(k not in KINDS for k in p.kinds)):
+        raise ConfigError("pipeline.kinds", f"expected distinct kinds from {list(KINDS)}, got {p.kinds!r}")
     if p.demo_phrase not in DEMO_PHRASES:
         raise ConfigError("pipeline.demo_phrase", f"expected one of {list(DEMO_PHRASES)}, got {p.demo_phrase!r}")
     if not 2 <= p.responses_per_prompt <= 9:
@@ -182,7 +186,7 @@ def stage_task(cfg: Config, paths: Paths) -> dict:
     from instruct_jax.data.pipeline import build_tokenizer
 
     p = cfg.pipeline
-    task = Task(cfg.seed, num_eval=p.eval_prompts, held_out_fraction=p.held_out_fraction)
+    task = Task(cfg.seed, num_eval=p.eval_prompts, held_out_fraction=p.held_out_fraction, kinds=p.kinds)
     os.makedirs(paths.stage("task"), exist_ok=True)
     corpus = task.pretrain_corpus(p.pretrain_paragraphs)
     with open(paths.file("corpus.txt"), "w") as f:
@@ -210,7 +214,7 @@ def stage_task(cfg: Config, paths: Paths) -> dict:
     return {"corpus_paragraphs": len(corpus), "demos": len(demos), "label_prompts": p.label_prompts,
             "ppo_prompts": p.ppo_prompts, "eval_prompts": len(task.eval_prompts()),
             "eval_held_out_templates": sum(t.spec.held_out for t in task.eval_prompts()),
-            "demos_not_the_reference": habits, "kinds": list(KINDS)}
+            "demos_not_the_reference": habits, "kinds": list(p.kinds)}
 
 
 def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:

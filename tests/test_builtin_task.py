@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from instruct_jax.data.builtin_task import (ADD_MAX, KINDS, SHARED_KINDS, SHORT_WORDS, SORT_MAX, SORT_SIZES, TEMPLATES,
+from instruct_jax.data.builtin_task import (ADD_MAX, CATEGORIES, COPY_KINDS, KINDS, ORIGINAL_KINDS, SHARED_KINDS, SHORT_WORDS, SORT_MAX, SORT_SIZES, TEMPLATES,
                                             Task, TaskPrompt, TaskSpec, make_prompt, reported_request, spell_number,
                                             template_text)
 from instruct_jax.data.formats import check_conversation
@@ -50,7 +50,7 @@ def test_eval_prompts_size_kinds_and_held_out_share(task):
     assert len(prompts) >= 200
     held = [p for p in prompts if p.spec.held_out]
     assert len(held) / len(prompts) >= 0.3
-    assert {p.spec.kind for p in held} == set(KINDS)
+    assert {p.spec.kind for p in held} == set(ORIGINAL_KINDS) == set(task.kinds)
     for p in held:  # the flag tells the truth: the wording is a held-out paraphrase
         assert any(pat.match(p.text) for pat in HELD_OUT)
 
@@ -77,7 +77,7 @@ def test_demos_are_conversations_answered_with_the_reference(task):
         assert [m["role"] for m in d] == ["user", "assistant"]
         assert len(d[1]["content"].split()) <= 8  # short answers: a few dozen tokens at most
     kinds = {p.spec.kind for p in task.sft_prompts(300)}
-    assert kinds == set(KINDS)
+    assert kinds == set(task.kinds)
 
 
 def test_pretrain_corpus_is_plain_text_not_instructions(task):
@@ -127,3 +127,45 @@ def test_pretrain_corpus_never_reports_an_eval_instance(task):
     # The same check does find training instances (the instance space is small), so it can fail.
     found = sum(reported_request(p.text) in corpus for p in task.train_prompts(2000) if p.spec.kind not in SHARED_KINDS)
     assert found > 50
+
+
+MIX = ("pick", "repeat", "reverse_list", "count_items", "spell", "list", "constrained")
+
+
+def test_a_kind_mix_draws_only_its_kinds_everywhere_and_keeps_the_guarantees():
+    task = Task(seed=0, kinds=MIX)
+    assert set(COPY_KINDS) <= set(KINDS) and len(KINDS) == len(ORIGINAL_KINDS) + len(COPY_KINDS)
+    for prompts in (task.eval_prompts(), task.train_prompts(700), task.sft_prompts(300)):
+        assert {p.spec.kind for p in prompts} == set(MIX)
+    eval_keys = {p.spec.key() for p in task.eval_prompts() if p.spec.kind not in SHARED_KINDS}
+    for p in task.train_prompts(1000):
+        assert p.spec.key() not in eval_keys and not any(pat.match(p.text) for pat in HELD_OUT)
+    corpus = " ".join(task.pretrain_corpus(300))
+    # prose facts only for the mix: no sums or reversed words, but number spellings and categories
+    assert " plus " not in corpus and " backwards" not in corpus.replace("backwards, you say", "")
+    assert " is written " in corpus and "some fruits are" in corpus
+    assert "?" not in corpus and corpus.count(", you say ") + corpus.count(", people say ") > 300
+    # the original seven kinds' corpus is unchanged by the mix machinery: same draws as before
+    assert Task(seed=0).pretrain_corpus(5) == Task(seed=0, kinds=ORIGINAL_KINDS).pretrain_corpus(5)
+
+
+def test_copy_kinds_references():
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        p = make_prompt("pick", rng)
+        options, category = p.spec.params["options"], p.spec.params["category"]
+        assert len(set(options)) == 3 and p.spec.reference in options
+        assert [o in CATEGORIES[category] for o in options].count(True) == 1
+        p = make_prompt("repeat", rng)
+        assert p.spec.reference.split() == [p.spec.params["word"]] * p.spec.params["count"]
+        p = make_prompt("reverse_list", rng)
+        assert p.spec.reference.split(", ") == p.spec.params["items"][::-1]
+        p = make_prompt("count_items", rng)
+        assert p.spec.reference == str(len(p.spec.params["items"])) and 2 <= len(p.spec.params["items"]) <= 5
+        assert ", ".join(p.spec.params["items"]) in p.text
+
+
+def test_unknown_or_repeated_kinds_are_rejected():
+    for kinds in (("pick", "nope"), ("pick", "pick"), ()):
+        with pytest.raises(ValueError, match="kinds must be distinct names"):
+            Task(seed=0, kinds=kinds)

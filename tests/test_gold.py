@@ -51,6 +51,16 @@ WORKED = [
     (spec("constrained", "YELLOW", fruit="lemon", n=4, constraint="upper"), "yellow", 0.5, 1.0),
     (spec("constrained", "YELLOW", fruit="lemon", n=4, constraint="upper"), "GREEN", 0.0, 0.0),
     (spec("add", "19", a=12, b=7), "  ", 0.0, 0.0),
+    (spec("pick", "plum", category="fruits", options=["cat", "plum", "saw"]), "plum", 1.0, 1.0),
+    (spec("pick", "plum", category="fruits", options=["cat", "plum", "saw"]), "Sure! plum.", 1.0, 0.5),
+    (spec("pick", "plum", category="fruits", options=["cat", "plum", "saw"]), "plum, cat", 0.5, 0.5),
+    (spec("pick", "plum", category="fruits", options=["cat", "plum", "saw"]), "cat, plum, saw", 1 / 3, 0.5),
+    (spec("repeat", "cat cat cat", word="cat", count=3), "cat cat", 2 / 3, 1.0),
+    (spec("repeat", "cat cat cat", word="cat", count=3), "cat cat cat cat", (3 - 0.5) / 3, 1.0),
+    (spec("repeat", "cat cat cat", word="cat", count=3), "The answer is cat cat cat.", 1.0, 0.5),
+    (spec("reverse_list", "fig, owl, cat", items=["cat", "owl", "fig"]), "cat, owl, fig", 0.3 + 0.7 / 3, 1.0),
+    (spec("reverse_list", "fig, owl, cat", items=["cat", "owl", "fig"]), "fig, owl", 0.3 * 2 / 3 + 0.7 * 2 / 3, 0.5),
+    (spec("count_items", "4", items=["cat", "owl", "fig", "saw"]), "3", 0.5 * (1 - 1 / 3), 1.0),
 ]
 
 

@@ -19,7 +19,7 @@ from instruct_jax.config import ConfigError, apply_overrides, load_experiment
 from instruct_jax.data.builtin_task import DEMO_TAILS, DEMO_WRAPPERS, Task
 from instruct_jax.eval.evaluate import (EvalSettings, best_of_n_pick, kl_k1, repeated_responses, rm_accuracy_breakdown,
                                        summarize)
-from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, validate_pipeline
+from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, stage_task, validate_pipeline
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
 
@@ -157,6 +157,8 @@ def test_pipeline_validation_names_the_field():
     for override, field in (("pipeline.responses_per_prompt=12", "pipeline.responses_per_prompt"),
                             ("pipeline.demo_chatty=1.5", "pipeline.demo_chatty"),
                             ("pipeline.demo_phrase=middle", "pipeline.demo_phrase"),
+                            ("pipeline.kinds=pick,sudoku", "pipeline.kinds"),
+                            ("pipeline.kinds=pick,pick", "pipeline.kinds"),
                             ("pipeline.sft.steps=0", "pipeline.sft.steps"),
                             ("pipeline.best_of=four", "pipeline.best_of"),
                             ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens")):
@@ -174,6 +176,22 @@ def test_pipeline_validation_names_the_field():
     assert ptx.ppo.ptx.source == paths.file("corpus.txt") and ptx.ppo.ptx.format == "text"  # the base LM's corpus
     own = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["ppo.ptx_coef=1.0", "ppo.ptx.source=/data/x.txt"])
     assert stage_config(own, "ppo", paths).ppo.ptx.source == "/data/x.txt"  # a declared source is kept
+
+
+def test_task_stage_writes_only_the_configured_kinds(tmp_path):
+    kinds = ["pick", "repeat", "reverse_list", "count_items", "spell", "list"]
+    cfg = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["pipeline.kinds=" + ",".join(kinds)])
+    validate_pipeline(cfg)
+    paths = Paths(str(tmp_path), cfg.data.vocab_size)
+    result = stage_task(cfg, paths)
+    assert result["kinds"] == kinds
+    for name in ("eval_prompts.jsonl", "label_prompts.jsonl", "ppo_prompts.jsonl"):
+        rows = [json.loads(line) for line in open(paths.file(name))]
+        assert {r["spec"]["kind"] for r in rows} == set(kinds), name
+    demos = [json.loads(line)["messages"][0]["content"] for line in open(paths.file("demos.jsonl"))]
+    assert any(d.startswith("Repeat the word") or d.startswith("Say ") for d in demos)
+    assert not any(" plus " in d for d in demos)
+    assert os.path.isfile(paths.tokenizer)
 
 
 def test_demonstrators_habits_are_seeded_fractions():

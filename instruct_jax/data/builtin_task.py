@@ -1,4 +1,4 @@
-"""The built-in instruction task: seven small instruction types, all data generated from one seed.
+"""The built-in instruction task: eleven small instruction types, all data generated from one seed.
 
 Nothing is downloaded. `Task(seed)` makes, deterministically,
 
@@ -95,6 +95,19 @@ TEMPLATES = {
     "list": (("Name {count} {category}.", "List {count} {category}.", "Give me {count} different {category}.",
               "Write {count} kinds of {category}."),
              ("Which {count} {category} can you think of?", "Tell me any {count} {category}, separated by commas.")),
+    "pick": (("Which of these is {a_thing}: {options}?", "Pick the {thing} from {options}.",
+              "Name the {thing} among {options}.", "Of {options}, which one is {a_thing}?"),
+             ("Out of {options}, tell me the one that is {a_thing}.", "I have {options}. Which of them is {a_thing}?")),
+    "repeat": (("Repeat the word {word} {count} times.", "Write {word} {count} times.", "Say {word} {count} times.",
+                "Give me the word {word} {count} times."),
+               ("I want to see {word} written {count} times in a row.",
+                "Copy the word {word} until it appears {count} times.")),
+    "reverse_list": (("Reverse the order of {items}.", "Write {items} in reverse order.", "List {items} backwards.",
+                      "Put {items} in the opposite order."),
+                     ("Start from the end and rewrite {items}.", "Turn the list {items} around.")),
+    "count_items": (("How many words are in the list {items}?", "Count the words in {items}.",
+                     "How many items does {items} have?", "Count the items in the list {items}."),
+                    ("Tell me how many things I named in {items}.", "What is the number of words in {items}?")),
     "constrained": (("max_words:Describe a {fruit} in at most {n} words.",
                      "max_words:In {n} words or fewer, describe a {fruit}.",
                      "upper:What color is a {fruit}? Answer in capital letters.",
@@ -103,6 +116,12 @@ TEMPLATES = {
                      "upper:Shout the color of a {fruit} in all caps.")),
 }
 KINDS = tuple(TEMPLATES)
+# The seven kinds of the first design: skills and facts a model must recall (sums, spellings,
+# letters). The four after them copy from the prompt (pick, repeat, reverse_list, count_items),
+# which a tiny model can master; `Task(kinds=...)` and `pipeline.kinds` choose the mix.
+ORIGINAL_KINDS = ("reverse", "sort", "add", "count", "spell", "list", "constrained")
+COPY_KINDS = ("pick", "repeat", "reverse_list", "count_items")
+CATEGORY_NOUN = {"animals": "animal", "fruits": "fruit", "colors": "color", "tools": "tool"}
 SHARED_KINDS = ("list",)  # too few distinct questions to hold instances out: eval shares them, not wordings
 
 
@@ -187,6 +206,20 @@ def _instance(kind: str, rng: np.random.Generator) -> tuple[dict, str, str]:
         count = int(rng.integers(2, 5))
         items = rng.choice(CATEGORIES[category], size=count, replace=False)
         return {"category": category, "count": count}, ", ".join(items), ""
+    if kind == "pick":
+        category = _pick(rng, tuple(CATEGORIES))
+        others = [w for c, items in CATEGORIES.items() if c != category for w in items]
+        answer = _pick(rng, CATEGORIES[category])
+        options = [answer] + [str(w) for w in rng.choice(others, size=2, replace=False)]
+        options = [options[i] for i in rng.permutation(3)]
+        return {"category": category, "options": options}, answer, ""
+    if kind == "repeat":
+        word, count = _pick(rng, WORDS), int(rng.integers(2, 5))
+        return {"word": word, "count": count}, " ".join([word] * count), ""
+    if kind in ("reverse_list", "count_items"):
+        size = 3 if kind == "reverse_list" else int(rng.integers(2, 6))
+        items = [str(w) for w in rng.choice(WORDS, size=size, replace=False)]
+        return {"items": items}, (", ".join(items[::-1]) if kind == "reverse_list" else str(size)), ""
     if kind == "constrained":
         fruit = _pick(rng, tuple(FRUIT_COLOR))
         return {"fruit": fruit, "n": int(rng.integers(4, 8))}, "", ""  # reference depends on the template
@@ -197,8 +230,14 @@ def _fill(kind: str, body: str, params: dict) -> str:
     slots = dict(params)
     if kind == "sort":
         slots["nums"] = ", ".join(map(str, params["nums"]))
-    if kind == "list":
+    if kind in ("list", "repeat"):
         slots["count"] = ONES[params["count"]]
+    if kind == "pick":
+        thing = CATEGORY_NOUN[params["category"]]
+        slots.update(thing=thing, a_thing=("an " if thing[0] in "aeiou" else "a ") + thing,
+                     options=", ".join(params["options"]))
+    if kind in ("reverse_list", "count_items"):
+        slots["items"] = ", ".join(params["items"])
     return body.format(**slots)
 
 
@@ -223,10 +262,15 @@ class Task:
     """All the built-in task's data from one seed. Each split has its own random stream, so asking
     for more train prompts never changes the eval prompts or the demos."""
 
-    def __init__(self, seed: int = 0, num_eval: int = 240, held_out_fraction: float = 0.4):
+    def __init__(self, seed: int = 0, num_eval: int = 240, held_out_fraction: float = 0.4,
+                 kinds: Sequence[str] = ORIGINAL_KINDS):
         if num_eval < 1 or not 0.0 <= held_out_fraction <= 1.0:
             raise ValueError(f"need num_eval >= 1 and 0 <= held_out_fraction <= 1, got {num_eval}, {held_out_fraction}")
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or len(set(kinds)) != len(kinds) or not kinds:
+            raise ValueError(f"kinds must be distinct names from {KINDS}, got {list(kinds)}")
         self.seed = seed
+        self.kinds = tuple(kinds)
         self._eval = self._draw("eval", num_eval, held_out_fraction, exclude=set())
         # "list" has only 12 (category, count) questions, so training asks them all and only the
         # exact eval wordings are excluded; every other kind's eval instances are never trained on.
@@ -245,7 +289,7 @@ class Task:
         held = rng.permutation(held)
         out = []
         for i in range(n):
-            kind = KINDS[(i + int(self.seed)) % len(KINDS)]
+            kind = self.kinds[(i + int(self.seed)) % len(self.kinds)]
             while True:
                 prompt = make_prompt(kind, rng, held_out=bool(held[i]))
                 if prompt.spec.key() not in exclude and prompt.text not in exclude:
@@ -292,19 +336,29 @@ class Task:
         as prose, never as an instruction followed by an answer."""
         rng = self._rng("pretrain")
         exclude = frozenset(self._eval_keys)
-        return [" ".join(_sentence(rng, exclude) for _ in range(sentences)) for _ in range(n)]
+        facts = sorted({_FACTS[k] for k in self.kinds} | {_FILLER})
+        return [" ".join(_sentence(rng, exclude, self.kinds, facts) for _ in range(sentences)) for _ in range(n)]
 
 
-def _sentence(rng: np.random.Generator, exclude: frozenset = frozenset()) -> str:
+# Which kind of prose fact (the branches of `_sentence`) each instruction kind draws on; the copying
+# kinds need only the words (pick: the categories). _FILLER = short narrative sentences.
+_FACTS = {"add": 0, "spell": 1, "reverse": 2, "count": 3, "sort": 4, "list": 5, "pick": 5, "constrained": 6,
+          "repeat": 7, "reverse_list": 7, "count_items": 7}
+_FILLER = 7
+
+
+def _sentence(rng: np.random.Generator, exclude: frozenset = frozenset(), kinds: Sequence[str] = ORIGINAL_KINDS,
+              facts: Sequence[int] = tuple(range(8))) -> str:
     """One plain-text statement. Facts come in several phrasings, as text on the web states them: a
     model that learns "the sum of 12 and 7 is 19" and "12 plus 7 is 19" can later answer either
     question. A third of the statements report how a request of the training templates is answered
     ("to add 12 and 7, you say 19.", "asked what is 12 plus 7, people say 19."), as prose about
     answering, never as a turn of the chat format. Neither the held-out paraphrases nor the
-    evaluation instances (`exclude`: their keys and texts) appear in these."""
+    evaluation instances (`exclude`: their keys and texts) appear in these. Only the `facts` the
+    task's `kinds` draw on are stated (all eight for the original seven kinds)."""
     if rng.random() < 1 / 3:
-        return _reported_answer(rng, exclude)
-    kind = int(rng.integers(8))
+        return _reported_answer(rng, exclude, kinds)
+    kind = facts[int(rng.integers(len(facts)))]
     word, n = _pick(rng, WORDS), int(rng.integers(0, 100))
     if kind == 0:
         a, b = (int(x) for x in rng.integers(0, ADD_MAX + 1, size=2))
@@ -343,9 +397,9 @@ def _sentence(rng: np.random.Generator, exclude: frozenset = frozenset()) -> str
                        f"the old {animal} found a {tool} near the {color} door."))
 
 
-def _reported_answer(rng: np.random.Generator, exclude: frozenset) -> str:
-    """A training-template request and its reference answer, told as a statement."""
-    kind = KINDS[int(rng.integers(len(KINDS)))]
+def _reported_answer(rng: np.random.Generator, exclude: frozenset, kinds: Sequence[str]) -> str:
+    """A training-template request of one of `kinds` and its reference answer, told as a statement."""
+    kind = kinds[int(rng.integers(len(kinds)))]
     while True:
         prompt = make_prompt(kind, rng)
         if prompt.spec.key() not in exclude and prompt.text not in exclude:
@@ -401,6 +455,15 @@ def near_miss(spec: TaskSpec, rng: np.random.Generator) -> str:
         return " ".join(nums)
     if spec.kind in ("add", "count"):
         return str(max(0, int(ref) + int(_pick(rng, (-2, -1, 1, 2)))))
+    if spec.kind == "pick":  # the right item and a wrong one
+        return f"{ref}, {_pick(rng, [o for o in p['options'] if o != ref])}"
+    if spec.kind == "repeat":  # one repetition too many or too few
+        return " ".join([p["word"]] * (p["count"] + _pick(rng, (-1, 1))))
+    if spec.kind == "reverse_list":  # the first two in the original order
+        items = ref.split(", ")
+        return ", ".join([items[1], items[0]] + items[2:])
+    if spec.kind == "count_items":
+        return str(int(ref) + _pick(rng, (-1, 1)))
     if spec.kind == "list":
         items = ref.split(", ")
         others = [w for c, ws in CATEGORIES.items() if c != p["category"] for w in ws]

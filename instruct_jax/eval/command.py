@@ -95,7 +95,8 @@ def main(cfg: Config, workdir: str, args) -> int:
     if args.prompts:
         prompts = read_prompts(args.prompts)
     else:
-        task = Task(cfg.seed, num_eval=cfg.pipeline.eval_prompts, held_out_fraction=cfg.pipeline.held_out_fraction)
+        task = Task(cfg.seed, num_eval=cfg.pipeline.eval_prompts, held_out_fraction=cfg.pipeline.held_out_fraction,
+                    kinds=cfg.pipeline.kinds)
         prompts = [EvalPrompt.from_task(t) for t in task.eval_prompts()]
     best_from = args.best_of_from or ("sft" if "sft" in policies else "")
     if best_from and best_from not in policies:

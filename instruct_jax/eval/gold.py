@@ -20,6 +20,10 @@ Partial credit of `correctness` per kind (the reference always scores 1 on every
     list         (distinct items of the category, at most the count asked, - 1/2 per item of another) / count
     constrained  content x (1/2 + 1/2 constraint met): content = fruit and color named (max_words, 1/2 each)
                  or the color named (upper); constraint = at most n words, or all letters capitals
+    pick         1 / (options named) if the right one is among them ("plum" 1, "plum, cat" 0.5), else 0
+    repeat       (repetitions of the word up to the count asked - 1/2 per extra one) / count
+    reverse_list as sort, over the item words
+    count_items  as count
 
 Every `score` call counts one in `judge.calls`: only the labeler and the final evaluation may call it.
 
@@ -117,13 +121,17 @@ def _reverse(spec: TaskSpec, text: str) -> tuple[float, float]:
     return correct, 1.0 if re.fullmatch(r"\s*[a-z]+\.?\s*", text) else 0.5
 
 
+def _order_credit(got: Sequence, target: Sequence) -> float:
+    """0.3 multiset overlap + 0.7 positional match: an ordered answer's partial credit (sort, reverse_list)."""
+    common = sum(min(got.count(x), target.count(x)) for x in set(target))
+    return 0.3 * common / max(len(got), len(target)) + 0.7 * _positional(got, target)
+
+
 def _sort(spec: TaskSpec, text: str) -> tuple[float, float]:
     nums, target = [int(x) for x in _NUMBER.findall(text)], [int(x) for x in spec.reference.split()]
     if not nums:
         return 0.0, 0.0
-    common = sum(min(nums.count(x), target.count(x)) for x in set(target))
-    correct = 0.3 * common / max(len(nums), len(target)) + 0.7 * _positional(nums, target)
-    return correct, 1.0 if re.fullmatch(r"\s*\d+(\s*,?\s*\d+)*\s*\.?\s*", text) else 0.5
+    return _order_credit(nums, target), 1.0 if re.fullmatch(r"\s*\d+(\s*,?\s*\d+)*\s*\.?\s*", text) else 0.5
 
 
 def _spell(spec: TaskSpec, text: str) -> tuple[float, float]:
@@ -164,8 +172,35 @@ def _constrained(spec: TaskSpec, text: str) -> tuple[float, float]:
     return content * (0.5 + 0.5 * met), 1.0 if exact_shape else 0.5
 
 
+def _pick(spec: TaskSpec, text: str) -> tuple[float, float]:
+    named = {w for w in _words(text) if w in spec.params["options"]}
+    if spec.reference not in named:
+        return 0.0, 0.0
+    return 1.0 / len(named), 1.0 if re.fullmatch(r"\s*[a-z]+\.?\s*", text) else 0.5
+
+
+def _repeat(spec: TaskSpec, text: str) -> tuple[float, float]:
+    words, word, count = _words(text), spec.params["word"], spec.params["count"]
+    k = words.count(word)
+    correct = max(0.0, min(k, count) - 0.5 * max(0, k - count)) / count
+    exact_shape = all(w == word for w in words) and re.fullmatch(r"\s*[a-z]+([\s,]+[a-z]+)*\.?\s*", text)
+    return correct, 1.0 if exact_shape else 0.5
+
+
+def _reverse_list(spec: TaskSpec, text: str) -> tuple[float, float]:
+    items, target = [w for w in _words(text) if w in _ITEM_WORDS], spec.reference.split(", ")
+    correct = _order_credit(items, target)
+    if not correct:
+        return 0.0, 0.0
+    parts = [p.strip().lower() for p in text.strip().rstrip(".").split(",")]
+    exact_shape = len(parts) == len(target) and all(p in _ITEM_WORDS for p in parts)
+    return correct, 1.0 if exact_shape else 0.5
+
+
 _KINDS = {"reverse": _reverse, "sort": _sort, "add": lambda s, t: _numeric(s, t, 10.0),
-          "count": lambda s, t: _numeric(s, t, 3.0), "spell": _spell, "list": _list, "constrained": _constrained}
+          "count": lambda s, t: _numeric(s, t, 3.0), "spell": _spell, "list": _list, "constrained": _constrained,
+          "pick": _pick, "repeat": _repeat, "reverse_list": _reverse_list,
+          "count_items": lambda s, t: _numeric(s, t, 3.0)}
 
 
 def _verbosity(spec: TaskSpec, text: str) -> float:
