@@ -24,7 +24,16 @@ On a finished pipeline workdir (docs/PIPELINE.md), every scorer below ranks the 
   epochs (`--epochs`), with its curve every `--eval-every` steps; nothing is selected on the
   evaluation pairs.
 
-Each is broken down by task kind. A second samples file (`--samples A B`) scores the same trained
+* rm:<workdir>: with `--reward-models W [W ...]`, the reward model of another pipeline workdir, with
+  that workdir's own model shape (its `config.json`), e.g. a larger reward model on the same labels:
+
+      cp -r runs/pipeline/task runs/pipeline/label runs/big/   # same task, tokenizer and rankings
+      for s in pretrain sft rm; do python -m instruct_jax pipeline --experiment experiments/tiny_cpu.py \
+          --workdir runs/big --stage $s --set model.d_model=256 model.num_heads=8 model.head_dim=32 \
+          model.num_kv_heads=4 model.mlp_dim=768; done
+      python benchmarks/rm_ceiling.py runs/pipeline --reward-models runs/big --epochs 0
+
+Each is broken down by task kind. `--epochs 0` skips the implicit scorer. A second samples file (`--samples A B`) scores the same trained
 scorer on other prompts, e.g. an `eval` command run on training-template prompts (`ppo_prompts`).
 Runs on the first JAX device only (mesh 1 x 1). JSON goes to --out (default docs/rm_ceiling.json).
 """
@@ -53,6 +62,7 @@ from instruct_jax.eval.metrics import agreement_rate, pair_agreement  # noqa: E4
 from instruct_jax.model.transformer import ModelInput  # noqa: E402
 from instruct_jax.pipeline import Paths, prompt_len, stage_config  # noqa: E402
 from instruct_jax.ppo.rollout import policy_outputs  # noqa: E402
+from instruct_jax.score import RewardScorer  # noqa: E402
 from instruct_jax.sampling import prompt_and_response  # noqa: E402
 from instruct_jax.train.reward import ranking_loss_sum  # noqa: E402
 
@@ -132,6 +142,16 @@ def train_implicit(scorer: ImplicitScorer, params, rankings: list[dict], k: int,
     return params, curve, steps
 
 
+def other_rm_config(experiment: str, workdir: str):
+    """The `rm` stage config of another pipeline workdir, with the model shape it was trained with."""
+    cfg = load_experiment(experiment)
+    cfg.mesh = MeshConfig(data=1, fsdp=1)
+    with open(os.path.join(workdir, "config.json")) as f:
+        for key, value in json.load(f)["model"].items():
+            setattr(cfg.model, key, value)
+    return stage_config(cfg, "rm", Paths(workdir, cfg.data.vocab_size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workdir", help="a finished pipeline workdir (sft/, label/, eval_samples.jsonl)")
@@ -143,6 +163,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="rankings per step")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0, help="order of the rankings")
+    ap.add_argument("--reward-models", nargs="*", default=[], metavar="WORKDIR",
+                    help="other pipeline workdirs whose rm/ also ranks the samples (their own model shape)")
     ap.add_argument("--out", default="docs/rm_ceiling.json")
     args = ap.parse_args()
 
@@ -162,6 +184,16 @@ def main() -> None:
             "reward_model": accuracy(rows, [np.array([o["rm"] for o in r["samples"]]) for r in rows]),
             "sft_logprob": accuracy(rows, [np.array([o["logp"] / max(o["tokens"], 1) for o in r["samples"]])
                                            for r in rows])}
+    for other in args.reward_models:
+        rm = RewardScorer(other_rm_config(args.experiment, other), os.path.join(other, "rm"), jax.devices()[:1])
+        for f, rows in sets.items():
+            scores = rm.score([(r["messages"], o["text"]) for r in rows for o in r["samples"]])
+            split = np.split(scores, np.cumsum([len(r["samples"]) for r in rows])[:-1])
+            result["samples"][f][f"rm:{other}"] = accuracy(rows, split)
+    if args.epochs <= 0:
+        print(json.dumps(result["samples"], indent=1))
+        write_json(args.out, result)
+        return
     main_rows = sets[files[0]]
 
     def evaluate(params) -> float:

@@ -119,6 +119,24 @@ def test_rm_ceiling_benchmark_reproduces_the_reports_accuracies_and_trains_the_i
     assert 0 <= got["implicit"]["accuracy"] <= 1 and got["implicit"]["pairs"] == report["rm_accuracy_pairs"]
 
 
+def test_rm_ceiling_scores_another_workdirs_reward_model(ci_run, tmp_path):
+    """--reward-models W: W's reward model, built with W's own model shape, ranks the samples. Given the run's
+    own workdir it must reproduce the report's reward-model accuracy; --epochs 0 skips the implicit scorer."""
+    workdir, _ = ci_run
+    out = tmp_path / "other.json"
+    env = {**os.environ, "JAX_CACHE_DIR": str(workdir.parent / "jax_cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rm_ceiling.py"), str(workdir), "--experiment",
+                           EXPERIMENT + ":ci", "--reward-models", str(workdir), "--epochs", "0", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    (got,) = result["samples"].values()
+    report = json.loads((workdir / "report.json").read_text())
+    assert got[f"rm:{workdir}"]["pairs"] == report["rm_accuracy_pairs"]
+    assert got[f"rm:{workdir}"]["accuracy"] == pytest.approx(report["rm_accuracy"], abs=2e-3)
+    assert "implicit" not in got and "implicit_training" not in result
+
+
 def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tmp_path):
     workdir, _ = ci_run
     before = (workdir / "ppo" / "DONE.json").read_text()
