@@ -33,8 +33,8 @@ On a finished pipeline workdir (docs/PIPELINE.md), every scorer below ranks the 
           model.num_kv_heads=4 model.mlp_dim=768; done
       python benchmarks/rm_ceiling.py runs/pipeline --reward-models runs/big --epochs 0
 
-Each is broken down by task kind. `--epochs 0` skips the implicit scorer. A second samples file (`--samples A B`) scores the same trained
-scorer on other prompts, e.g. an `eval` command run on training-template prompts (`ppo_prompts`).
+Each is broken down by task kind; `--epochs 0` skips the implicit scorer. A second samples file
+(`--samples A B`) scores the same trained scorer on other prompts, e.g. an `eval` command run on training-template prompts (`ppo_prompts`).
 Runs on the first JAX device only (mesh 1 x 1). JSON goes to --out (default docs/rm_ceiling.json).
 """
 
@@ -78,6 +78,11 @@ def accuracy(rows: list[dict], scores: list[np.ndarray]) -> dict:
             "by_kind": {k: round(agreement_rate(v), 4) for k, v in sorted(by_kind.items())}}
 
 
+def per_row(flat: np.ndarray, rows: list[dict]) -> list[np.ndarray]:
+    """Flat per-sample scores, in the rows' order, split back into one array per prompt."""
+    return list(np.split(np.asarray(flat), np.cumsum([len(r["samples"]) for r in rows])[:-1]))
+
+
 class ImplicitScorer:
     """beta * mean log-prob per token of a response under an LM's params (prompt in the chat template)."""
 
@@ -108,7 +113,7 @@ class ImplicitScorer:
         enc = self.encode(prompts, [o["text"] for r in rows for o in r["samples"]])
         flat = np.concatenate([np.asarray(self.score(params, *(x[a:a + batch] for x in enc)))
                                for a in range(0, len(prompts), batch)])
-        return list(np.split(flat, np.cumsum([len(r["samples"]) for r in rows])[:-1]))
+        return per_row(flat, rows)
 
 
 def train_implicit(scorer: ImplicitScorer, params, rankings: list[dict], k: int, args, evaluate) -> tuple:
@@ -188,13 +193,16 @@ def main() -> None:
         rm = RewardScorer(other_rm_config(args.experiment, other), os.path.join(other, "rm"), jax.devices()[:1])
         for f, rows in sets.items():
             scores = rm.score([(r["messages"], o["text"]) for r in rows for o in r["samples"]])
-            split = np.split(scores, np.cumsum([len(r["samples"]) for r in rows])[:-1])
-            result["samples"][f][f"rm:{other}"] = accuracy(rows, split)
-    if args.epochs <= 0:
-        print(json.dumps(result["samples"], indent=1))
-        write_json(args.out, result)
-        return
-    main_rows = sets[files[0]]
+            result["samples"][f][f"rm:{other}"] = accuracy(rows, per_row(scores, rows))
+    if args.epochs > 0:
+        run_implicit(scorer, runner, cfg, args, sets, result)
+    print(json.dumps(result["samples"], indent=1))
+    write_json(args.out, result)
+
+
+def run_implicit(scorer: ImplicitScorer, runner: PolicyRunner, cfg, args, sets: dict, result: dict) -> None:
+    """Train the implicit scorer from the SFT params on the labeler's rankings; add its accuracies to `result`."""
+    main_rows = next(iter(sets.values()))
 
     def evaluate(params) -> float:
         return round(accuracy(main_rows, scorer.score_rows(params, main_rows))["accuracy"], 4)
@@ -208,8 +216,6 @@ def main() -> None:
     result["implicit_training"] = {"rankings": len(rankings), "steps": steps, "curve": curve}
     for f, rows in sets.items():
         result["samples"][f]["implicit"] = accuracy(rows, scorer.score_rows(params, rows))
-    print(json.dumps(result["samples"], indent=1))
-    write_json(args.out, result)
 
 
 if __name__ == "__main__":

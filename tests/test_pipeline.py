@@ -92,17 +92,22 @@ def test_report_numbers_recompute_from_the_samples_file(ci_run):
     assert report["gold_score"]["best_of_4"] == pytest.approx(np.mean(b4))
 
 
+def _rm_ceiling(workdir, tmp_path, *args) -> dict:
+    """Run benchmarks/rm_ceiling.py on a pipeline workdir; its JSON result."""
+    out = tmp_path / "ceiling.json"
+    env = {**os.environ, "JAX_CACHE_DIR": str(workdir.parent / "jax_cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rm_ceiling.py"), str(workdir), "--experiment",
+                           EXPERIMENT + ":ci", *args, "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def test_rm_ceiling_benchmark_reproduces_the_reports_accuracies_and_trains_the_implicit_scorer(ci_run, tmp_path):
     """benchmarks/rm_ceiling.py on the CI run: its reward-model and SFT log-prob accuracies are the report's
     own, the implicit scorer starts at the SFT's log-prob ranking, and a short training run is recorded."""
     workdir, _ = ci_run
-    out = tmp_path / "ceiling.json"
-    env = {**os.environ, "JAX_CACHE_DIR": str(workdir.parent / "jax_cache")}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rm_ceiling.py"), str(workdir), "--experiment",
-                           EXPERIMENT + ":ci", "--epochs", "2", "--batch", "8", "--eval-every", "4", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    result = _rm_ceiling(workdir, tmp_path, "--epochs", "2", "--batch", "8", "--eval-every", "4")
     report = json.loads((workdir / "report.json").read_text())
     (got,) = result["samples"].values()
     assert got["reward_model"]["accuracy"] == pytest.approx(report["rm_accuracy"], abs=1e-4)  # the JSON keeps 4 digits
@@ -123,13 +128,7 @@ def test_rm_ceiling_scores_another_workdirs_reward_model(ci_run, tmp_path):
     """--reward-models W: W's reward model, built with W's own model shape, ranks the samples. Given the run's
     own workdir it must reproduce the report's reward-model accuracy; --epochs 0 skips the implicit scorer."""
     workdir, _ = ci_run
-    out = tmp_path / "other.json"
-    env = {**os.environ, "JAX_CACHE_DIR": str(workdir.parent / "jax_cache")}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rm_ceiling.py"), str(workdir), "--experiment",
-                           EXPERIMENT + ":ci", "--reward-models", str(workdir), "--epochs", "0", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    result = _rm_ceiling(workdir, tmp_path, "--reward-models", str(workdir), "--epochs", "0")
     (got,) = result["samples"].values()
     report = json.loads((workdir / "report.json").read_text())
     assert got[f"rm:{workdir}"]["pairs"] == report["rm_accuracy_pairs"]
