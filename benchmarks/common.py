@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from instruct_jax.config import ModelConfig  # noqa: E402
+from instruct_jax.model.config import ModelConfig  # noqa: E402
 
 DOCS = os.path.join(REPO, "docs")
 

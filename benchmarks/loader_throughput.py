@@ -1,4 +1,4 @@
-"""Loader throughput in tokens/s on the shared data files: how fast the input pipeline can feed a step.
+"""Loader throughput in tokens/s on the data files in data/: how fast the input pipeline can feed a step.
 
     python benchmarks/loader_throughput.py                  # table on stdout, JSON to --out
     python benchmarks/loader_throughput.py --seconds 1 --out /tmp/loader.json
@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from instruct_jax.data.config import DataConfig  # noqa: E402
-from instruct_jax.data.pipeline import load_data, make_loader  # noqa: E402
+from instruct_jax.data.build import load_data, make_loader  # noqa: E402
 from instruct_jax.data.formats import SELF_INSTRUCT_FIELDS  # noqa: E402
 from instruct_jax.data.tokenizer import train_sentencepiece  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def cases(shared: str) -> list[dict]:
@@ -75,7 +75,7 @@ def measure(make_batch, seconds: float) -> dict:
 def tiny_model_tokens_per_s(seconds: float) -> dict:
     """Training tokens/s (all positions) of experiments/tiny_cpu.py's SFT step on the local devices."""
     from instruct_jax.config import apply_overrides, load_experiment
-    from instruct_jax.train.build import build_lm
+    from instruct_jax.train.lm.build import build_lm
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = apply_overrides(load_experiment(os.path.join(repo, "experiments", "tiny_cpu.py") + ":sft"), ["mesh.data=1"])
@@ -138,7 +138,7 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per case and path")
-    parser.add_argument("--shared", default=SHARED, help="folder with the shared data files")
+    parser.add_argument("--shared", default=SHARED, help="folder with the data files (default: data/)")
     parser.add_argument("--out", default="docs/loader_throughput.json", help="where the JSON report goes")
     args = parser.parse_args()
     report = run(args.seconds, os.path.normpath(args.shared))

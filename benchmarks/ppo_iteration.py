@@ -6,10 +6,10 @@
 
 The workload (the issue's): 64 prompts of 64 tokens, 64 sampled tokens each (no stop token is ever
 sampled early: random weights over a 49,152-token vocabulary), 1 epoch x 4 minibatches of 16 rows.
-The pieces are the trainer's own jitted steps (`ppo/trainer.py` build_ppo -> ppo/step.py), the reward
+The pieces are the trainer's own jitted steps (`rl/ppo/trainer.py` build_ppo -> rl/ppo/step.py), the reward
 a reward model of the same shape (random weights; `reward_model_reward`):
 
-    rollout   steps.sample       prefill + 63 KV-cache decode steps (sampling.py)
+    rollout   steps.sample       prefill + 63 KV-cache decode steps (inference/sampling.py)
     scoring   steps.experience   policy, reference, value and reward forward passes, rewards, GAE
     update    steps.update       4 x (policy + value forward and backward, two AdamW updates)
 
@@ -35,16 +35,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from instruct_jax.config import Config, MeshConfig, OptimConfig, PPOConfig, TrainConfig  # noqa: E402
+from instruct_jax.config import Config, OptimConfig, PPOConfig, TrainConfig  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.metrics import model_flops_per_token  # noqa: E402
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed  # noqa: E402
 from instruct_jax.model.transformer import ModelInput  # noqa: E402
 from instruct_jax.parallel.context import mesh_and_rules  # noqa: E402
 from instruct_jax.parallel.mesh import make_mesh  # noqa: E402
 from instruct_jax.parallel.sharding import replicated, unbox  # noqa: E402
-from instruct_jax.ppo.rewards import reward_model_reward  # noqa: E402
-from instruct_jax.ppo.trainer import build_ppo, initial_params  # noqa: E402
-from instruct_jax.train.state import param_shardings_for  # noqa: E402
+from instruct_jax.rl.rewards import reward_model_reward  # noqa: E402
+from instruct_jax.rl.ppo.trainer import build_ppo, initial_params  # noqa: E402
+from instruct_jax.parallel.sharding import param_shardings_for  # noqa: E402
 
 EOS, PAD = 2, 0
 

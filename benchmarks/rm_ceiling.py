@@ -17,7 +17,7 @@ On a finished pipeline workdir (docs/PIPELINE.md), every scorer below ranks the 
 * sft_logprob: the SFT policy's own mean log-prob per token (recorded), a scorer that knows exactly
   what the policy knows and was never trained on a preference;
 * implicit: a copy of the SFT policy trained on the labeler's rankings (`label/rankings.jsonl`) with
-  the reward model's own ranking loss (train/reward.py: -log sigmoid(r_better - r_worse), all C(K, 2)
+  the reward model's own ranking loss (train/rm/ranking.py: -log sigmoid(r_better - r_worse), all C(K, 2)
   pairs of a ranking in one batch element) on r = beta * mean log-prob per token of each response
   (SimPO's reward, without its margin). It starts as
   sft_logprob and may move only as far as the rankings teach it. Reported after a fixed number of
@@ -55,16 +55,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.common import machine, write_json  # noqa: E402
-from instruct_jax.config import MeshConfig, load_experiment  # noqa: E402
-from instruct_jax.data.pipeline import build_chat_template, build_tokenizer  # noqa: E402
-from instruct_jax.eval.generate import PolicyRunner, _SampleLike  # noqa: E402
-from instruct_jax.eval.metrics import agreement_rate, pair_agreement  # noqa: E402
+from instruct_jax.config import load_experiment  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.data.build import build_chat_template, build_tokenizer  # noqa: E402
+from instruct_jax.inference.runner import PolicyRunner, _SampleLike  # noqa: E402
+from instruct_jax.instructgpt.statistics import agreement_rate, pair_agreement  # noqa: E402
 from instruct_jax.model.transformer import ModelInput  # noqa: E402
-from instruct_jax.pipeline import Paths, prompt_len, stage_config  # noqa: E402
-from instruct_jax.ppo.rollout import policy_outputs  # noqa: E402
-from instruct_jax.score import RewardScorer  # noqa: E402
-from instruct_jax.sampling import prompt_and_response  # noqa: E402
-from instruct_jax.train.reward import ranking_loss_sum  # noqa: E402
+from instruct_jax.instructgpt.pipeline import Paths, prompt_len, stage_config  # noqa: E402
+from instruct_jax.inference.logprobs import policy_outputs  # noqa: E402
+from instruct_jax.inference.scorer import RewardScorer  # noqa: E402
+from instruct_jax.inference.sampling import prompt_and_response  # noqa: E402
+from instruct_jax.train.rm.ranking import ranking_loss_sum  # noqa: E402
 
 
 def accuracy(rows: list[dict], scores: list[np.ndarray]) -> dict:
@@ -120,7 +121,7 @@ def train_implicit(scorer: ImplicitScorer, params, rankings: list[dict], k: int,
     steps = int(args.epochs * len(rankings) / args.batch)
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, steps))
 
-    def loss_fn(p, pt, pl, rt, rl, ranks):  # the reward model's own loss (train/reward.py), on r = implicit
+    def loss_fn(p, pt, pl, rt, rl, ranks):  # the reward model's own loss (train/rm/ranking.py), on r = implicit
         total, prompts, stats = ranking_loss_sum(scorer.scores(p, pt, pl, rt, rl).reshape(-1, k), ranks)
         return total / jnp.maximum(prompts, 1.0), stats["correct"] / jnp.maximum(stats["pairs"], 1.0)
 

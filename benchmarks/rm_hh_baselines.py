@@ -11,7 +11,7 @@ split with the same seeded hash of the prompt (or its eval_source is used). On t
   regularised logistic regression on phi(chosen) - phi(rejected) of the training pairs, with
   phi = counts of the 1,000 most frequent training-answer words (log1p) and log characters /
   log words; the L2 strength is picked by 5-fold cross-validation on the training pairs;
-* reward models (--rm-workdir, one or more): their normalized scores via instruct_jax.score.RewardScorer.
+* reward models (--rm-workdir, one or more): their normalized scores via instruct_jax.inference.scorer.RewardScorer.
 
 For each: accuracy with a 95% Wilson interval, and the length-balanced accuracy (the mean of the
 accuracies on pairs where the chosen answer is longer and where it is shorter, with a normal-
@@ -36,9 +36,8 @@ import numpy as np  # noqa: E402
 
 from instruct_jax.config import Config, apply_overrides, load_experiment  # noqa: E402
 from instruct_jax.data.formats import Ranking  # noqa: E402
-from instruct_jax.data.pipeline import is_eval, read_records  # noqa: E402
-from instruct_jax.train.reward import (length_balanced_accuracy, length_balanced_interval,  # noqa: E402
-                                       wilson_interval)
+from instruct_jax.data.build import is_eval, read_records  # noqa: E402
+from instruct_jax.train.rm.ranking import length_balanced_accuracy, length_balanced_interval, wilson_interval
 
 WORD = re.compile(r"[a-z0-9']+")
 
@@ -155,7 +154,7 @@ def run(cfg: Config, rm_workdirs: tuple = ()) -> dict:
         "train_accuracy": float(np.mean(train_diff @ w > 0))}
 
     for workdir in rm_workdirs:
-        from instruct_jax.score import RewardScorer  # jax and the model only when a reward model is scored
+        from instruct_jax.inference.scorer import RewardScorer  # jax and the model only when a reward model is scored
 
         scorer = RewardScorer(cfg, workdir)
         scores_c = scorer.score([(list(p.prompt), a) for p, a in zip(held_out, eval_c)])

@@ -6,7 +6,7 @@
 
 One step is what a trainer runs per batch: forward, backward and AdamW (global-norm clipping 1.0,
 b2 0.95, no weight decay) on the same model shape, the same random token batch (every position a
-target) and float32 on both sides. instruct_jax runs `train/build.py`'s jitted, state-donating step
+target) and float32 on both sides. instruct_jax runs `train/lm/build.py`'s jitted, state-donating step
 (`build_lm`) on one device; transformers runs `LlamaForCausalLM(labels=...)`, `loss.backward()`,
 `clip_grad_norm_` and `torch.optim.AdamW` with every core. The two alternate step by step
 (`common.interleaved`) and the median is kept.
@@ -29,10 +29,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from instruct_jax.config import Config, MeshConfig, OptimConfig, TrainConfig  # noqa: E402
+from instruct_jax.config import Config, OptimConfig, TrainConfig  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.metrics import model_flops_per_token  # noqa: E402
 from instruct_jax.parallel.sharding import batch_sharding  # noqa: E402
-from instruct_jax.train.build import build_lm  # noqa: E402
+from instruct_jax.train.lm.build import build_lm  # noqa: E402
 
 OPTIM = dict(learning_rate=1e-4, warmup_steps=0, decay="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
              grad_clip=1.0)

@@ -1,6 +1,6 @@
 """Reward model on Anthropic HH-RLHF helpful-base pairs: a CPU-sized run and a GPU-sized one.
 
-Run (cpu: the 2,354 pairs of ../shared/data/hh_helpful_base_test.jsonl.gz, 20% of prompts held
+Run (cpu: the 2,354 pairs of data/hh_helpful_base_test.jsonl.gz, 20% of prompts held
 out, a tiny trunk trained from scratch; a few minutes on a 2-core CPU):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m instruct_jax rm --experiment experiments/hh_rm.py:cpu --workdir runs/hh-rm
@@ -25,12 +25,13 @@ bag-of-words baselines on the same held-out pairs.
 
 import os
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, ModelConfig, OptimConfig,
-                                 RewardConfig, TrainConfig)
+from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, RewardConfig, TrainConfig
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 
 DATA = os.environ.get("INSTRUCT_JAX_DATA",
-                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
 HH_TEST = os.path.join(DATA, "hh_helpful_base_test.jsonl.gz")
 
 ARGS = ("cpu", "gpu")  # the args get_config accepts (tests build each)

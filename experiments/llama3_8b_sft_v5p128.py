@@ -10,8 +10,9 @@ this size), batch over (data, fsdp). Sequences of 8,192 tokens, the model's nati
 context, with dots-saveable remat so activations fit in the 95 GB of HBM.
 """
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, ModelConfig, OptimConfig,
-                                 TrainConfig)
+from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, TrainConfig
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 
 

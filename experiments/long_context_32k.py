@@ -20,11 +20,12 @@ arg: "tpu" (default) or "gpu".
 
 import os
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, OptimConfig, TrainConfig)
+from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, TrainConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
+DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(HERE, "..", "data"))
 IMPORT = os.environ.get("SMOLLM2_IMPORT", os.path.join(HERE, "..", "runs", "smollm2-import"))
 SEQ_LEN = 32768
 PRETRAINED_LEN = 8192  # SmolLM2-135M's context (its GGUF's context_length)

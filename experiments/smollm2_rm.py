@@ -30,13 +30,13 @@ arg: "gpu" (default, one GPU) or "cpu" (smoke).
 import importlib.util
 import os
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, OptimConfig, RewardConfig,
-                                 TrainConfig)
+from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, RewardConfig, TrainConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(ROOT, "..", "shared", "data"))
+DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(ROOT, "data"))
 HH_TEST = os.path.join(DATA, "hh_helpful_base_test.jsonl.gz")
 IMPORT = os.environ.get("SMOLLM2_IMPORT", os.path.join(ROOT, "runs", "smollm2-import"))
 SFT = os.environ.get("SMOLLM2_SFT", os.path.join(ROOT, "runs", "smollm2-sft"))

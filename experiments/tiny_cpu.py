@@ -11,18 +11,20 @@ Run:
 arg: "pipeline" (default; the built-in task end to end, docs/PIPELINE.md), "ci" (the same, sized to
 finish in about two minutes for the test suite), "sft" (Self-Instruct seed demonstrations) or
 "pretrain" (tinyshakespeare text).
-Data files come from $INSTRUCT_JAX_DATA, else ../shared/data beside the repository; any
+Data files come from $INSTRUCT_JAX_DATA, else the repository's data/ folder; any
 local path or Hub dataset name works with --set data.source=...
 """
 
 import os
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, ModelConfig, OptimConfig,
-                                 PipelineConfig, PPOConfig, StageConfig, TrainConfig)
+from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, OptimConfig, PipelineConfig, PPOConfig,
+                                 StageConfig, TrainConfig)
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 
 DATA = os.environ.get("INSTRUCT_JAX_DATA",
-                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
 
 
 ARGS = ("pipeline", "ci", "sft", "pretrain")  # the args get_config accepts (tests build each)

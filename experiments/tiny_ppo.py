@@ -24,13 +24,14 @@ policy's. Paths are relative to the repository (--set train.init_from=... ppo.re
 
 import os
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, MeshConfig, ModelConfig, OptimConfig,
-                                 PPOConfig, TrainConfig)
+from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, PPOConfig, TrainConfig
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "..", "runs")
-DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
+DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(HERE, "..", "data"))
 
 ARGS = ("rm", "toy")  # the args get_config accepts (tests build each)
 

@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from instruct_jax.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, ConfigError
+
 COMMANDS = {
     "pretrain": "next-token pretraining on plain text (every real token is a target)",
     "sft": "supervised fine-tuning on demonstrations (only assistant tokens are targets)",
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="run one pipeline per seed (<workdir>/seed_S) and report mean +- std")
             p.add_argument("--stage", default=None, help="run only this stage (task pretrain sft label rm ppo eval)")
         if name == "eval":
-            from instruct_jax.eval.command import add_arguments as add_eval_arguments
+            from instruct_jax.instructgpt.eval_command import add_arguments as add_eval_arguments
 
             add_eval_arguments(p)
     from instruct_jax.interop.cli import add_parser as add_interop_parser
@@ -101,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         from instruct_jax.plan import cli as plan_cli
 
         return plan_cli(args)
-    from instruct_jax.config import ConfigError, apply_overrides, load_experiment, validate
+    from instruct_jax.config import apply_overrides, load_experiment, validate
 
     try:
         cfg = apply_overrides(load_experiment(args.experiment), args.overrides)
         validate(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     # ---- Multi-host: join the job before anything touches devices.
     from instruct_jax.parallel import distributed
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                 process_id=args.process_id)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if distributed.initialize(plan, timeout_s=cfg.distributed.timeout_s):
         import jax
 
@@ -132,42 +134,42 @@ def main(argv: list[str] | None = None) -> int:
     from instruct_jax.train.guards import TrainingDiverged
 
     try:
-        return _run(args, cfg, workdir) or 0
+        return _run(args, cfg, workdir) or EXIT_OK
     except (ConfigError, DataConfigError, MalformedDataError, FileNotFoundError) as e:  # each names its field / file
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except TrainingDiverged as e:  # the message names the checkpoint holding the last good state
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
 
 
 def _run(args, cfg, workdir: str):
     """Dispatch to the phase's entry point (imported lazily: each pulls in only what it needs)."""
     if args.command in ("pretrain", "sft"):
-        from instruct_jax.train.trainer import run_lm
+        from instruct_jax.train.lm.trainer import run_lm
 
         run_lm(cfg, workdir, phase=args.command)
     elif args.command == "rm":
-        from instruct_jax.train.rm_trainer import run_rm
+        from instruct_jax.train.rm.trainer import run_rm
 
         run_rm(cfg, workdir)
     elif args.command == "ppo":
-        from instruct_jax.ppo.trainer import run_ppo
+        from instruct_jax.rl.ppo.trainer import run_ppo
 
         run_ppo(cfg, workdir)
     elif args.command == "pipeline":
-        from instruct_jax.pipeline import run_pipeline, run_seeds
+        from instruct_jax.instructgpt.pipeline import run_pipeline, run_seeds
 
         if args.seeds:
             run_seeds(cfg, workdir, [int(x) for x in args.seeds.split(",") if x.strip()], args.stage)
         else:
             run_pipeline(cfg, workdir, args.stage)
     elif args.command == "eval":
-        from instruct_jax.eval.command import main as eval_main
+        from instruct_jax.instructgpt.eval_command import main as eval_main
 
         return eval_main(cfg, workdir, args)
     elif args.command == "score":
-        from instruct_jax import score
+        from instruct_jax.inference import scorer as score
 
         return score.main(cfg, args.workdir or os.path.join("runs", f"{cfg.name}-rm"), args.input, args.output)
     return 0

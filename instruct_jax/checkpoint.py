@@ -430,3 +430,9 @@ class PreemptionGuard:
             # None means the previous handler was installed outside Python; the default is closest.
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
+
+
+def resolve_params_dir(path: str) -> str:
+    """A params export, or the workdir of an earlier phase (its `params/` export)."""
+    candidate = os.path.join(path, "params")
+    return candidate if os.path.isdir(candidate) else path

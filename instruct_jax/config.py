@@ -18,126 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
-
-
-class ConfigError(ValueError):
-    """A configuration problem. `field` is the dotted name of the offending setting."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"config field '{field_name}': {message}")
-
-
-# ----------------------------------------------------------------------------- model
-ROPE_TYPES = ("default", "linear", "ntk", "yarn", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-# auto: by backend, length and mesh (model/attention.py: select_implementation); reference: einsum
-# with [T, S] scores; blockwise: flash-style, linear memory; ring: sequence-parallel over the mesh
-# axis of "length"; splash: TPU Pallas kernel; cudnn: GPU fused kernel (packed rows -> blockwise).
-ATTENTION_IMPLS = ("auto", "reference", "blockwise", "ring", "splash", "cudnn")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 256  # rows of the embedding table (tokenizer vocab, rounded up is fine)
-    d_model: int = 64  # residual stream width
-    num_layers: int = 2  # transformer blocks (stacked with nn.scan)
-    num_heads: int = 4  # query heads
-    num_kv_heads: int = 4  # key/value heads; < num_heads is grouped-query attention
-    head_dim: int = 16  # per-head width (need not be d_model / num_heads)
-    mlp_dim: int = 256  # SwiGLU hidden width
-    max_seq_len: int = 2048  # longest position the model is used at (rotary tables, caches)
-    rope_theta: float = 10000.0  # rotary base
-    rope_type: str = "default"  # one of ROPE_TYPES: scaling for context extension
-    rope_factor: float = 1.0  # context extension factor (linear / ntk / yarn / llama3)
-    rope_original_max_len: int = 8192  # pre-extension context (llama3 / yarn)
-    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above orig_len/low are divided by factor
-    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below orig_len/high are kept
-    rope_beta_fast: float = 32.0  # yarn: rotations at which interpolation starts ramping
-    rope_beta_slow: float = 1.0  # yarn: rotations at which interpolation is full
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    tie_embeddings: bool = False  # output projection = embedding table transposed
-    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
-    parallel_block: bool = False  # PaLM block: x + attn(norm(x)) + mlp(norm(x)), one shared pre-norm
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params are always float32)
-    remat: str = "none"  # one of REMAT_POLICIES: what each scanned block saves for backward
-    attention: str = "auto"  # one of ATTENTION_IMPLS
-    attention_block_q: int = 512  # blockwise / ring: query rows per tile (memory ~ block_q * block_kv per head)
-    attention_block_kv: int = 512  # blockwise / ring: key rows per tile
-    init_std: float = 0.02  # normal init std of every weight matrix
-    # LM training loss: logits for this many positions at a time (fused, chunked cross-entropy that
-    # never holds [B, T, V]); 0 = all at once. Chunking saves memory for large vocabularies and long
-    # sequences (the 8B / PaLM presets and the long-context experiments use 64); where memory is not
-    # the limit it changes nothing measurable (2-core CPU, SmolLM2-135M SFT step: 123 tokens/s with 0,
-    # 125 with 64, docs/BENCHMARKS.md), and 0 is the plain loss.
-    loss_chunk: int = 0
-
-
-# ----------------------------------------------------------------------------- mesh
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost (slowest links) to innermost
-
-# Logical axis name -> mesh axis (or tuple of axes, or None = replicated). Parameters and
-# activations in the model name only logical axes; this table is the single place that
-# decides how they map onto a mesh. Experiments override entries with `MeshConfig.rules`.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("norm", None),
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("length", "sequence"),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("act_head_dim", None),
-    # KV cache [L, B, S, K, H] (decoding): rows like the batch, kv heads like the activations.
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_length", None),
-    ("cache_kv_heads", "tensor"),
-)
-
-
-@dataclass
-class MeshConfig:
-    # Within-slice (ICI) sizes. One of them may be -1: it takes all devices left over.
-    data: int = 1
-    fsdp: int = -1
-    sequence: int = 1
-    tensor: int = 1
-    # Across-slice (DCN) sizes, for multi-slice runs; their product is the slice count.
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_sequence: int = 1
-    dcn_tensor: int = 1
-    # Overrides of DEFAULT_RULES entries: ((logical_name, mesh_axis_or_tuple_or_None), ...).
-    rules: tuple = ()
-    # The hardware this experiment is sized for (0 / "" = whatever runs it). Tests and
-    # `plan` check the shardings against a device-free AbstractMesh of this size.
-    num_devices: int = 0
-    num_slices: int = 1
-    topology: str = ""  # TPU topology name, e.g. "v5p:4x4x4" (64 chips)
-
-    def ici_shape(self) -> dict[str, int]:
-        return {a: getattr(self, a) for a in MESH_AXES}
-
-    def dcn_shape(self) -> dict[str, int]:
-        return {a: getattr(self, "dcn_" + a) for a in MESH_AXES}
-
-    def logical_rules(self) -> tuple[tuple[str, Any], ...]:
-        """DEFAULT_RULES with this experiment's overrides applied (order preserved)."""
-        overrides = {name: axes for name, axes in self.rules}
-        unknown = set(overrides) - {n for n, _ in DEFAULT_RULES}
-        rules = [(n, overrides.get(n, a)) for n, a in DEFAULT_RULES]
-        rules += [(n, overrides[n]) for n in overrides if n in unknown]
-        return tuple(rules)
+from instruct_jax.errors import ConfigError
+from instruct_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES, ROPE_TYPES, ModelConfig
+from instruct_jax.parallel.distributed import DistributedConfig
+from instruct_jax.parallel.mesh import MeshConfig, batch_axes, batch_shards, resolve_mesh_shape
+from instruct_jax.parallel.sharding import check_rules
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -219,19 +104,6 @@ class RewardConfig:
     margin_buckets: int = 4  # evaluation: accuracy per quantile bucket of |r_better - r_worse|
     synthetic: int = 0  # > 0: train on this many generated rankings (data/synthetic_prefs.py), not data.source
     score_batch_size: int = 0  # sequences per scoring forward (normalization, `score`); 0 = 2 * global batch
-
-
-# ----------------------------------------------------------------------------- multi-host
-@dataclass
-class DistributedConfig:
-    """Joining a multi-process job (parallel/distributed.py, docs/MULTIHOST.md). The CLI flags
-    --coordinator / --num-processes / --process-id and env vars INSTRUCT_JAX_* take precedence."""
-
-    mode: str = "auto"  # auto: join when a coordinator is given or on a TPU VM | on: always | off: one process
-    coordinator: str = ""  # host:port of process 0's coordinator service ("" = flag / env / discovered)
-    num_processes: int = 0  # processes in the job (0 = flag / env / discovered)
-    process_id: int = -1  # this process's index in [0, num_processes) (-1 = flag / env / discovered)
-    timeout_s: int = 300  # how long process 0 waits for every process to join
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -317,7 +189,7 @@ class PipelineConfig:
     derives from the top-level `seed`; the stages' model, mesh and optimizer come from the experiment.
     """
 
-    # ---- built-in task (data/builtin_task.py)
+    # ---- built-in task (instructgpt/task.py)
     pretrain_paragraphs: int = 2000  # plain-text paragraphs of the pretraining corpus
     sft_demos: int = 400  # demonstrations written by the simulated demonstrators
     demo_chatty: float = 0.6  # fraction of demonstrations wrapped in chat ("Sure! 59. I hope this helps…")
@@ -325,7 +197,7 @@ class PipelineConfig:
     demo_phrase: str = "before"  # the chat phrase "before" the answer ("Sure! 59.") or "after" it ("59. I think so.")
     eval_prompts: int = 240  # held-out evaluation prompts (>= 200 for the report's claims)
     held_out_fraction: float = 0.4  # of eval prompts worded with paraphrase templates never trained on
-    # The instruction kinds the task mixes (data/builtin_task.py KINDS; default: the original seven)
+    # The instruction kinds the task mixes (instructgpt/task.py KINDS; default: the original seven)
     kinds: tuple = ("reverse", "sort", "add", "count", "spell", "list", "constrained")
     # ---- comparisons (InstructGPT step 2)
     label_prompts: int = 600  # training prompts whose SFT samples the labeler ranks
@@ -333,7 +205,7 @@ class PipelineConfig:
     # Temperature of the SFT samples the labeler ranks; best-of-n and the reward-model accuracy pairs
     # sample at the same temperature, so the reward model is judged on the distribution it learned from.
     sample_temperature: float = 1.0
-    labeler_temperature: float = 0.02  # Plackett-Luce temperature on gold totals (eval/gold.py Labeler)
+    labeler_temperature: float = 0.02  # Plackett-Luce temperature on gold totals (instructgpt/gold.py Labeler)
     labeler_flip_rate: float = 0.3  # probability of swapping each adjacent pair of the sampled order
     max_comparisons: int = 0  # budget of pairwise comparisons, C(K, 2) per ranking (0 = unlimited)
     # ---- PPO (InstructGPT step 3); the ppo section configures the algorithm
@@ -574,23 +446,16 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     except DataConfigError as e:
         raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
 
-    from instruct_jax.parallel.mesh import resolve_mesh_shape  # local: parallel imports config
-    from instruct_jax.parallel.sharding import check_rules
-
     _check_rule_entries(cfg.mesh.rules)
     check_rules(cfg.mesh.logical_rules())
     if num_devices is not None:
         shape = resolve_mesh_shape(cfg.mesh, num_devices)
-        batch_axes = dict(cfg.mesh.logical_rules())["batch"]
-        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-        batch_shards = 1
-        for a in batch_axes:
-            batch_shards *= shape[a]
+        axes, shards = batch_axes(cfg.mesh.logical_rules()), batch_shards(shape, cfg.mesh.logical_rules())
         micro = t.global_batch_size // t.microbatches
-        if micro % batch_shards:
+        if micro % shards:
             raise ConfigError(
                 "train.global_batch_size",
                 f"each microbatch ({t.global_batch_size} / train.microbatches={t.microbatches} = {micro} "
-                f"sequences) must divide over the batch mesh axes {batch_axes} of total size {batch_shards}")
+                f"sequences) must divide over the batch mesh axes {axes} of total size {shards}")
         if t.seq_len % shape["sequence"]:
             raise ConfigError("train.seq_len", f"must divide over mesh 'sequence' size {shape['sequence']}, got {t.seq_len}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -264,3 +264,9 @@ class Profiler:
             jax.profiler.stop_trace()
             self.active = False
             self._done = True
+
+
+def log(msg: str) -> None:
+    """Print on process 0 only (one line per event however many hosts run the job)."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)

@@ -5,8 +5,8 @@ topology on a CPU-only machine and report what each chip would hold.
     python -m instruct_jax plan --experiment experiments/palm.py:540b-v4 --topology v4:16x16x12 --slices 2
 
 How: libtpu (the optional `tpu` extra) describes any TPU topology without TPUs
-(jax.experimental.topologies.get_topology_desc); the experiment's own jitted steps (train/build.py,
-train/reward.py, ppo/step.py) are lowered with abstract, sharded inputs over a mesh of those devices
+(jax.experimental.topologies.get_topology_desc); the experiment's own jitted steps (train/lm/build.py,
+train/rm/ranking.py, rl/ppo/step.py) are lowered with abstract, sharded inputs over a mesh of those devices
 and compiled by the real TPU compiler. Its memory_analysis() gives each device's argument, output,
 aliased (donated) and temporary bytes; its cost_analysis() the FLOPs each device executes.
 
@@ -129,7 +129,7 @@ def ranking_batch(cfg, mesh, rules) -> dict:
     """An abstract reward-model batch: [B, K, T] sequences and [B, K] ranks / lengths."""
     import jax.numpy as jnp
 
-    from instruct_jax.train.reward import ranking_shardings
+    from instruct_jax.train.rm.ranking import ranking_shardings
 
     b, k, t = cfg.train.global_batch_size, ranking_slots(cfg), cfg.train.seq_len
     sh = ranking_shardings(mesh, rules)
@@ -204,7 +204,7 @@ def train_flops(model_cfg, seq_len: int, tokens: int, num_devices: int, output_s
 
 
 def plan_sft(cfg, devices) -> dict:
-    from instruct_jax.train.build import build_lm
+    from instruct_jax.train.lm.build import build_lm
 
     setup = build_lm(cfg, devices)
     state = setup.abstract_state
@@ -219,8 +219,8 @@ def plan_rm(cfg, devices) -> dict:
     from instruct_jax.config import validate
     from instruct_jax.parallel.mesh import make_mesh
     from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from instruct_jax.train.reward import make_reward_train_step
-    from instruct_jax.train.rm_trainer import RewardModel, abstract_rm_state
+    from instruct_jax.train.rm.ranking import make_reward_train_step
+    from instruct_jax.train.rm.trainer import RewardModel, abstract_rm_state
 
     validate(cfg, num_devices=len(devices))
     mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules()
@@ -238,7 +238,7 @@ def plan_rm(cfg, devices) -> dict:
 def ppo_flops(cfg, num_devices: int) -> dict[str, tuple[float, float]]:
     """(model, hardware) FLOPs per device of sampling, scoring and updating one rollout batch."""
     from instruct_jax.metrics import model_flops_per_token
-    from instruct_jax.ppo.trainer import prompt_len
+    from instruct_jax.rl.ppo.trainer import prompt_len
 
     m, p, b = cfg.model, cfg.ppo, cfg.train.global_batch_size
     seq = prompt_len(cfg) + p.response_len + 1
@@ -273,10 +273,10 @@ def plan_ppo(cfg, devices) -> dict:
     from instruct_jax.model.transformer import ModelInput
     from instruct_jax.parallel.mesh import make_mesh
     from instruct_jax.parallel.sharding import logical_to_spec, replicated
-    from instruct_jax.ppo.rewards import reward_model_reward
-    from instruct_jax.ppo.step import PTX_KEYS
-    from instruct_jax.ppo.trainer import build_ppo, prompt_len
-    from instruct_jax.train.state import param_shardings_for
+    from instruct_jax.rl.rewards import reward_model_reward
+    from instruct_jax.rl.ppo.step import PTX_KEYS
+    from instruct_jax.rl.ppo.trainer import build_ppo, prompt_len
+    from instruct_jax.parallel.sharding import param_shardings_for
 
     cfg = ppo_config(cfg)
     mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules()
@@ -476,7 +476,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """The subprocess side: load, plan, print the report (stderr) and the JSON (--json)."""
     args = _parser().parse_args(argv)
-    from instruct_jax.config import ConfigError, apply_overrides, load_experiment
+    from instruct_jax.config import apply_overrides, load_experiment
+    from instruct_jax.errors import ConfigError
 
     try:
         phases = parse_phases(args.phases)
@@ -495,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def parse_phases(text: str) -> tuple[str, ...]:
-    from instruct_jax.config import ConfigError
+    from instruct_jax.errors import ConfigError
 
     phases = tuple(p for p in text.split(",") if p)
     bad = [p for p in phases if p not in PHASES]
@@ -506,7 +507,7 @@ def parse_phases(text: str) -> tuple[str, ...]:
 
 def cli(args) -> int:
     """`python -m instruct_jax plan ...`: the plan runs in a subprocess; print its report, keep its JSON."""
-    from instruct_jax.config import ConfigError
+    from instruct_jax.errors import ConfigError
 
     try:
         result = run_in_subprocess(args.experiment, args.topology, args.slices, parse_phases(args.phases),

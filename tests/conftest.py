@@ -22,14 +22,14 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA_DIR = REPO / "data"  # the data files the repository carries (data/README.md)
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    if not SHARED_DATA.is_dir():
-        raise FileNotFoundError(f"expected the shared data folder at {SHARED_DATA} (see README)")
-    return SHARED_DATA
+def data_dir() -> pathlib.Path:
+    if not DATA_DIR.is_dir():
+        raise FileNotFoundError(f"expected the data folder at {DATA_DIR} (data/README.md)")
+    return DATA_DIR
 
 
 def assert_processes_ok(results):

@@ -13,7 +13,7 @@ import generate  # noqa: E402
 
 from instruct_jax.model.transformer import Transformer  # noqa: E402
 from instruct_jax.parallel.sharding import unbox  # noqa: E402
-from instruct_jax.train.state import init_params_boxed  # noqa: E402
+from instruct_jax.model.transformer import init_params_boxed  # noqa: E402
 
 
 @pytest.mark.parametrize("tie", [True, False])

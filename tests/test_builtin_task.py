@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from instruct_jax.data.builtin_task import (ADD_MAX, CATEGORIES, COPY_KINDS, KINDS, ORIGINAL_KINDS, SHARED_KINDS, SHORT_WORDS, SORT_MAX, SORT_SIZES, TEMPLATES,
-                                            Task, TaskPrompt, TaskSpec, make_prompt, reported_request, spell_number,
-                                            template_text)
+from instruct_jax.instructgpt.task import (ADD_MAX, CATEGORIES, COPY_KINDS, KINDS, ORIGINAL_KINDS, SHARED_KINDS,
+                                           SHORT_WORDS, SORT_MAX, SORT_SIZES, TEMPLATES, Task, TaskPrompt, TaskSpec,
+                                           make_prompt, reported_request, spell_number, template_text)
 from instruct_jax.data.formats import check_conversation
 
 

@@ -7,9 +7,10 @@ import os
 import jax
 import pytest
 
-from instruct_jax.config import Config, ConfigError, apply_overrides, load_experiment, validate
+from instruct_jax.config import Config, apply_overrides, load_experiment, validate
+from instruct_jax.errors import ConfigError
 from instruct_jax.parallel.mesh import make_abstract_mesh
-from instruct_jax.train.build import abstract_lm_state
+from instruct_jax.train.lm.build import abstract_lm_state
 
 from conftest import REPO
 

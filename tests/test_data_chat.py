@@ -25,9 +25,9 @@ CHATML = (
 
 
 @pytest.fixture(scope="module")
-def sp_tok(shared_data, tmp_path_factory):
+def sp_tok(data_dir, tmp_path_factory):
     prefix = tmp_path_factory.mktemp("spm") / "spm"
-    return train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(prefix), vocab_size=512)
+    return train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(prefix), vocab_size=512)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instruct_jax.data.config import DataConfig
-from instruct_jax.data.pipeline import load_data, make_loader
+from instruct_jax.data.build import load_data, make_loader
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
 from instruct_jax.data.formats import SELF_INSTRUCT_FIELDS
 from instruct_jax.data.loader import Loader
@@ -129,9 +129,9 @@ def test_dropped_iterator_stops_its_prefetch_thread():
     assert not thread.is_alive()
 
 
-def test_config_to_sharded_batches_end_to_end(shared_data, tmp_path):
-    tok = train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
-    cfg = DataConfig(source=str(shared_data / "self_instruct_seed_tasks.jsonl"), eval_fraction=0.1,
+def test_config_to_sharded_batches_end_to_end(data_dir, tmp_path):
+    tok = train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
+    cfg = DataConfig(source=str(data_dir / "self_instruct_seed_tasks.jsonl"), eval_fraction=0.1,
                      **{k: v for k, v in SELF_INSTRUCT_FIELDS.items() if k != "format"})
     data = load_data(cfg, tok, seq_len=256, seed=0)
     assert data.train_stats.rows + data.eval_stats.rows == 175 and 0 < len(data.eval) < 40
@@ -146,13 +146,13 @@ def test_config_to_sharded_batches_end_to_end(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["sft", "text"])
-def test_build_lm_data_for_the_training_loop(shared_data, tmp_path, fmt):
+def test_build_lm_data_for_the_training_loop(data_dir, tmp_path, fmt):
     from instruct_jax.config import Config, TrainConfig
-    from instruct_jax.data.pipeline import build_lm_data
+    from instruct_jax.data.build import build_lm_data
 
-    shakespeare = str(shared_data / "tinyshakespeare.txt")
+    shakespeare = str(data_dir / "tinyshakespeare.txt")
     if fmt == "sft":
-        data_cfg = DataConfig(source=str(shared_data / "self_instruct_seed_tasks.jsonl"), eval_fraction=0.1,
+        data_cfg = DataConfig(source=str(data_dir / "self_instruct_seed_tasks.jsonl"), eval_fraction=0.1,
                               tokenizer_train_files=(shakespeare,), vocab_size=512,
                               **{k: v for k, v in SELF_INSTRUCT_FIELDS.items() if k != "format"})
     else:

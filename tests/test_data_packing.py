@@ -66,8 +66,8 @@ def test_docstring_worked_example():
                                                     "positions": np.int32, "segment_ids": np.int32}
 
 
-def test_packed_sft_conversations_equal_each_alone(shared_data, tmp_path):
-    tok = train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
+def test_packed_sft_conversations_equal_each_alone(data_dir, tmp_path):
+    tok = train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
     template, stats = BuiltinChatTemplate(tok), DataStats()
     conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                      for q, a in [("Who art thou?", "A citizen."), ("Speak.", "Speak, speak."), ("Why?", "Because.")]]
@@ -101,9 +101,9 @@ def test_greedy_pack_docstring_example():
     assert greedy_pack([5, 4, 3, 2], 8) == [[0, 2], [1, 3]]
 
 
-def test_text_windows_cover_every_token_once(shared_data, tmp_path):
-    tok = train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:3000]
+def test_text_windows_cover_every_token_once(data_dir, tmp_path):
+    tok = train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
+    text = (data_dir / "tinyshakespeare.txt").read_text()[:3000]
     windows = encode_text(text, tok, 32, DataStats())
     ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
     targets = np.concatenate([w.ids[1:] for w in windows])
@@ -135,11 +135,11 @@ def test_ranking_row_docstring_example():
     assert row["tokens"][0, row["lengths"][0] - 1] == 7 and row["tokens"][1, row["lengths"][1] - 1] == 7
 
 
-def test_overlength_policies_truncate_or_drop_and_count(shared_data, tmp_path):
+def test_overlength_policies_truncate_or_drop_and_count(data_dir, tmp_path):
     from instruct_jax.data.examples import encode_prompt, encode_ranking
     from instruct_jax.data.formats import Ranking
 
-    tok = train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
+    tok = train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(tmp_path / "spm"), vocab_size=512)
     template = BuiltinChatTemplate(tok)
     long_question = "Speak, speak. " * 40
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": long_question}]

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instruct_jax.data.config import DataConfig
-from instruct_jax.data.pipeline import load_self_instruct_sft, read_records
+from instruct_jax.data.build import load_self_instruct_sft, read_records
 from instruct_jax.data.formats import Ranking, get_field, parse_field_path, split_hh_pair
 from instruct_jax.data.sources import iter_rows, local_files
 from instruct_jax.data.stats import FilteredRow, MalformedDataError
@@ -134,19 +134,19 @@ def test_field_paths():
         get_field(row, "instances[1].output")
 
 
-def test_self_instruct_seed_tasks_as_sft(shared_data):
-    conversations, stats = load_self_instruct_sft(str(shared_data / "self_instruct_seed_tasks.jsonl"))
+def test_self_instruct_seed_tasks_as_sft(data_dir):
+    conversations, stats = load_self_instruct_sft(str(data_dir / "self_instruct_seed_tasks.jsonl"))
     assert len(conversations) == 175 and stats.rows == 175 and not stats.skipped
-    first = json.loads((shared_data / "self_instruct_seed_tasks.jsonl").read_text().splitlines()[0])
+    first = json.loads((data_dir / "self_instruct_seed_tasks.jsonl").read_text().splitlines()[0])
     assert conversations[0] == [{"role": "user", "content": first["instruction"]},
                                 {"role": "assistant", "content": first["instances"][0]["output"]}]
     with_input = next(c for c in conversations if "\n\n" in c[0]["content"])
     assert [m["role"] for m in with_input] == ["user", "assistant"]
 
 
-def test_hh_pairs_split_at_the_last_shared_assistant_tag(shared_data):
+def test_hh_pairs_split_at_the_last_shared_assistant_tag(data_dir):
     cfg = DataConfig(format="pairwise", transcript="hh")
-    records, stats = read_records(str(shared_data / "hh_helpful_base_test.jsonl.gz"), cfg)
+    records, stats = read_records(str(data_dir / "hh_helpful_base_test.jsonl.gz"), cfg)
     assert stats.rows == 2354 and len(records) == 2354 - sum(stats.skipped.values())
     assert set(stats.skipped) == {"prompt_mismatch", "identical_pair", "empty_response"}
     for _, r in records[:200]:

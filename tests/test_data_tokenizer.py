@@ -16,9 +16,9 @@ SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def sp_tok(shared_data, tmp_path_factory):
+def sp_tok(data_dir, tmp_path_factory):
     prefix = tmp_path_factory.mktemp("spm") / "spm"
-    return train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(prefix), vocab_size=512)
+    return train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(prefix), vocab_size=512)
 
 
 def _byte_level_tokenizer_json(path, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
@@ -35,8 +35,8 @@ def _byte_level_tokenizer_json(path, specials=("<|endoftext|>", "<|im_start|>", 
     return path
 
 
-def test_sentencepiece_trains_on_tinyshakespeare_and_round_trips(sp_tok, shared_data):
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
+def test_sentencepiece_trains_on_tinyshakespeare_and_round_trips(sp_tok, data_dir):
+    text = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
     ids = sp_tok.encode(text)
     assert sp_tok.decode(ids) == text
     assert len(ids) < 0.65 * len(text)  # it learned merges, not just characters (256 of 512 ids are bytes)

@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, DATA_DIR
 from test_multihost_rl import exported  # noqa: E402  (reads a params export as numpy, no model needed)
 
 KILL_ENV = "INSTRUCT_JAX_KILL_AT_STEP"
@@ -37,7 +37,7 @@ CACHE = os.path.join(tempfile.gettempdir(), "instruct_jax_faults_jax_cache")
 TIMING = {"tokens_per_sec", "mfu", "step_time", "seconds_per_iteration"}
 COMMON = ["logging.progress_bar=false", "logging.tensorboard=false", "logging.log_every=1",
           "logging.peak_flops_per_device=1e9", "checkpoint.every_steps=2", "checkpoint.keep=4"]
-SHAKESPEARE = str(SHARED_DATA / "tinyshakespeare.txt")
+SHAKESPEARE = str(DATA_DIR / "tinyshakespeare.txt")
 
 # SFT, reward model and PPO save synchronously, so each restart resumes from the last save before its
 # kill; pretraining saves asynchronously (the default), where a kill can also beat the newest manifest.

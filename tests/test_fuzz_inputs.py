@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from instruct_jax.config import (Config, ConfigError, MeshConfig, apply_overrides, load_experiment, to_dict,
-                                 validate)
+from instruct_jax.config import Config, apply_overrides, load_experiment, to_dict, validate
+from instruct_jax.errors import ConfigError
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
-from instruct_jax.data.pipeline import load_data
+from instruct_jax.data.build import load_data
 from instruct_jax.data.sources import iter_rows
 from instruct_jax.data.stats import MalformedDataError
 from instruct_jax.data.tokenizer import train_sentencepiece
@@ -27,9 +28,9 @@ FORMATS = ("sft", "text", "prompt", "pairwise", "ranking")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory, shared_data):
+def tokenizer(tmp_path_factory, data_dir):
     folder = tmp_path_factory.mktemp("spm")
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60000]
+    text = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60000]
     (folder / "corpus.txt").write_text(text, encoding="utf-8")
     return train_sentencepiece([str(folder / "corpus.txt")], str(folder / "spm"), vocab_size=400)
 

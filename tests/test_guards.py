@@ -10,11 +10,14 @@ import pytest
 
 from conftest import REPO
 from instruct_jax.checkpoint import CheckpointManager
-from instruct_jax.config import ConfigError, MeshConfig, ModelConfig, apply_overrides, load_experiment, validate
-from instruct_jax.ppo.toy import random_prompts, toy_config, toy_setup
-from instruct_jax.ppo.trainer import validate_ppo
+from instruct_jax.config import apply_overrides, load_experiment, validate
+from instruct_jax.errors import ConfigError
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
+from ppo_toy import random_prompts, toy_config, toy_setup
+from instruct_jax.rl.ppo.trainer import validate_ppo
 from instruct_jax.train.guards import GuardConfig, GuardState, TrainingDiverged, guard_decision
-from instruct_jax.train.reward import RANKING_KEYS
+from instruct_jax.train.rm.ranking import RANKING_KEYS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 
@@ -92,7 +95,7 @@ def assert_trees_equal(a, b):
 
 
 def test_lm_step_skips_a_nan_batch_bitwise_and_the_run_continues_as_without_it():
-    from instruct_jax.train.build import build_lm
+    from instruct_jax.train.lm.build import build_lm
 
     cfg = load_experiment(str(REPO / "experiments" / "tiny_cpu.py:sft"))
     cfg.model, cfg.train.seq_len, cfg.train.global_batch_size = TINY, 16, 8
@@ -118,7 +121,7 @@ def test_lm_step_skips_a_nan_batch_bitwise_and_the_run_continues_as_without_it()
 
 
 def test_reward_step_skips_non_finite_params():
-    from instruct_jax.train.rm_trainer import build_rm
+    from instruct_jax.train.rm.trainer import build_rm
 
     cfg = load_experiment(str(REPO / "experiments" / "tiny_rm.py"))
     cfg.model, cfg.train.seq_len, cfg.train.global_batch_size = TINY, 16, 8
@@ -144,8 +147,8 @@ def test_reward_step_skips_non_finite_params():
 def test_ppo_minibatches_with_a_nan_value_model_update_nothing():
     cfg = toy_config(mesh=MeshConfig(fsdp=-1), batch=8, epochs=2, minibatches=2, ema_decay=0.9)
     setup, state, ref = toy_setup(cfg, devices=jax.devices()[:1])
-    from instruct_jax.ppo.rollout import sample_from_tokens
-    from instruct_jax.ppo.toy import EOS, PAD
+    from instruct_jax.rl.rollout import sample_from_tokens
+    from ppo_toy import EOS, PAD
 
     tokens = np.random.default_rng(5).integers(3, 64, (8, 12)).astype(np.int32)
     exp, _ = setup.steps.experience(state.policy.params, ref, state.value.params, {}, random_prompts(8),
@@ -167,8 +170,8 @@ def test_ppo_minibatches_with_a_nan_value_model_update_nothing():
 def test_divergent_run_stops_after_n_in_a_row_with_a_checkpoint_of_the_last_good_state(tmp_path, capsys):
     """A learning rate of 1e30 blows the weights up: the first update still comes out finite, every
     later loss is NaN. With max 3 in a row the run stops, and its checkpoint holds finite params."""
-    from instruct_jax.train.build import build_lm
-    from instruct_jax.train.trainer import run_lm
+    from instruct_jax.train.lm.build import build_lm
+    from instruct_jax.train.lm.trainer import run_lm
 
     cfg = apply_overrides(load_experiment(str(REPO / "experiments" / "tiny_cpu.py:pretrain")), [
         "data.max_rows=2000", "train.steps=20", "train.seq_len=16", "train.global_batch_size=8", "checkpoint.every_steps=0",

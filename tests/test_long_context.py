@@ -9,9 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from instruct_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from instruct_jax.train.build import build_lm
-from instruct_jax.train.rm_trainer import build_rm
+from instruct_jax.config import Config, OptimConfig, TrainConfig
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.train.lm.build import build_lm
+from instruct_jax.train.rm.trainer import build_rm
 
 from test_ppo_mesh import one_iteration
 from test_reward_model import loss_and_grads, ranking_batch, rm_config

@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instruct_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from instruct_jax.config import Config, OptimConfig, TrainConfig
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.model.transformer import ModelInput
-from instruct_jax.train.build import build_lm
+from instruct_jax.train.lm.build import build_lm
 
 VOCAB, SEQ, EOT = 64, 24, 1
 
@@ -71,7 +73,7 @@ def test_tiny_model_memorises_sixteen_demonstrations():
     state = setup.init_state()
     for _ in range(cfg.train.steps):
         state, metrics = setup.train_step(state, batch)
-        jax.block_until_ready(metrics)  # see train/trainer.py: bound the steps in flight on CPU
+        jax.block_until_ready(metrics)  # see train/lm/trainer.py: bound the steps in flight on CPU
     out = setup.eval_step(state.params, batch)
     loss = float(out["loss_sum"] / out["tokens"])
     assert loss < 0.05, f"assistant-token loss {loss:.4f} after {cfg.train.steps} steps"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from instruct_jax import metrics
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 
 TINY = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                    mlp_dim=256)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, XLA_CPU_DEADLOCK, assert_processes_ok as assert_ok, rerun_on_xla_cpu_deadlock
-from instruct_jax.config import DistributedConfig, ConfigError, MESH_AXES
+from instruct_jax.parallel.distributed import DistributedConfig
+from instruct_jax.errors import ConfigError
+from instruct_jax.parallel.mesh import MESH_AXES
 from instruct_jax.parallel.distributed import (CPU_THREADS_PER_DEVICE, ENV_COORDINATOR, ENV_NUM_PROCESSES,
                                              ENV_PROCESS_ID, emulate_cpu_devices, launch_local, on_tpu_vm, plan)
 from instruct_jax.parallel.mesh import hybrid_device_grid
@@ -99,7 +101,7 @@ def test_emulated_devices_need_two_xla_threads_each_to_not_deadlock():
 LATE_PROCESS = """
 import time
 import numpy as np
-from instruct_jax.config import DistributedConfig
+from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel import distributed
 assert distributed.initialize(distributed.plan(DistributedConfig()))
 import jax, jax.numpy as jnp
@@ -196,7 +198,8 @@ def test_v5p_two_slice_layout_keeps_fsdp_inside_a_slice():
 WORKER = r'''
 import json, os
 import numpy as np
-from instruct_jax.config import DistributedConfig, MESH_AXES, MeshConfig, DEFAULT_RULES
+from instruct_jax.parallel.distributed import DistributedConfig
+from instruct_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES, MeshConfig
 from instruct_jax.parallel import distributed
 
 assert distributed.initialize(distributed.plan(DistributedConfig()))
@@ -315,7 +318,7 @@ def final_params(workdir):
     from instruct_jax.checkpoint import load_params
     from instruct_jax.config import apply_overrides, load_experiment
     from instruct_jax.parallel.mesh import make_mesh
-    from instruct_jax.train.build import abstract_lm_state
+    from instruct_jax.train.lm.build import abstract_lm_state
 
     cfg = apply_overrides(load_experiment(EXPERIMENT), SFT)
     abstract, _ = abstract_lm_state(cfg, make_mesh(cfg.mesh))

@@ -156,7 +156,7 @@ from instruct_jax.parallel import distributed
 cfg = apply_overrides(load_experiment(sys.argv[1]), sys.argv[3:])
 assert distributed.initialize(distributed.plan(cfg.distributed))
 from instruct_jax.__main__ import setup_compilation_cache
-from instruct_jax.ppo.trainer import run_ppo
+from instruct_jax.rl.ppo.trainer import run_ppo
 
 setup_compilation_cache(sys.argv[2])
 print("RESULT " + json.dumps(run_ppo(cfg, sys.argv[2])), flush=True)
@@ -229,7 +229,7 @@ def test_reward_model_on_two_processes_matches_one_process(tmp_path):
     assert norms[0]["gain"] == norms[1]["gain"] == 1.0
     from instruct_jax.config import apply_overrides, load_experiment
     from instruct_jax.data.synthetic_prefs import synthetic_rankings
-    from instruct_jax.score import RewardScorer
+    from instruct_jax.inference.scorer import RewardScorer
 
     cfg = apply_overrides(load_experiment(RM_EXPERIMENT), RM)
     pairs = [(list(r.prompt), response) for r in synthetic_rankings(24, seed=99) for response in r.responses]

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.data.examples import LMExample
 from instruct_jax.data.packing import pack_lm_row
 from instruct_jax.model.transformer import ModelInput, Transformer

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.transformer import ModelInput, Transformer
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=8, mlp_dim=24,

@@ -1,4 +1,4 @@
-"""The end-to-end pipeline (instruct_jax/pipeline.py) and its evaluation pieces.
+"""The end-to-end pipeline (instruct_jax/instructgpt/pipeline.py) and its evaluation pieces.
 
 The CI-sized run (experiments/tiny_cpu.py:ci) goes through every stage once per module and is
 shared by the tests below.
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from instruct_jax.config import ConfigError, apply_overrides, load_experiment
-from instruct_jax.data.builtin_task import DEMO_TAILS, DEMO_WRAPPERS, Task
-from instruct_jax.eval.evaluate import (EvalSettings, best_of_n_pick, kl_k1, repeated_responses, rm_accuracy_breakdown,
-                                       summarize)
-from instruct_jax.pipeline import STAGES, Paths, run_pipeline, stage_config, stage_task, validate_pipeline
+from instruct_jax.config import apply_overrides, load_experiment
+from instruct_jax.errors import ConfigError
+from instruct_jax.instructgpt.task import DEMO_TAILS, DEMO_WRAPPERS, Task
+from instruct_jax.instructgpt.evaluate import (EvalSettings, best_of_n_pick, kl_k1, repeated_responses,
+                                               rm_accuracy_breakdown, summarize)
+from instruct_jax.instructgpt.pipeline import STAGES, Paths, run_pipeline, stage_config, stage_task, validate_pipeline
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
 
@@ -297,8 +298,8 @@ def test_runner_logprob_equals_the_samplers_own(tmp_path):
     import jax
 
     from instruct_jax.data.chat import load_chat_template
-    from instruct_jax.eval.generate import PolicyRunner
-    from instruct_jax.train.build import build_lm
+    from instruct_jax.inference.runner import PolicyRunner
+    from instruct_jax.train.lm.build import build_lm
 
     cfg = apply_overrides(load_experiment(EXPERIMENT + ":ci"),
                           ["model.num_layers=1", "model.d_model=32", "model.mlp_dim=64", "model.head_dim=8",
@@ -317,7 +318,7 @@ def test_runner_logprob_equals_the_samplers_own(tmp_path):
 
 def _tiny_tokenizer(tmp_path):
     from instruct_jax.data.config import DataConfig
-    from instruct_jax.data.pipeline import build_tokenizer
+    from instruct_jax.data.build import build_tokenizer
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(Task(0).pretrain_corpus(300)) + "\n" +

@@ -14,7 +14,9 @@ from instruct_jax import plan
 GIB = 2 ** 30
 # 128-wide minor dimensions so TPU tiles (8 x 128) add almost no padding to the arguments.
 EXPERIMENT = """
-from instruct_jax.config import Config, MeshConfig, ModelConfig, TrainConfig
+from instruct_jax.config import Config, TrainConfig
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.parallel.mesh import MeshConfig
 
 
 def get_config(arg=None):

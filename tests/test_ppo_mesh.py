@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instruct_jax.config import MeshConfig
-from instruct_jax.ppo.rollout import sample_from_tokens
-from instruct_jax.ppo.toy import EOS, PAD, random_prompts, toy_config, toy_setup
+from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.rl.rollout import sample_from_tokens
+from ppo_toy import EOS, PAD, random_prompts, toy_config, toy_setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instruct_jax.config import MeshConfig
-from instruct_jax.ppo.rollout import sample_from_tokens, value_index
-from instruct_jax.ppo.toy import EOS, PAD, REWARDED, random_prompts, toy_config, toy_setup
-from instruct_jax.sampling import SampleOutput
+from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.inference.logprobs import value_index
+from instruct_jax.rl.rollout import sample_from_tokens
+from ppo_toy import EOS, PAD, REWARDED, random_prompts, toy_config, toy_setup
+from instruct_jax.inference.sampling import SampleOutput
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

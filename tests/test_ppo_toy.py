@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from instruct_jax.ppo.toy import toy_config, toy_setup, run_toy
+from ppo_toy import toy_config, toy_setup, run_toy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from instruct_jax.config import ConfigError, validate, Config
-from instruct_jax.presets import PRESETS, PUBLISHED_PARAMS, param_count, preset
+from instruct_jax.config import validate, Config
+from instruct_jax.errors import ConfigError
+from instruct_jax.model.presets import PRESETS, PUBLISHED_PARAMS, param_count, preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

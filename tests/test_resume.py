@@ -40,7 +40,7 @@ def final_params(workdir):
     from instruct_jax.checkpoint import load_params
     from instruct_jax.config import load_experiment, apply_overrides
     from instruct_jax.parallel.mesh import make_mesh
-    from instruct_jax.train.build import abstract_lm_state
+    from instruct_jax.train.lm.build import abstract_lm_state
 
     cfg = apply_overrides(load_experiment(str(REPO / "experiments" / "tiny_cpu.py") + ":sft"), BASE)
     abstract, _ = abstract_lm_state(cfg, make_mesh(cfg.mesh))
@@ -89,7 +89,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_plateau_counts_evaluations_without_improvement():
-    from instruct_jax.train.trainer import Plateau
+    from instruct_jax.train.lm.trainer import Plateau
 
     p = Plateau(patience=2, min_delta=0.05, meta={})
     seen = []

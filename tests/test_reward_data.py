@@ -9,7 +9,7 @@ import pytest
 
 from instruct_jax.data import DataConfig, load_data, load_tokenizer, make_loader, read_records
 from instruct_jax.data.formats import prompt_key
-from instruct_jax.data.pipeline import is_eval
+from instruct_jax.data.build import is_eval
 from instruct_jax.data.synthetic_prefs import dense_ranks, quality, rankings_to_rows, synthetic_rankings
 from instruct_jax.data.tokenizer import train_sentencepiece
 
@@ -17,9 +17,9 @@ TAG = "\n\nAssistant:"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory, shared_data):
+def tokenizer(tmp_path_factory, data_dir):
     prefix = tmp_path_factory.mktemp("tok") / "spm"
-    train_sentencepiece([str(shared_data / "tinyshakespeare.txt")], str(prefix), 512)
+    train_sentencepiece([str(data_dir / "tinyshakespeare.txt")], str(prefix), 512)
     return load_tokenizer(str(prefix) + ".model")
 
 
@@ -32,8 +32,8 @@ def naive_split(chosen: str, rejected: str):
     return chosen[:cut], chosen[cut + len(TAG):].strip(), rejected[cut + len(TAG):].strip()
 
 
-def test_hh_pairs_on_the_real_file(shared_data):
-    path = str(shared_data / "hh_helpful_base_test.jsonl.gz")
+def test_hh_pairs_on_the_real_file(data_dir):
+    path = str(data_dir / "hh_helpful_base_test.jsonl.gz")
     records, stats = read_records(path, DataConfig(format="pairwise", transcript="hh"))
     assert stats.rows == 2354 and len(records) == 2339
     assert dict(stats.skipped) == {"prompt_mismatch": 9, "identical_pair": 2, "empty_response": 4}
@@ -48,8 +48,8 @@ def test_hh_pairs_on_the_real_file(shared_data):
         assert TAG not in chosen and TAG not in rejected  # no turn of the dialogue left inside an answer
 
 
-def test_hh_token_pairs_share_the_prompt_and_end_with_end_of_turn(shared_data, tokenizer):
-    cfg = DataConfig(source=str(shared_data / "hh_helpful_base_test.jsonl.gz"), format="pairwise", transcript="hh",
+def test_hh_token_pairs_share_the_prompt_and_end_with_end_of_turn(data_dir, tokenizer):
+    cfg = DataConfig(source=str(data_dir / "hh_helpful_base_test.jsonl.gz"), format="pairwise", transcript="hh",
                      tokenizer="unused", eval_fraction=0.2, max_rows=300)
     data = load_data(cfg, tokenizer, seq_len=4096, seed=0)
     assert len(data.train) + len(data.eval) == data.train_stats.kept + data.eval_stats.kept

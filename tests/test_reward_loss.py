@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from instruct_jax.train.reward import (apply_normalization, better_pairs, fit_normalization, last_token_index,
-                                       length_balanced_accuracy, length_balanced_interval, pairwise_metrics,
-                                       ranking_loss, ranking_loss_sum, ranking_metrics, wilson_interval)
+from instruct_jax.inference.scorer import apply_normalization, last_token_index
+from instruct_jax.train.rm.ranking import (better_pairs, fit_normalization, length_balanced_accuracy,
+                                           length_balanced_interval, pairwise_metrics, ranking_loss, ranking_loss_sum,
+                                           ranking_metrics, wilson_interval)
 
 
 def neg_log_sigmoid(x: float) -> float:

@@ -13,10 +13,12 @@ from conftest import REPO
 from instruct_jax.checkpoint import CheckpointManager, export_params
 from instruct_jax.config import apply_overrides, load_experiment
 from instruct_jax.data.config import DataConfig
-from instruct_jax.score import RewardScorer
-from instruct_jax.train.build import build_lm
-from instruct_jax.train.reward import IDENTITY_NORM, score_token_sequences
-from instruct_jax.train.rm_trainer import build_rm, build_rm_data, initial_state, reference_sequences, score_batch_size
+from instruct_jax.inference.scorer import RewardScorer
+from instruct_jax.train.lm.build import build_lm
+from instruct_jax.inference.scorer import score_token_sequences
+from instruct_jax.train.rm.ranking import IDENTITY_NORM
+from instruct_jax.inference.scorer import score_batch_size
+from instruct_jax.train.rm.trainer import build_rm, build_rm_data, initial_state, reference_sequences
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_rm.py")
 OVERRIDES = ["train.steps=60", "train.eval_every=30", "reward.synthetic=1000", "reward.normalize_std=true",
@@ -66,11 +68,11 @@ def test_normalization_is_stored_everywhere_and_centres_the_reference_set(traine
     # Score the reference set again through the export: mean 0 and (normalize_std) std 1.
     data = build_rm_data(cfg, str(trained))
     refs = reference_sequences(cfg, data)
-    kwargs = dict(seq_len=cfg.train.seq_len, batch_size=score_batch_size(cfg, scorer.setup.mesh),
-                  mesh=scorer.setup.mesh, rules=scorer.setup.rules)
-    scores = score_token_sequences(scorer.setup.score_step, scorer.params, scorer.norm, refs, **kwargs)
+    kwargs = dict(seq_len=cfg.train.seq_len, batch_size=score_batch_size(cfg, scorer.mesh),
+                  mesh=scorer.mesh, rules=scorer.rules)
+    scores = score_token_sequences(scorer.score_step, scorer.params, scorer.norm, refs, **kwargs)
     assert len(scores) == 200 and abs(scores.mean()) < 1e-4 and scores.std() == pytest.approx(1.0, rel=1e-4)
-    raw = score_token_sequences(scorer.setup.score_step, scorer.params, IDENTITY_NORM, refs, **kwargs)
+    raw = score_token_sequences(scorer.score_step, scorer.params, IDENTITY_NORM, refs, **kwargs)
     np.testing.assert_allclose(scores, raw * norm["gain"] + norm["bias"], rtol=1e-5, atol=1e-5)
     # The Python API on strings: the rule's better answer scores higher.
     good, bad = scorer.score([("Say something.", "good sweet day and the sea"),

@@ -288,5 +288,5 @@ SELF_INSTRUCT_FIELDS = {"format": "sft", "prompt_field": "instruction", "input_f
 
 
 def self_instruct_config(path: str, **overrides) -> DataConfig:
-    """A DataConfig reading Self-Instruct seed tasks (e.g. ../shared/data/self_instruct_seed_tasks.jsonl) as SFT."""
+    """A DataConfig reading Self-Instruct seed tasks (e.g. data/self_instruct_seed_tasks.jsonl) as SFT."""
     return DataConfig(source=path, **{**SELF_INSTRUCT_FIELDS, **overrides})

@@ -3,7 +3,7 @@
 Every row comes out as `(where, value)`: `where` names the place ("data/train.jsonl:12", or
 "Anthropic/hh-rlhf[test]:row 5" for datasets-backed rows, counted from 0 like `ds[i]`), and
 `value` is a dict (json, parquet, Hub), a str (text files), or a MalformedDataError for a row that
-couldn't even be parsed. Yielding errors as values lets one place (pipeline.py) apply the
+couldn't even be parsed. Yielding errors as values lets one place (instructgpt/pipeline.py) apply the
 `on_malformed` policy to every kind of failure.
 
 Why local jsonl / json / text are read here rather than by `datasets.load_dataset("json", ...)`:

@@ -22,6 +22,7 @@ import os
 from typing import Callable, Iterable, Optional, Sequence
 
 from instruct_jax.data.sources import read_bytes
+from instruct_jax.errors import ConfigError
 
 # Token strings tried, in order, when neither the caller nor tokenizer_config.json names a special.
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
@@ -258,3 +259,10 @@ def load_tokenizer(path_or_spec: str, **overrides) -> Tokenizer:
     if path.endswith(".model"):
         return SentencePieceTokenizer(path, config, **overrides)
     raise ValueError(f"unknown tokenizer file {path!r}: expected a .model (sentencepiece) or tokenizer.json")
+
+
+def check_tokenizer_fits(tokenizer, model_cfg) -> None:
+    """Every token id must have an embedding row: ConfigError naming model.vocab_size otherwise."""
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}, "
+                          f"got {model_cfg.vocab_size}")

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
 def _mesh(spec):
     import jax
 
-    from instruct_jax.config import MeshConfig, load_experiment
+    from instruct_jax.config import load_experiment
+    from instruct_jax.parallel.mesh import MeshConfig
     from instruct_jax.parallel.mesh import make_mesh
 
     mesh_cfg = load_experiment(spec).mesh if spec else MeshConfig()
@@ -113,7 +114,7 @@ def run_export(args) -> int:
     from instruct_jax.checkpoint import load_params
     from instruct_jax.config import apply_overrides, load_experiment, validate
     from instruct_jax.interop.hf import export_hf, target_params
-    from instruct_jax.train.trainer import resolve_params_dir
+    from instruct_jax.checkpoint import resolve_params_dir
 
     cfg = apply_overrides(load_experiment(args.experiment), args.overrides)
     validate(cfg)
@@ -137,7 +138,7 @@ def run_export(args) -> int:
 
 
 def main(args) -> int:
-    from instruct_jax.config import ConfigError
+    from instruct_jax.errors import ConfigError
     from instruct_jax.interop.hf_config import UnsupportedConfig
 
     try:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.interop.hf_config import UnsupportedConfig, model_config_from_hf
 from instruct_jax.interop.hf import load_from_source
 

@@ -6,7 +6,7 @@
 Import places every parameter on the target mesh shard by shard (layout.py); export writes
 float32 (or bfloat16) safetensors, sharded above 5 GB, one layer on the host at a time.
 
-A reward model ({"trunk": ..., "head": {"kernel", "bias"}}, train/rm_trainer.py) exports as
+A reward model ({"trunk": ..., "head": {"kernel", "bias"}}, train/rm/trainer.py) exports as
 `<Family>ForSequenceClassification` with one label. transformers' score head is a bias-free
 linear map read at the last non-pad token, so the head's kernel is written pre-multiplied by
 the normalization gain, and the constant (gain * head bias + normalization bias) goes into
@@ -23,7 +23,7 @@ from typing import Optional
 
 import jax
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.interop.hf_config import REWARD_OFFSET_KEY, hf_config_from_model, model_config_from_hf
 from instruct_jax.interop.layout import (PaddedVocab, TensorSource, check_source, dim_sizes, hf_entries, hf_shape,
                                          hf_tensor, load_tree, tensor_maps, to_host)
@@ -46,8 +46,8 @@ def target_params(cfg: ModelConfig, mesh, rules=None, reward: bool = False):
     creates them (train/state.py); `mesh` may be abstract."""
     import functools
 
-    from instruct_jax.config import MeshConfig
-    from instruct_jax.train.state import param_shardings_for
+    from instruct_jax.parallel.mesh import MeshConfig
+    from instruct_jax.parallel.sharding import param_shardings_for
 
     rules = rules if rules is not None else MeshConfig().logical_rules()
     if reward:
@@ -56,7 +56,7 @@ def target_params(cfg: ModelConfig, mesh, rules=None, reward: bool = False):
         init = functools.partial(init_reward_params_boxed, RewardModel(cfg))
     else:
         from instruct_jax.model.transformer import Transformer
-        from instruct_jax.train.state import init_params_boxed
+        from instruct_jax.model.transformer import init_params_boxed
 
         init = functools.partial(init_params_boxed, Transformer(cfg))
     return param_shardings_for(init, mesh, rules)

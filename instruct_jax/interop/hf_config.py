@@ -32,7 +32,7 @@ import math
 import warnings
 from typing import Any, Optional
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 
 FAMILIES = ("llama", "mistral", "qwen2")
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

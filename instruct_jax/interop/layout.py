@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 
 
 class TensorSource(Protocol):

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.layers import _param
 from instruct_jax.model.transformer import ModelInput, Transformer
 
@@ -67,7 +67,7 @@ class RewardModel(nn.Module):
     rows, T - 1 for left-padded rows, each segment's last position for packed rows. The mask
     comes from the input's positions and segment ids, so the reward of a sequence does not
     depend on how much padding surrounds it, on which side, or on what it is packed with.
-    Normalization (gain, bias) is applied by the caller: train/reward.py's `reward_scores`.
+    Normalization (gain, bias) is applied by the caller: train/rm/ranking.py's `reward_scores`.
     """
 
     cfg: ModelConfig

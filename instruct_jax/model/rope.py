@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from instruct_jax.config import ModelConfig
+    from instruct_jax.model.config import ModelConfig
 
 ROPE_TYPES = ("default", "linear", "ntk", "yarn", "llama3")
 

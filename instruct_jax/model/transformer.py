@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from instruct_jax.config import ModelConfig
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.layers import Block, RMSNorm, _param, constrain
 
@@ -200,3 +200,9 @@ def compute_dtype_weights(cfg: ModelConfig, params):
         return p if is_scale or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def init_params_boxed(model: nn.Module, rng, seq_len: int = 8):
+    """Model params with nn.Partitioned boxes (logical axis metadata)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(rng, ModelInput.unpacked(tokens))["params"]

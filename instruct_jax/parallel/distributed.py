@@ -40,9 +40,23 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Mapping, MutableMapping, Optional, Sequence
 
-from instruct_jax.config import ConfigError, DistributedConfig
+from instruct_jax.errors import ConfigError
+
+# ----------------------------------------------------------------------------- multi-host
+@dataclass
+class DistributedConfig:
+    """Joining a multi-process job (parallel/distributed.py, docs/MULTIHOST.md). The CLI flags
+    --coordinator / --num-processes / --process-id and env vars INSTRUCT_JAX_* take precedence."""
+
+    mode: str = "auto"  # auto: join when a coordinator is given or on a TPU VM | on: always | off: one process
+    coordinator: str = ""  # host:port of process 0's coordinator service ("" = flag / env / discovered)
+    num_processes: int = 0  # processes in the job (0 = flag / env / discovered)
+    process_id: int = -1  # this process's index in [0, num_processes) (-1 = flag / env / discovered)
+    timeout_s: int = 300  # how long process 0 waits for every process to join
+
 
 ENV_COORDINATOR = "INSTRUCT_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "INSTRUCT_JAX_NUM_PROCESSES"

@@ -14,13 +14,81 @@ Worked example (2 slices x 4 devices, data across slices, fsdp within):
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-from instruct_jax.config import MESH_AXES, ConfigError, MeshConfig
+from instruct_jax.errors import ConfigError
+
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost (slowest links) to innermost
+
+
+# Logical axis name -> mesh axis (or tuple of axes, or None = replicated). Parameters and
+# activations in the model name only logical axes; this table is the single place that
+# decides how they map onto a mesh. Experiments override entries with `MeshConfig.rules`.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_head_dim", None),
+    # KV cache [L, B, S, K, H] (decoding): rows like the batch, kv heads like the activations.
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+)
+
+
+@dataclass
+class MeshConfig:
+    # Within-slice (ICI) sizes. One of them may be -1: it takes all devices left over.
+    data: int = 1
+    fsdp: int = -1
+    sequence: int = 1
+    tensor: int = 1
+    # Across-slice (DCN) sizes, for multi-slice runs; their product is the slice count.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
+    dcn_tensor: int = 1
+    # Overrides of DEFAULT_RULES entries: ((logical_name, mesh_axis_or_tuple_or_None), ...).
+    rules: tuple = ()
+    # The hardware this experiment is sized for (0 / "" = whatever runs it). Tests and
+    # `plan` check the shardings against a device-free AbstractMesh of this size.
+    num_devices: int = 0
+    num_slices: int = 1
+    topology: str = ""  # TPU topology name, e.g. "v5p:4x4x4" (64 chips)
+
+    def ici_shape(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    def dcn_shape(self) -> dict[str, int]:
+        return {a: getattr(self, "dcn_" + a) for a in MESH_AXES}
+
+    def logical_rules(self) -> tuple[tuple[str, Any], ...]:
+        """DEFAULT_RULES with this experiment's overrides applied (order preserved)."""
+        overrides = {name: axes for name, axes in self.rules}
+        unknown = set(overrides) - {n for n, _ in DEFAULT_RULES}
+        rules = [(n, overrides.get(n, a)) for n, a in DEFAULT_RULES]
+        rules += [(n, overrides[n]) for n in overrides if n in unknown]
+        return tuple(rules)
 
 
 def _fill(sizes: dict[str, int], total: int, prefix: str, what: str) -> dict[str, int]:
@@ -103,3 +171,15 @@ def make_abstract_mesh(cfg: MeshConfig, num_devices: int, num_slices: int | None
     shape = resolve_mesh_shape(cfg, num_devices, num_slices)
     return AbstractMesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the logical "batch" axis maps to under `rules` (rows are split over their product)."""
+    axes = dict(rules)["batch"]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def batch_shards(mesh_shape: dict[str, int], rules) -> int:
+    """How many pieces a global batch is split into: the product of the batch axes' sizes. `mesh_shape` is a
+    mesh's `.shape` or resolve_mesh_shape's dict."""
+    return math.prod(mesh_shape[a] for a in batch_axes(rules))

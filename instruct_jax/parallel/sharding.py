@@ -9,13 +9,14 @@ lookup, a name missing from the table is an error here, never a silent replicati
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from instruct_jax.config import MESH_AXES, ConfigError
+from instruct_jax.errors import ConfigError
+from instruct_jax.parallel.mesh import MESH_AXES
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -92,3 +93,18 @@ def batch_sharding(mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def param_shardings_for(init_boxed: Callable[[jax.Array], Any], mesh, rules):
+    """(abstract params with shardings, their shardings) from a boxed-params init function."""
+    # Shapes and logical names only: no mesh context needed, so `mesh` may be an AbstractMesh.
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = unbox(boxed)
+    check_divisible(abstract, shardings)
+    return with_shardings(abstract, shardings), shardings

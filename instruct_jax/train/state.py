@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from instruct_jax.model.transformer import ModelInput
 from instruct_jax.parallel.context import mesh_and_rules
-from instruct_jax.parallel.sharding import check_divisible, logical_to_shardings, replicated, unbox
+from instruct_jax.parallel.sharding import param_shardings_for, replicated, unbox, with_shardings
 from instruct_jax.train.guards import GuardState
 
 
@@ -30,12 +28,6 @@ class TrainState:
     guard: GuardState = None  # numerical-guard counters (train/guards.py); None only in hand-built states
 
 
-def init_params_boxed(model: nn.Module, rng, seq_len: int = 8):
-    """Model params with nn.Partitioned boxes (logical axis metadata)."""
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(rng, ModelInput.unpacked(tokens))["params"]
-
-
 def opt_state_shardings(abstract_opt_state, params_def, param_shardings, mesh):
     """Subtrees shaped like the params (Adam moments) get the params' shardings; the rest replicates."""
     def is_param_tree(node):
@@ -43,21 +35,6 @@ def opt_state_shardings(abstract_opt_state, params_def, param_shardings, mesh):
 
     return jax.tree.map(lambda node: param_shardings if is_param_tree(node) else replicated(mesh),
                         abstract_opt_state, is_leaf=is_param_tree)
-
-
-def with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def param_shardings_for(init_boxed: Callable[[jax.Array], Any], mesh, rules):
-    """(abstract params with shardings, their shardings) from a boxed-params init function."""
-    # Shapes and logical names only: no mesh context needed, so `mesh` may be an AbstractMesh.
-    with nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
-    shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = unbox(boxed)
-    check_divisible(abstract, shardings)
-    return with_shardings(abstract, shardings), shardings
 
 
 def state_shardings_for(init_boxed: Callable, tx: optax.GradientTransformation, mesh, rules):

@@ -1,0 +1,405 @@
+"""The whole InstructGPT recipe on the built-in task, end to end, with a report that shows whether it aligned.
+
+    python -m instruct_jax pipeline --experiment experiments/tiny_cpu.py --workdir runs/pipeline
+
+Stages (each in <workdir>/<stage>/, finished when <stage>/DONE.json exists):
+
+    task      generate the built-in task from `seed`: pretraining corpus, demonstrations written by
+              simulated demonstrators, training / PPO / evaluation prompts; train the tokenizer
+    pretrain  the base LM on the plain-text corpus (`pretrain` phase)
+    sft       supervised fine-tuning on the demonstrations, from the base model (`sft` phase)
+    label     K samples per training prompt from the SFT policy (at `sample_temperature`), ranked by the labeler
+              (a Plackett-Luce sample of the gold totals + random flips; gold ties stay ties)
+    rm        the reward model on those rankings, from the SFT model (`rm` phase)
+    ppo       PPO against the reward model, from the SFT policy; policy snapshots along the way
+    eval      every policy decoded the same way on held-out prompts; report.md / report.json / plots
+
+Re-running skips finished stages, and a stage interrupted mid-training resumes from its newest
+checkpoint (every training stage is a resumable phase). `--stage NAME` runs one stage alone (its
+inputs must exist). The gold judge is called only by the labeler and by the evaluation, and every
+call is counted. Settings: `cfg.pipeline` (config.py PipelineConfig); docs/PIPELINE.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from instruct_jax.config import Config, StageConfig, save_config
+from instruct_jax.errors import ConfigError
+from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt
+from instruct_jax.data.config import DataConfig
+from instruct_jax.instructgpt.gold import GoldJudge, Labeler
+from instruct_jax.metrics import log
+from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
+
+STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "eval")
+DONE_FILE = "DONE.json"
+
+
+# ----------------------------------------------------------------------------- validation
+def validate_pipeline(cfg: Config) -> None:
+    """The pipeline's own checks; ConfigError names the field."""
+    p = cfg.pipeline
+    for name in ("pretrain_paragraphs", "sft_demos", "eval_prompts", "label_prompts", "ppo_prompts",
+                 "max_new_tokens", "kl_samples"):
+        if getattr(p, name) <= 0:
+            raise ConfigError(f"pipeline.{name}", f"must be > 0, got {getattr(p, name)}")
+    for name in ("demo_chatty", "demo_slip", "held_out_fraction", "labeler_flip_rate"):
+        if not 0.0 <= getattr(p, name) <= 1.0:
+            raise ConfigError(f"pipeline.{name}", f"must be in [0, 1], got {getattr(p, name)}")
+    p.kinds = tuple(p.kinds) if isinstance(p.kinds, (list, tuple)) else p.kinds
+    if (not isinstance(p.kinds, tuple) or not p.kinds or len(set(p.kinds)) != len(p.kinds)
+            or any(k not in KINDS for k in p.kinds)):
+        raise ConfigError("pipeline.kinds", f"expected distinct kinds from {list(KINDS)}, got {p.kinds!r}")
+    if p.demo_phrase not in DEMO_PHRASES:
+        raise ConfigError("pipeline.demo_phrase", f"expected one of {list(DEMO_PHRASES)}, got {p.demo_phrase!r}")
+    if not 2 <= p.responses_per_prompt <= 9:
+        raise ConfigError("pipeline.responses_per_prompt", f"K must be in 2..9, got {p.responses_per_prompt}")
+    if p.sample_temperature <= 0:
+        raise ConfigError("pipeline.sample_temperature", f"must be > 0 (the labeler ranks distinct samples), "
+                          f"got {p.sample_temperature}")
+    for name in ("labeler_temperature", "decode_temperature", "kl_budget", "max_comparisons", "snapshots"):
+        if getattr(p, name) < 0:
+            raise ConfigError(f"pipeline.{name}", f"must be >= 0, got {getattr(p, name)}")
+    try:
+        p.best_of = tuple(int(n) for n in p.best_of)
+    except (TypeError, ValueError):
+        raise ConfigError("pipeline.best_of", f"expected a list of integers, got {p.best_of!r}") from None
+    if any(n < 1 for n in p.best_of):
+        raise ConfigError("pipeline.best_of", f"every n must be >= 1, got {p.best_of}")
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        st: StageConfig = getattr(p, stage)
+        for name in ("steps", "global_batch_size", "seq_len", "learning_rate"):
+            if getattr(st, name) <= 0:
+                raise ConfigError(f"pipeline.{stage}.{name}", f"must be > 0, got {getattr(st, name)}")
+        if st.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"pipeline.{stage}.seq_len", f"exceeds model.max_seq_len={cfg.model.max_seq_len}, "
+                              f"got {st.seq_len}")
+    if prompt_len(cfg) + p.max_new_tokens + 1 > cfg.model.max_seq_len:
+        raise ConfigError("pipeline.max_new_tokens", f"prompt {prompt_len(cfg)} + {p.max_new_tokens} new tokens "
+                          f"+ 1 exceeds model.max_seq_len={cfg.model.max_seq_len}")
+
+
+def prompt_len(cfg: Config) -> int:
+    """Tokens per left-padded prompt everywhere in the pipeline (sampling, PPO, evaluation)."""
+    return cfg.data.max_prompt_len or cfg.pipeline.ppo.seq_len - cfg.ppo.response_len
+
+
+# ----------------------------------------------------------------------------- paths and markers
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    root: str
+    vocab_size: int
+
+    def stage(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.root, "task", name)
+
+    @property
+    def tokenizer(self) -> str:
+        return os.path.join(self.root, "task", "tokenizer", f"spm_{self.vocab_size}.model")
+
+
+def is_done(paths: Paths, stage: str) -> bool:
+    return os.path.isfile(os.path.join(paths.stage(stage), DONE_FILE))
+
+
+def mark_done(paths: Paths, stage: str, result: dict) -> None:
+    os.makedirs(paths.stage(stage), exist_ok=True)
+    tmp = os.path.join(paths.stage(stage), DONE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=float)
+    os.replace(tmp, os.path.join(paths.stage(stage), DONE_FILE))
+
+
+def read_done(paths: Paths, stage: str) -> dict:
+    with open(os.path.join(paths.stage(stage), DONE_FILE)) as f:
+        return json.load(f)
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- stage configs
+def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
+    """The experiment's config with the stage's steps / batch / lr, data and init paths filled in."""
+    c = copy.deepcopy(cfg)
+    st: StageConfig = getattr(cfg.pipeline, stage)
+    c.name = f"{cfg.name}-{stage}"
+    c.train.steps, c.train.global_batch_size, c.train.seq_len = st.steps, st.global_batch_size, st.seq_len
+    c.train.eval_every, c.train.microbatches = st.eval_every, 1
+    c.train.early_stop_patience = st.early_stop_patience
+    c.optim.learning_rate, c.optim.warmup_steps = st.learning_rate, st.warmup_steps
+    common = dict(tokenizer=paths.tokenizer, vocab_size=cfg.data.vocab_size, chat_template="builtin")
+    corpus = dict(source=paths.file("corpus.txt"), format="text", text_unit="paragraph", **common)
+    if stage == "pretrain":
+        c.data = DataConfig(eval_fraction=0.05, **corpus)
+    elif stage == "sft":
+        c.data = DataConfig(source=paths.file("demos.jsonl"), format="sft", messages_field="messages",
+                            eval_fraction=0.1, **common)
+        c.train.init_from = paths.stage("pretrain")
+    elif stage == "rm":
+        c.data = DataConfig(source=os.path.join(paths.stage("label"), "rankings.jsonl"), format="ranking",
+                            eval_fraction=0.1, max_responses=cfg.pipeline.responses_per_prompt, **common)
+        c.reward.synthetic = 0
+        c.reward.reference = DataConfig(format="sft")  # source "": the best-ranked training responses
+        c.train.init_from = paths.stage("sft")
+    elif stage == "ppo":
+        c.data = DataConfig(source=paths.file("ppo_prompts.jsonl"), format="prompt", max_prompt_len=prompt_len(cfg),
+                            **common)
+        c.ppo.reward, c.ppo.reward_model, c.ppo.synthetic_prompts = "model", paths.stage("rm"), 0
+        c.ppo.export_every = max(1, st.steps // cfg.pipeline.snapshots) if cfg.pipeline.snapshots else 0
+        if c.ppo.ptx_coef > 0 and not c.ppo.ptx.source:  # PPO-ptx mixes in the base model's own corpus
+            c.ppo.ptx = DataConfig(eval_fraction=0.0, **corpus)
+        c.train.init_from = paths.stage("sft")
+    else:
+        raise ValueError(f"no training config for stage {stage!r}")
+    return c
+
+
+def stage_task(cfg: Config, paths: Paths) -> dict:
+    """Write the task's data files and train the tokenizer on the corpus and the demonstrations."""
+    from instruct_jax.data.build import build_tokenizer
+
+    p = cfg.pipeline
+    task = Task(cfg.seed, num_eval=p.eval_prompts, held_out_fraction=p.held_out_fraction, kinds=p.kinds)
+    os.makedirs(paths.stage("task"), exist_ok=True)
+    corpus = task.pretrain_corpus(p.pretrain_paragraphs)
+    with open(paths.file("corpus.txt"), "w") as f:
+        f.write("\n\n".join(corpus) + "\n")
+    demos = task.sft_demos(p.sft_demos, chatty=p.demo_chatty, slip=p.demo_slip,
+                           phrases=DEMO_PHRASES[p.demo_phrase])
+    _write_jsonl(paths.file("demos.jsonl"), [{"messages": d} for d in demos])
+    # Label and PPO prompts come from one draw, split: the reward model never rates PPO's prompts.
+    train = task.train_prompts(p.label_prompts + p.ppo_prompts)
+    _write_jsonl(paths.file("label_prompts.jsonl"), [t.to_row() for t in train[:p.label_prompts]])
+    _write_jsonl(paths.file("ppo_prompts.jsonl"), [t.to_row() for t in train[p.label_prompts:]])
+    _write_jsonl(paths.file("eval_prompts.jsonl"), [t.to_row() for t in task.eval_prompts()])
+    # The tokenizer reads the corpus and every prompt and answer text the pipeline will show it.
+    texts = paths.file("tokenizer_text.txt")
+    with open(texts, "w") as f:
+        f.write("\n".join(corpus) + "\n")
+        for d in demos:
+            f.write("\n".join(m["content"] for m in d) + "\n")
+        for t in train[:1000]:
+            f.write(t.text + "\n")
+    build_tokenizer(DataConfig(format="text", tokenizer_train_files=(texts,), vocab_size=cfg.data.vocab_size),
+                    paths.stage("task"))  # -> task/tokenizer/spm_<vocab>.model (paths.tokenizer)
+    references = {t.text: t.spec.reference for t in task.sft_prompts(p.sft_demos)}
+    habits = sum(1 for d in demos if d[-1]["content"] != references[d[0]["content"]])
+    return {"corpus_paragraphs": len(corpus), "demos": len(demos), "label_prompts": p.label_prompts,
+            "ppo_prompts": p.ppo_prompts, "eval_prompts": len(task.eval_prompts()),
+            "eval_held_out_templates": sum(t.spec.held_out for t in task.eval_prompts()),
+            "demos_not_the_reference": habits, "kinds": list(p.kinds)}
+
+
+def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
+    """pretrain / sft / rm / ppo: the phase's own resumable trainer on the stage config."""
+    c = stage_config(cfg, stage, paths)
+    workdir = paths.stage(stage)
+    if stage in ("pretrain", "sft"):
+        from instruct_jax.train.lm.trainer import run_lm
+
+        return run_lm(c, workdir, phase=stage)
+    if stage == "rm":
+        from instruct_jax.train.rm.trainer import run_rm
+
+        return run_rm(c, workdir)
+    from instruct_jax.rl.ppo.trainer import run_ppo
+
+    return run_ppo(c, workdir)
+
+
+def _runner(cfg: Config, paths: Paths, c: Config):
+    from instruct_jax.data.build import build_chat_template, build_tokenizer
+    from instruct_jax.inference.runner import PolicyRunner
+
+    tokenizer = build_tokenizer(c.data)
+    return PolicyRunner(c, tokenizer, build_chat_template(c.data, tokenizer), prompt_len(cfg),
+                        batch_size=max(cfg.pipeline.ppo.global_batch_size, 64))
+
+
+def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
+    """K samples per label prompt from the SFT policy (pipeline.sample_temperature), ranked by the labeler."""
+    from instruct_jax.metrics import progress
+
+    p = cfg.pipeline
+    c = stage_config(cfg, "sft", paths)
+    runner = _runner(cfg, paths, c)
+    params = runner.load(paths.stage("sft"))
+    prompts = [TaskPrompt.from_row(r) for r in read_jsonl(paths.file("label_prompts.jsonl"))]
+    messages = [list(t.messages) for t in prompts]
+    bar = progress(p.responses_per_prompt, desc="label: sample")
+    samples = []
+    for k in range(p.responses_per_prompt):
+        samples.append(runner.generate(params, messages, temperature=p.sample_temperature,
+                                       max_new_tokens=cfg.ppo.response_len,
+                                       seed=cfg.seed * 7919 + k).texts)
+        bar.update(1)
+    bar.close()
+    labeler = Labeler(judge, p.labeler_temperature, p.labeler_flip_rate, p.max_comparisons, seed=cfg.seed)
+    rows, counts, empty, budget_left = [], [], 0, True
+    for i, prompt in enumerate(prompts):
+        responses = [samples[k][i] for k in range(p.responses_per_prompt)]
+        if any(not r.strip() for r in responses):
+            # An empty sample can't be shown to a labeler (nor stored as a ranking row); count and skip.
+            empty += 1
+            continue
+        if p.max_comparisons and labeler.comparisons + len(responses) * (len(responses) - 1) // 2 > p.max_comparisons:
+            budget_left = False
+            break
+        ranking = labeler.rank(prompt, responses)
+        if ranking is None:
+            continue
+        counts.append(ranking_agreement(ranking.ranks, labeler.last_totals))
+        rows.append({"prompt": prompt.text, "responses": list(ranking.responses), "ranks": list(ranking.ranks),
+                     "spec": prompt.spec.to_dict()})
+    os.makedirs(paths.stage("label"), exist_ok=True)
+    _write_jsonl(os.path.join(paths.stage("label"), "rankings.jsonl"), rows)
+    distinct = float(np.mean([len(set(r["responses"])) for r in rows])) if rows else 0.0
+    result = {"rankings": len(rows), "labeler_agreement": agreement_rate(counts),
+              "agreement_pairs": int(sum(c[1] for c in counts)), "skipped_all_tied": labeler.all_tied,
+              "skipped_empty_sample": empty, "budget_exhausted": not budget_left,
+              "comparisons": labeler.comparisons, "gold_calls": judge.calls, "mean_distinct_responses": distinct}
+    log(f"label: {len(rows)} rankings of K={p.responses_per_prompt}; labeler agrees with gold on "
+        f"{result['labeler_agreement']:.3f} of {result['agreement_pairs']} non-tied pairs; skipped "
+        f"{labeler.all_tied} all-tied and {empty} with an empty sample; {judge.calls} gold calls")
+    return result
+
+
+def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
+    """Decode base / SFT / PPO (+ best-of-n, KL, snapshots) on held-out prompts; write the report."""
+    from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate, generate_scored
+    from instruct_jax.metrics import progress
+    from instruct_jax.inference.scorer import RewardScorer
+
+    p = cfg.pipeline
+    c = stage_config(cfg, "sft", paths)
+    runner = _runner(cfg, paths, c)
+    scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
+    prompts = [EvalPrompt.from_task(TaskPrompt.from_row(r)) for r in read_jsonl(paths.file("eval_prompts.jsonl"))]
+    policies = {name: runner.load(paths.stage(stage)) for name, stage in
+                (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))}
+    settings = EvalSettings(temperature=p.decode_temperature, max_new_tokens=p.max_new_tokens, best_of=p.best_of,
+                            best_of_policy="sft", best_of_temperature=p.sample_temperature,
+                            kl_pairs=(("ppo", "sft"),), kl_samples=p.kl_samples,
+                            win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base")), seed=cfg.seed)
+    snapshots = _snapshot_dirs(paths)
+    bar = progress(len(policies) + 2 + len(snapshots), desc="eval")
+    calls_before = judge.calls
+    rows, summary = evaluate(runner, policies, prompts, settings, scorer=scorer, judge=judge, progress=bar.update)
+    # Gold vs proxy as KL grows: temperature-1 samples of each PPO snapshot on the held-out prompts.
+    curve = []
+    for step, path in snapshots:
+        outs = generate_scored(runner, runner.load(path), prompts, temperature=1.0, max_new_tokens=p.max_new_tokens,
+                               seed=cfg.seed * 1000 + 300 + step, scorer=scorer, judge=judge,
+                               logprob_under=policies["sft"])
+        curve.append({"step": step, "kl": float(np.mean([o["logp"] - o["logp_ref"] for o in outs])),
+                      "gold": float(np.mean([o["gold"]["total"] for o in outs])),
+                      "rm": float(np.mean([o["rm"] for o in outs]))})
+        for row, o in zip(rows, outs):
+            row.setdefault("snapshots", {})[str(step)] = o
+        bar.update(1)
+    bar.close()
+    summary["overoptimization"] = curve
+    summary["gold_calls_eval"] = judge.calls - calls_before
+    os.makedirs(paths.stage("eval"), exist_ok=True)
+    _write_jsonl(os.path.join(paths.root, "eval_samples.jsonl"), rows)
+    return summary
+
+
+def _snapshot_dirs(paths: Paths) -> list[tuple[int, str]]:
+    """(iteration, export) of PPO's snapshots, then its final policy."""
+    folder = os.path.join(paths.stage("ppo"), "snapshots")
+    found = sorted((int(d), os.path.join(folder, d)) for d in os.listdir(folder) if d.isdigit()) \
+        if os.path.isdir(folder) else []
+    final = read_done(paths, "ppo").get("step") if is_done(paths, "ppo") else None
+    return found + ([(int(final), paths.stage("ppo"))] if final else [])
+
+
+# ----------------------------------------------------------------------------- the run
+def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
+    """Run (or resume) every stage in order, or just `only`; returns the report dict."""
+    from instruct_jax.instructgpt.report import build_report, console_summary, write_report
+
+    validate_pipeline(cfg)
+    if only is not None and only not in STAGES:
+        raise ConfigError("stage", f"expected one of {list(STAGES)}, got {only!r}")
+    paths = Paths(workdir, cfg.data.vocab_size)
+    save_config(cfg, workdir)
+    judge = GoldJudge()
+    results = {}
+    for stage in STAGES:
+        if only is not None and stage != only:
+            if is_done(paths, stage):
+                results[stage] = read_done(paths, stage)
+            continue
+        if is_done(paths, stage) and only is None:
+            results[stage] = read_done(paths, stage)
+            log(f"[{stage}] finished earlier: skipped")
+            continue
+        _require_inputs(paths, stage)
+        log(f"[{stage}] running")
+        start = time.perf_counter()
+        if stage == "task":
+            out = stage_task(cfg, paths)
+        elif stage == "label":
+            out = stage_label(cfg, paths, judge)
+        elif stage == "eval":
+            out = stage_eval(cfg, paths, judge)
+        else:
+            out = stage_train(cfg, paths, stage)
+        out = dict(out or {})
+        out["seconds"] = time.perf_counter() - start
+        mark_done(paths, stage, out)
+        results[stage] = out
+    if "eval" not in results:
+        return {}
+    report = build_report(cfg, results)
+    write_report(report, results, paths.root)
+    log(console_summary(report))
+    return report
+
+
+def _require_inputs(paths: Paths, stage: str) -> None:
+    """A stage run alone needs the stages before it to have finished."""
+    needs = {"pretrain": ("task",), "sft": ("task", "pretrain"), "label": ("task", "sft"),
+             "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"), "eval": ("task", "pretrain", "sft", "rm", "ppo")}
+    missing = [s for s in needs.get(stage, ()) if not is_done(paths, s)]
+    if missing:
+        raise ConfigError("stage", f"stage {stage!r} needs {missing} finished first in {paths.root} "
+                          "(run the pipeline without --stage, or those stages)")
+
+
+def run_seeds(cfg: Config, workdir: str, seeds: Sequence[int], only: Optional[str] = None) -> dict:
+    """One pipeline per seed in <workdir>/seed_<S>/, then mean +- std over seeds in <workdir>/report.*."""
+    from instruct_jax.instructgpt.report import aggregate_seeds, write_seed_report
+
+    reports = []
+    for s in seeds:
+        c = copy.deepcopy(cfg)
+        c.seed = int(s)
+        reports.append(run_pipeline(c, os.path.join(workdir, f"seed_{s}"), only))
+    if only is not None and only != "eval":
+        return {}
+    combined = aggregate_seeds(reports)
+    write_seed_report(combined, reports, workdir)
+    return combined

@@ -1,0 +1,54 @@
+"""The model's section of the config: architecture, numerics and kernels. Every field is documented once, here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# ----------------------------------------------------------------------------- model
+ROPE_TYPES = ("default", "linear", "ntk", "yarn", "llama3")
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+
+
+# auto: by backend, length and mesh (model/attention/dispatch.py: select_implementation); reference: einsum
+# with [T, S] scores; blockwise: flash-style, linear memory; ring: sequence-parallel over the mesh
+# axis of "length"; splash: TPU Pallas kernel; cudnn: GPU fused kernel (packed rows -> blockwise).
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "ring", "splash", "cudnn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # rows of the embedding table (tokenizer vocab, rounded up is fine)
+    d_model: int = 64  # residual stream width
+    num_layers: int = 2  # transformer blocks (stacked with nn.scan)
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 4  # key/value heads; < num_heads is grouped-query attention
+    head_dim: int = 16  # per-head width (need not be d_model / num_heads)
+    mlp_dim: int = 256  # SwiGLU hidden width
+    max_seq_len: int = 2048  # longest position the model is used at (rotary tables, caches)
+    rope_theta: float = 10000.0  # rotary base
+    rope_type: str = "default"  # one of ROPE_TYPES: scaling for context extension
+    rope_factor: float = 1.0  # context extension factor (linear / ntk / yarn / llama3)
+    rope_original_max_len: int = 8192  # pre-extension context (llama3 / yarn)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above orig_len/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below orig_len/high are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations at which interpolation starts ramping
+    rope_beta_slow: float = 1.0  # yarn: rotations at which interpolation is full
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # output projection = embedding table transposed
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    parallel_block: bool = False  # PaLM block: x + attn(norm(x)) + mlp(norm(x)), one shared pre-norm
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params are always float32)
+    remat: str = "none"  # one of REMAT_POLICIES: what each scanned block saves for backward
+    attention: str = "auto"  # one of ATTENTION_IMPLS
+    attention_block_q: int = 512  # blockwise / ring: query rows per tile (memory ~ block_q * block_kv per head)
+    attention_block_kv: int = 512  # blockwise / ring: key rows per tile
+    init_std: float = 0.02  # normal init std of every weight matrix
+    # LM training loss: logits for this many positions at a time (fused, chunked cross-entropy that
+    # never holds [B, T, V]); 0 = all at once. Chunking saves memory for large vocabularies and long
+    # sequences (the 8B / PaLM presets and the long-context experiments use 64); where memory is not
+    # the limit it changes nothing measurable (2-core CPU, SmolLM2-135M SFT step: 123 tokens/s with 0,
+    # 125 with 64, docs/BENCHMARKS.md), and 0 is the plain loss.
+    loss_chunk: int = 0

@@ -1,0 +1,468 @@
+"""The PPO loop (InstructGPT step 3), top to bottom: Mesh -> Model -> Shard -> Update -> Input -> Reward
+-> Checkpoint -> Train -> Export.
+
+    python -m instruct_jax ppo --experiment experiments/tiny_ppo.py --workdir runs/tiny-ppo
+
+Per iteration i (rng_i = fold_in(policy rng, i), prompts = the prompt loader's batch i):
+
+    sample     = steps.sample(policy, prompts, fold_in(rng_i, 0))           KV-cache rollout, in the mesh
+    exp, stats = steps.experience(policy, reference, value, reward, ...)    one forward per model, rewards, GAE
+    state, u   = steps.update(state, exp, fold_in(rng_i, 1)[, ptx batch i])  epochs x minibatches
+    beta       = KL controller update with this rollout's KL                 (fixed, or Ziegler et al.'s)
+
+Resumable bit for bit: the checkpoint's state holds both TrainStates (params, Adam, steps, base rng)
+and the policy EMA; its meta holds the iteration, the KL controller's beta, and the prompt and ptx
+loaders' steps. The reference and the reward model are frozen, so they are re-read from their
+exports (or, for a fresh policy, re-initialised from the seed) rather than checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
+from instruct_jax.config import Config, save_config, validate
+from instruct_jax.errors import ConfigError
+from instruct_jax.data.chat import ChatTemplate
+from instruct_jax.data.config import DataConfigError, validate_data_config
+from instruct_jax.data.examples import encode_prompt
+from instruct_jax.data.loader import Loader
+from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
+from instruct_jax.data.stats import DataStats
+from instruct_jax.data.synthetic_prefs import PROMPTS
+from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
+from instruct_jax.metrics import MetricsWriter, progress
+from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
+from instruct_jax.model.transformer import ModelInput, Transformer
+from instruct_jax.parallel.context import mesh_and_rules
+from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
+from instruct_jax.parallel.sharding import batch_sharding, unbox
+from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
+from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, reward_model_reward,
+                                     token_count_reward)
+from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
+from instruct_jax.inference.sampling import SamplingConfig
+from instruct_jax.train.guards import GuardConfig, guard_metrics, rearm
+from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.train.state import create_train_state, state_shardings_for
+from instruct_jax.checkpoint import resolve_params_dir
+from instruct_jax.metrics import log
+from instruct_jax.train.loop import maybe_kill, stop_diverged
+
+SAMPLES_FILE = "samples.jsonl"
+REWARDS = ("model", "count")
+
+
+# ----------------------------------------------------------------------------- validation
+def prompt_len(cfg: Config) -> int:
+    """T: tokens per left-padded prompt (data.max_prompt_len, default half of train.seq_len)."""
+    return cfg.data.max_prompt_len or cfg.train.seq_len // 2
+
+
+def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
+    """The PPO phase's own checks (config.validate knows nothing about them); ConfigError names the field."""
+    p = cfg.ppo
+    for key, value, allowed in (("ppo.reward", p.reward, REWARDS), ("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
+                                ("ppo.missing_eos", p.missing_eos, MISSING_EOS_MODES)):
+        if value not in allowed:
+            raise ConfigError(key, f"expected one of {list(allowed)}, got {value!r}")
+    if p.reward == "model" and not p.reward_model:
+        raise ConfigError("ppo.reward_model", "empty; name the reward model's workdir (or set ppo.reward=count)")
+    for name in ("response_len", "temperature", "epochs", "minibatches", "kl_target", "kl_horizon", "ptx_batch_size"):
+        if getattr(p, name) <= 0:
+            raise ConfigError(f"ppo.{name}", f"must be > 0, got {getattr(p, name)}")
+    for name in ("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "clip_ratio", "value_clip", "value_learning_rate",
+                 "synthetic_prompts"):
+        if getattr(p, name) < 0:
+            raise ConfigError(f"ppo.{name}", f"must be >= 0, got {getattr(p, name)}")
+    if cfg.train.loss_spike_factor:
+        raise ConfigError("train.loss_spike_factor", "must be 0 for PPO: its loss (a surrogate objective near 0, "
+                          "of either sign) has no scale to compare spikes against; non-finite steps are still skipped")
+    if p.export_every < 0:
+        raise ConfigError("ppo.export_every", f"must be >= 0, got {p.export_every}")
+    if not 0 <= p.ema_decay < 1:
+        raise ConfigError("ppo.ema_decay", f"must be in [0, 1), got {p.ema_decay}")
+    if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+        raise ConfigError("ppo.gamma" if not 0 <= p.gamma <= 1 else "ppo.lam", "must be in [0, 1]")
+    total = prompt_len(cfg) + p.response_len + 1  # + 1: the end-of-turn slot appended for scoring
+    if total > cfg.model.max_seq_len:
+        raise ConfigError("ppo.response_len", f"prompt {prompt_len(cfg)} + response {p.response_len} + 1 exceeds "
+                          f"model.max_seq_len={cfg.model.max_seq_len}")
+    b = cfg.train.global_batch_size
+    if b % p.minibatches:
+        raise ConfigError("ppo.minibatches", f"must divide train.global_batch_size={b}, got {p.minibatches}")
+    if p.ptx_coef > 0:
+        if p.ptx.format not in ("text", "sft"):
+            raise ConfigError("ppo.ptx.format", f"PPO-ptx reads pretraining or SFT data (text | sft), got "
+                              f"{p.ptx.format!r}")
+        try:
+            validate_data_config(p.ptx)
+        except DataConfigError as e:
+            raise ConfigError("ppo.ptx." + e.field.split(".", 1)[-1], str(e).split(": ", 1)[1]) from None
+    if num_devices is not None:
+        shards = batch_shards(resolve_mesh_shape(cfg.mesh, num_devices), cfg.mesh.logical_rules())
+        if (b // p.minibatches) % shards:
+            raise ConfigError("ppo.minibatches", f"each minibatch ({b} / {p.minibatches} rows) must divide over the "
+                              f"{shards} batch shards")
+        if p.ptx_coef > 0 and p.ptx_batch_size % shards:
+            raise ConfigError("ppo.ptx_batch_size",
+                              f"must divide over the {shards} batch shards, got {p.ptx_batch_size}")
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclasses.dataclass
+class PPOSetup:
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    policy_model: Transformer
+    value_model: RewardModel
+    policy_tx: optax.GradientTransformation
+    value_tx: optax.GradientTransformation
+    policy_init: Callable  # rng -> boxed policy params
+    value_init: Callable  # rng -> boxed value params
+    abstract_state: PPOState  # ShapeDtypeStructs with target shardings (for restore)
+    shardings: PPOState
+    sampling: SamplingConfig
+    steps: PPOSteps
+
+    def fresh_policy_params(self):
+        """The params a fresh run's policy starts from without train.init_from (seeded as create_train_state)."""
+        init_rng, _ = jax.random.split(jax.random.PRNGKey(self.cfg.seed))
+        with mesh_and_rules(self.mesh, self.rules):
+            return jax.jit(lambda: unbox(self.policy_init(init_rng)), out_shardings=self.shardings.policy.params)()
+
+    def copy(self, tree, shardings):
+        """A distinct copy of params (the update donates the policy; the reference must not alias it)."""
+        with mesh_and_rules(self.mesh, self.rules):
+            copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(shardings,), out_shardings=shardings)
+            return copy(tree)
+
+    def init_state(self, policy_params, value_params) -> PPOState:
+        cfg = self.cfg
+        policy = create_train_state(self.policy_init, self.policy_tx, self.mesh, self.rules, cfg.seed,
+                                    params=self.copy(policy_params, self.shardings.policy.params))
+        value = create_train_state(self.value_init, self.value_tx, self.mesh, self.rules, cfg.seed,
+                                   params=self.copy(value_params, self.shardings.value.params))
+        ema = self.copy(policy_params, self.shardings.policy.params) if cfg.ppo.ema_decay > 0 else {}
+        return PPOState(policy=policy, value=value, ema=ema)
+
+
+def sampling_config(cfg: Config, stop_tokens: Sequence[int], pad_id: int) -> SamplingConfig:
+    s = SamplingConfig(max_new_tokens=cfg.ppo.response_len, temperature=cfg.ppo.temperature,
+                       stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+    s.require_exact("PPO rollouts")
+    return s
+
+
+def build_ppo(cfg: Config, *, stop_tokens: Sequence[int], pad_id: int, eot_id: int, reward_fn: RewardFn,
+              reward_shardings: Any = None, devices: Optional[Sequence] = None) -> PPOSetup:
+    """Mesh, models, optimizers, shardings and the jitted steps. `reward_shardings`: the reward params'
+    NamedShardings ({} / None for a parameter-free reward function)."""
+    devices = list(devices if devices is not None else jax.devices())
+    validate(cfg, num_devices=len(devices))
+    validate_ppo(cfg, num_devices=len(devices))
+    # ---- Mesh
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.logical_rules()
+    # ---- Model: one model code; the value model is the reward model's trunk + scalar head
+    policy_model, value_model = Transformer(cfg.model), RewardModel(cfg.model)
+    policy_init = functools.partial(init_params_boxed, policy_model)
+    value_init = functools.partial(init_reward_params_boxed, value_model)
+    # ---- Shard
+    p = cfg.ppo
+    opt_steps = cfg.train.steps * p.epochs * p.minibatches
+    policy_tx = make_ppo_optimizer(cfg.optim, opt_steps, p.tf_adam_eps)
+    value_tx = make_ppo_optimizer(cfg.optim, opt_steps, p.tf_adam_eps, learning_rate=p.value_learning_rate)
+    abstract_policy, policy_sh = state_shardings_for(policy_init, policy_tx, mesh, rules)
+    abstract_value, value_sh = state_shardings_for(value_init, value_tx, mesh, rules)
+    ema_on = p.ema_decay > 0
+    abstract = PPOState(abstract_policy, abstract_value, abstract_policy.params if ema_on else {})
+    shardings = PPOState(policy_sh, value_sh, policy_sh.params if ema_on else {})
+    # ---- Update
+    sampling = sampling_config(cfg, stop_tokens, pad_id)
+    steps = make_ppo_steps(policy_model, value_model, reward_fn, p, sampling, eot_id, policy_tx, value_tx, mesh,
+                           rules, shardings, reward_shardings if reward_shardings is not None else {},
+                           ptx=p.ptx_coef > 0, guard=GuardConfig.from_train(cfg.train))
+    return PPOSetup(cfg, mesh, rules, policy_model, value_model, policy_tx, value_tx, policy_init, value_init,
+                    abstract, shardings, sampling, steps)
+
+
+# ----------------------------------------------------------------------------- reward
+def count_token_id(cfg: Config, tokenizer: Tokenizer) -> int:
+    if cfg.ppo.count_token >= 0:
+        return cfg.ppo.count_token
+    ids = tokenizer.encode(cfg.ppo.count_text)
+    if len(ids) != 1:
+        raise ConfigError("ppo.count_text", f"{cfg.ppo.count_text!r} encodes to {len(ids)} tokens {ids}; "
+                          "pick text that is one token, or set ppo.count_token")
+    return ids[0]
+
+
+def load_reward(cfg: Config, tokenizer: Tokenizer, mesh, rules) -> tuple[RewardFn, Any, Any]:
+    """(reward_fn, reward_params, their shardings): the reward model export, or the toy token count."""
+    if cfg.ppo.reward == "count":
+        return token_count_reward(count_token_id(cfg, tokenizer)), {}, {}
+    from instruct_jax.inference.scorer import load_reward_model
+
+    params, norm = load_reward_model(cfg.ppo.reward_model, cfg.model, mesh, rules)
+    reward_params = {"params": params, "norm": norm}
+    return reward_model_reward(cfg.model), reward_params, jax.tree.map(lambda x: x.sharding, reward_params)
+
+
+# ----------------------------------------------------------------------------- input
+def synthetic_prompt_messages(n: int, seed: int) -> list[list[dict]]:
+    """n numbered one-turn prompts from the synthetic preference task's requests (data/synthetic_prefs.py)."""
+    rng = np.random.default_rng([seed, 7])
+    return [[{"role": "user", "content": f"{PROMPTS[int(rng.integers(len(PROMPTS)))]} (#{i})"}] for i in range(n)]
+
+
+def build_prompt_loader(cfg: Config, tokenizer: Tokenizer, template: ChatTemplate) -> tuple[Loader, DataStats]:
+    """Left-padded prompt batches [B, T] (+ lengths [B]); batch i is a pure function of (seed, i)."""
+    t = prompt_len(cfg)
+    if cfg.ppo.synthetic_prompts:
+        stats = DataStats(name="prompts")
+        stats.rows = cfg.ppo.synthetic_prompts
+        examples = [encode_prompt(m, template, t, "truncate", stats, f"synthetic:{i}")
+                    for i, m in enumerate(synthetic_prompt_messages(cfg.ppo.synthetic_prompts, cfg.seed))]
+        stats.kept = len(examples)
+    else:
+        if cfg.data.format != "prompt":
+            raise ConfigError("data.format", f"PPO reads prompts (format 'prompt'), got {cfg.data.format!r}")
+        if not cfg.data.source:
+            raise ConfigError("data.source", "empty; name the prompts (or set ppo.synthetic_prompts)")
+        data = load_data(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        examples, stats = data.train, data.train_stats
+    loader = Loader(examples, cfg.train.global_batch_size, cfg.train.seq_len, cfg.seed, pad_id=tokenizer.pad_id,
+                    packing=False, prompt_len=t, padding_side="left", prefetch=cfg.data.prefetch)
+    return loader, stats
+
+
+def build_ptx_loader(cfg: Config, tokenizer: Tokenizer) -> Optional[Loader]:
+    """Pretraining / SFT batches for PPO-ptx: ptx_batch_size rows per optimizer step, so one loader step
+    (= one PPO iteration) holds epochs x minibatches x ptx_batch_size rows."""
+    p = cfg.ppo
+    if p.ptx_coef <= 0:
+        return None
+    if not p.ptx.source:
+        raise ConfigError("ppo.ptx.source", "empty; PPO-ptx (ppo.ptx_coef > 0) needs pretraining or SFT data")
+    data = load_data(p.ptx, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.seed)
+    return make_loader(data.train, p.ptx, tokenizer, global_batch_size=p.ptx_batch_size * p.epochs * p.minibatches,
+                       seq_len=cfg.train.seq_len, seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------- initial params
+def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
+    """(policy params, value params) a fresh run starts from.
+
+    Policy: train.init_from (the SFT export), else a seeded fresh init (toy runs). Value: the reward
+    model's params (trunk + head) when there is one, else the policy's trunk with a fresh head.
+    """
+    cfg = setup.cfg
+    if cfg.train.init_from:
+        policy = load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params)
+    else:
+        policy = setup.fresh_policy_params()
+    if cfg.ppo.reward == "model":
+        value = reward_params["params"]
+    else:
+        init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        with mesh_and_rules(setup.mesh, setup.rules):
+            head = jax.jit(lambda: unbox(setup.value_init(init_rng))["head"],
+                           out_shardings=setup.shardings.value.params["head"])()
+        value = {"trunk": {k: v for k, v in policy.items() if k != "lm_head"}, "head": head}
+    return policy, value
+
+
+def reference_params(setup: PPOSetup):
+    """The frozen reference: the same params the policy started from (re-read on resume)."""
+    cfg = setup.cfg
+    if cfg.train.init_from:
+        return load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params)
+    return setup.fresh_policy_params()
+
+
+# ----------------------------------------------------------------------------- metrics
+def reduce_update_stats(stats: dict) -> dict:
+    """Per-minibatch update stats [E * M] -> one row: means, but max for max_ratio, and the first
+    minibatch's approx_kl / clipfrac (0 by construction: pi == pi_old there) for checking."""
+    out = {}
+    for k, v in stats.items():
+        v = np.asarray(v, np.float64)
+        out[k] = float(v.max()) if k == "max_ratio" else float(v.mean())
+    out["approx_kl_first"] = float(np.asarray(stats["approx_kl"])[0])
+    return out
+
+
+def host_rows(x: jax.Array, count: int) -> np.ndarray:
+    """The first `count` rows of a batch-sharded global array, on every host (gathered when multi-host)."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))[:count]
+
+
+def decoded_samples(tokenizer: Tokenizer, prompt: dict, exp, count: int) -> list[dict]:
+    """The first `count` rows as text: prompt, response (up to its stop token) and score."""
+    if count <= 0:
+        return []
+    tokens, segments = (host_rows(prompt[k], count) for k in ("tokens", "segment_ids"))
+    response, lengths, scores = (host_rows(x, count) for x in (exp.response, exp.lengths, exp.scores))
+    return [{"prompt": tokenizer.decode(tokens[i][segments[i] > 0]),
+             "response": tokenizer.decode(response[i][:lengths[i]]),
+             "length": int(lengths[i]), "score": float(scores[i])} for i in range(len(tokens))]
+
+
+def truncate_samples(path: str, step: int) -> None:
+    """Drop samples.jsonl rows with step > `step` (a resumed run writes them again)."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- the loop
+def run_ppo(cfg: Config, workdir: str) -> dict:
+    """Train the policy with PPO; returns the last logged metrics row."""
+    validate(cfg)
+    validate_ppo(cfg)
+    save_config(cfg, workdir)
+
+    # ---- Input (first: the tokenizer decides the stop set, pad and vocabulary)
+    tokenizer = build_tokenizer(cfg.data, workdir)
+    check_tokenizer_fits(tokenizer, cfg.model)
+    template = build_chat_template(cfg.data, tokenizer)
+    prompts, prompt_stats = build_prompt_loader(cfg, tokenizer, template)
+    ptx_loader = build_ptx_loader(cfg, tokenizer)
+    stop = tuple(sorted({tokenizer.eos_id, tokenizer.eot_id}))
+
+    # ---- Mesh, Model, Shard, Update, Reward
+    mesh = make_mesh(cfg.mesh, jax.devices())
+    reward_fn, reward_params, reward_sh = load_reward(cfg, tokenizer, mesh, cfg.mesh.logical_rules())
+    setup = build_ppo(cfg, stop_tokens=stop, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id, reward_fn=reward_fn,
+                      reward_shardings=reward_sh)
+    log(f"mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"{len(prompts.examples)} prompts, T = {prompt_len(cfg)}, N = {cfg.ppo.response_len}, reward {cfg.ppo.reward}")
+
+    # ---- Checkpoint
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+                             keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
+                             async_save=cfg.checkpoint.async_save)
+    kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.adaptive_kl, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is not None:
+        start, state, meta = restored
+        kl_ctl.load_state_dict(meta["kl_controller"])
+        prompt_step, ptx_step = int(meta["prompt_step"]), int(meta["ptx_step"])
+        limit = cfg.train.max_nonfinite_in_a_row
+        state = state.replace(policy=state.policy.replace(guard=rearm(state.policy.guard, limit)),
+                              value=state.value.replace(guard=rearm(state.value.guard, limit)))
+        log(f"resumed from checkpoint at iteration {start} (kl_coef {kl_ctl.kl_coef:.6g})")
+    else:
+        policy, value = initial_params(setup, reward_params)
+        state, start, prompt_step, ptx_step = setup.init_state(policy, value), 0, 0, 0
+    ref = reference_params(setup)
+    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard)
+    writer.truncate_after(start)  # a resumed run rewrites exactly the rows after its checkpoint
+    truncate_samples(os.path.join(workdir, SAMPLES_FILE), start)
+
+    # ---- Train
+    sharding = batch_sharding(setup.mesh, setup.rules)
+    prompt_batches = prompts.iterate(prompt_step, sharding)
+    ptx_batches = ptx_loader.iterate(ptx_step, sharding) if ptx_loader is not None else None
+    total, last = cfg.train.steps, {}
+    bar = progress(total, initial=start, desc="ppo", enabled=cfg.logging.progress_bar and jax.process_index() == 0)
+    tick = time.perf_counter()
+    with PreemptionGuard() as guard:
+        for it in range(start, total):
+            rng = jax.random.fold_in(state.policy.rng, it)
+            batch = next(prompt_batches)
+            prompt = ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"])
+            sample = setup.steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
+            beta = kl_ctl.kl_coef  # this rollout's coefficient; the controller then sets the next one
+            exp, stats = setup.steps.experience(state.policy.params, ref, state.value.params, reward_params, prompt,
+                                                sample, np.float32(beta))
+            args = (state, exp, jax.random.fold_in(rng, 1)) + ((next(ptx_batches),) if ptx_batches else ())
+            state, update_stats = setup.steps.update(*args)
+            stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+            stats.update({k: float(v) for k, v in jax.device_get(guard_metrics(state.policy.guard)).items()})
+            kl_ctl.update(stats["kl"], cfg.train.global_batch_size)  # beta for the next rollout
+            done = it + 1
+            bar.update(1)
+            diverged = stats["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_in_a_row
+            if diverged or done % cfg.logging.log_every == 0 or done == total:
+                row = {**stats, **reduce_update_stats(jax.device_get(update_stats)), "kl_coef": beta,
+                       "kl_coef_next": kl_ctl.kl_coef}
+                now = time.perf_counter()
+                row["seconds_per_iteration"] = (now - tick) / max(done - (last.get("step", start)), 1)
+                tick = now
+                writer.write(done, row)
+                samples = decoded_samples(tokenizer, batch, exp, cfg.ppo.log_samples)
+                if jax.process_index() == 0 and samples:
+                    with open(os.path.join(workdir, SAMPLES_FILE), "a") as f:
+                        for s in samples:
+                            f.write(json.dumps({"step": done, **s}) + "\n")
+                bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
+                last = {"step": done, **row}
+            meta = {"iteration": done, "kl_controller": kl_ctl.state_dict(), "prompt_step": done,
+                    "ptx_step": done if ptx_batches else 0}
+            if diverged:
+                prompt_batches.close()
+                if ptx_batches is not None:
+                    ptx_batches.close()
+                stop_diverged("ppo", done, state, meta, cfg.train.max_nonfinite_in_a_row, ckpt, writer)
+            if guard.should_stop():
+                ckpt.save(done, state, meta, force=True)
+                ckpt.close()
+                prompt_batches.close()
+                if ptx_batches is not None:
+                    ptx_batches.close()
+                log(f"preemption signal received: saved checkpoint at iteration {done}, exiting cleanly")
+                writer.close()
+                return last
+            ckpt.save(done, state, meta)
+            if cfg.ppo.export_every and done % cfg.ppo.export_every == 0 and done != total:
+                # Snapshots for evaluating the policy along the way (rewritten identically on resume).
+                export_params(os.path.join(workdir, "snapshots", str(done)), state.policy.params)
+            maybe_kill(done)
+    bar.close()
+    prompt_batches.close()
+    if ptx_batches is not None:
+        ptx_batches.close()
+
+    # ---- Final checkpoint, exports: the policy (an LM export, like SFT's), its EMA, the value model
+    meta = {"iteration": total, "kl_controller": kl_ctl.state_dict(), "prompt_step": total,
+            "ptx_step": total if ptx_batches else 0}
+    ckpt.save(total, state, meta, force=True)
+    ckpt.wait()
+    ckpt.close()
+    export_params(os.path.join(workdir, "params"), state.policy.params)
+    if cfg.ppo.ema_decay > 0:
+        export_params(os.path.join(workdir, "ema_params"), state.ema)
+    export_params(os.path.join(workdir, "value_params"), state.value.params)
+    writer.close()
+    log(prompt_stats.report())
+    if last:
+        log(f"done: iteration {last['step']} score {last['score']:.4f} kl {last['kl']:.4f} "
+            f"kl_coef {last['kl_coef']:.4g}")
+    return last

@@ -1,0 +1,72 @@
+"""Assemble mesh, model, optimizer, sharded state and jitted steps from a Config.
+
+Shared by the SFT / pretraining trainer, tests and benchmarks, so every entry point builds
+the same objects the same way: Mesh -> Model -> Shard -> Update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+
+from instruct_jax.config import Config, validate
+from instruct_jax.model.transformer import Transformer
+from instruct_jax.parallel.mesh import make_mesh
+from instruct_jax.train.guards import GuardConfig
+from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.train.state import TrainState, create_train_state, state_shardings_for
+from instruct_jax.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class LMSetup:
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: Transformer
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init_boxed: Callable[[jax.Array], Any]
+    abstract_state: TrainState  # ShapeDtypeStructs with target shardings (for restore)
+    state_shardings: TrainState
+    train_step: Callable
+    eval_step: Callable
+
+    def init_state(self, params=None) -> TrainState:
+        return create_train_state(self.init_boxed, self.tx, self.mesh, self.rules, self.cfg.seed, params=params)
+
+
+def abstract_lm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState with shardings, sharding tree) without allocating or compiling.
+
+    `mesh` may be a jax.sharding.AbstractMesh of the experiment's real size (a 64-chip slice
+    checked from a laptop).
+    """
+    init_boxed = functools.partial(init_params_boxed, Transformer(cfg.model))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    return state_shardings_for(init_boxed, tx, mesh, cfg.mesh.logical_rules())
+
+
+def build_lm(cfg: Config, devices: Sequence | None = None) -> LMSetup:
+    devices = list(devices if devices is not None else jax.devices())
+    validate(cfg, num_devices=len(devices))
+    # ---- Mesh
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.logical_rules()
+    # ---- Model
+    model = Transformer(cfg.model)
+    init_boxed = functools.partial(init_params_boxed, model)
+    # ---- Shard
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    abstract_state, shardings = state_shardings_for(init_boxed, tx, mesh, rules)
+    # ---- Update
+    train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, cfg.train.microbatches,
+                                 GuardConfig.from_train(cfg.train))
+    eval_step = make_eval_step(model, mesh, rules, shardings.params)
+    return LMSetup(cfg, mesh, rules, model, tx, schedule, init_boxed, abstract_state, shardings, train_step, eval_step)
