@@ -37,6 +37,7 @@ from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt
 from instruct_jax.data.config import DataConfig
 from instruct_jax.instructgpt.gold import GoldJudge, Labeler
 from instruct_jax.metrics import log
+from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
 
 STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "eval")
@@ -88,8 +89,9 @@ def validate_pipeline(cfg: Config) -> None:
 
 
 def prompt_len(cfg: Config) -> int:
-    """Tokens per left-padded prompt everywhere in the pipeline (sampling, PPO, evaluation)."""
-    return cfg.data.max_prompt_len or cfg.pipeline.ppo.seq_len - cfg.ppo.response_len
+    """Tokens per left-padded prompt everywhere in the pipeline (sampling, PPO, evaluation): PPO's one rule
+    (rl/ppo/trainer.py) at the PPO stage's sequence length."""
+    return ppo_prompt_len(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=cfg.pipeline.ppo.seq_len)))
 
 
 # ----------------------------------------------------------------------------- paths and markers

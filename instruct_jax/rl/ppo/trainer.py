@@ -65,8 +65,9 @@ REWARDS = ("model", "count")
 
 # ----------------------------------------------------------------------------- validation
 def prompt_len(cfg: Config) -> int:
-    """T: tokens per left-padded prompt (data.max_prompt_len, default half of train.seq_len)."""
-    return cfg.data.max_prompt_len or cfg.train.seq_len // 2
+    """T: tokens per left-padded prompt, the one rule for PPO, the pipeline and evaluation: data.max_prompt_len,
+    else the part of train.seq_len that the response (ppo.response_len) leaves."""
+    return cfg.data.max_prompt_len or cfg.train.seq_len - cfg.ppo.response_len
 
 
 def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
@@ -78,6 +79,16 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
             raise ConfigError(key, f"expected one of {list(allowed)}, got {value!r}")
     if p.reward == "model" and not p.reward_model:
         raise ConfigError("ppo.reward_model", "empty; name the reward model's workdir (or set ppo.reward=count)")
+    # A setting that another one makes inert is an error naming both, never silently ignored.
+    if p.reward == "count" and p.reward_model:
+        raise ConfigError("ppo.reward_model", f"{p.reward_model!r} would be ignored: ppo.reward='count' scores "
+                          "responses by a token count; clear one of the two")
+    if p.synthetic_prompts and cfg.data.source:
+        raise ConfigError("ppo.synthetic_prompts", f"{p.synthetic_prompts} generated prompts would replace "
+                          f"data.source={cfg.data.source!r}; set one of the two (ppo.synthetic_prompts=0 reads data.source)")
+    if p.ptx.source and not p.ptx_coef > 0:
+        raise ConfigError("ppo.ptx.source", f"{p.ptx.source!r} would be ignored: PPO-ptx is off (ppo.ptx_coef="
+                          f"{p.ptx_coef}); set ppo.ptx_coef > 0 or clear ppo.ptx.source")
     for name in ("response_len", "temperature", "epochs", "minibatches", "kl_target", "kl_horizon", "ptx_batch_size"):
         if getattr(p, name) <= 0:
             raise ConfigError(f"ppo.{name}", f"must be > 0, got {getattr(p, name)}")
@@ -94,6 +105,9 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
         raise ConfigError("ppo.ema_decay", f"must be in [0, 1), got {p.ema_decay}")
     if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
         raise ConfigError("ppo.gamma" if not 0 <= p.gamma <= 1 else "ppo.lam", "must be in [0, 1]")
+    if prompt_len(cfg) <= 0:
+        raise ConfigError("ppo.response_len", f"{p.response_len} leaves no room for the prompt in train.seq_len="
+                          f"{cfg.train.seq_len}; set data.max_prompt_len or a shorter response")
     total = prompt_len(cfg) + p.response_len + 1  # + 1: the end-of-turn slot appended for scoring
     if total > cfg.model.max_seq_len:
         raise ConfigError("ppo.response_len", f"prompt {prompt_len(cfg)} + response {p.response_len} + 1 exceeds "

@@ -93,6 +93,9 @@ def validate_reward(cfg: Config) -> None:
     r = cfg.reward
     if cfg.data.format not in ("pairwise", "ranking"):
         raise ConfigError("data.format", f"the rm command reads 'pairwise' or 'ranking' data, got {cfg.data.format!r}")
+    if r.synthetic and cfg.data.source:  # a setting another one makes inert is an error naming both
+        raise ConfigError("reward.synthetic", f"{r.synthetic} generated rankings would replace data.source="
+                          f"{cfg.data.source!r}; set one of the two (reward.synthetic=0 reads data.source)")
     for name in ("reference_max_examples", "margin_buckets", "synthetic", "score_batch_size"):
         if getattr(r, name) < 0:
             raise ConfigError(f"reward.{name}", f"must be >= 0, got {getattr(r, name)}")
