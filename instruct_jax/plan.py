@@ -5,8 +5,8 @@ topology on a CPU-only machine and report what each chip would hold.
     python -m instruct_jax plan --experiment experiments/palm.py:540b-v4 --topology v4:16x16x12 --slices 2
 
 How: libtpu (the optional `tpu` extra) describes any TPU topology without TPUs
-(jax.experimental.topologies.get_topology_desc); the experiment's own jitted steps (train/lm/build.py,
-train/rm/ranking.py, rl/ppo/step.py) are lowered with abstract, sharded inputs over a mesh of those devices
+(jax.experimental.topologies.get_topology_desc); the experiment's own jitted steps, built by the very
+builders the trainers call (build_lm, build_rm, build_ppo: tests/test_plan_equals_train.py), are lowered with abstract, sharded inputs over a mesh of those devices
 and compiled by the real TPU compiler. Its memory_analysis() gives each device's argument, output,
 aliased (donated) and temporary bytes; its cost_analysis() the FLOPs each device executes.
 
@@ -216,21 +216,14 @@ def plan_sft(cfg, devices) -> dict:
 
 
 def plan_rm(cfg, devices) -> dict:
-    from instruct_jax.config import validate
-    from instruct_jax.parallel.mesh import make_mesh
-    from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from instruct_jax.train.rm.ranking import make_reward_train_step
-    from instruct_jax.train.rm.trainer import RewardModel, abstract_rm_state
+    from instruct_jax.train.rm.trainer import build_rm
 
-    validate(cfg, num_devices=len(devices))
-    mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules()
-    state, shardings = abstract_rm_state(cfg, mesh)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps), learning_rate_schedule(cfg.optim, cfg.train.steps)
-    step = make_reward_train_step(RewardModel(cfg.model), tx, schedule, mesh, rules, shardings,
-                                  cfg.train.microbatches, cfg.reward.margin)
+    setup = build_rm(cfg, devices)  # the reward trainer's own builder: the same step, guards and all
+    state = setup.abstract_state
     tokens = cfg.train.global_batch_size * ranking_slots(cfg) * cfg.train.seq_len
     flops = train_flops(cfg.model, cfg.train.seq_len, tokens, len(devices), output_size=1)
-    piece, _ = compile_piece("train_step", step, (state, ranking_batch(cfg, mesh, rules)), flops)
+    piece, _ = compile_piece("train_step", setup.train_step, (state, ranking_batch(cfg, setup.mesh, setup.rules)),
+                             flops)
     return phase_result("rm", [piece], params=per_device_bytes(state.params),
                         optimizer=per_device_bytes(state.opt_state), tokens=tokens)
 
@@ -263,7 +256,10 @@ def ppo_config(cfg):
                                                            reward_model=cfg.ppo.reward_model or "(plan)"))
 
 
-def plan_ppo(cfg, devices) -> dict:
+def plan_ppo(cfg, devices, tokens: Optional[dict] = None) -> dict:
+    """tokens: {"stop_tokens", "pad_id", "eot_id"} of the run's tokenizer, which plan does not load (a pod
+    experiment may name a Hub tokenizer); default: one stop token, the last id, which compiles the same
+    program up to those constants."""
     import functools
 
     import jax
@@ -286,7 +282,8 @@ def plan_ppo(cfg, devices) -> dict:
     scalar = abstract((), jnp.float32, replicated(mesh))
     reward = {"params": reward_params, "norm": {"gain": scalar, "bias": scalar}}
     vocab = cfg.model.vocab_size
-    setup = build_ppo(cfg, stop_tokens=(vocab - 1,), pad_id=0, eot_id=vocab - 1,
+    tokens = tokens or {"stop_tokens": (vocab - 1,), "pad_id": 0, "eot_id": vocab - 1}
+    setup = build_ppo(cfg, **tokens,
                       reward_fn=reward_model_reward(cfg.model),
                       reward_shardings=jax.tree.map(lambda x: x.sharding, reward), devices=devices)
     state = setup.abstract_state

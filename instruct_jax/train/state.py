@@ -7,7 +7,10 @@ so every device materialises only its own shard. The returned state holds plain 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
+
+import flax.linen as nn
 
 import flax.struct
 import jax
@@ -71,3 +74,25 @@ def create_train_state(init_boxed: Callable, tx: optax.GradientTransformation, m
         if params is None:
             return jax.jit(lambda: init(None), out_shardings=shardings)()
         return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+@dataclasses.dataclass
+class PhaseSetup:
+    """What a training phase builds once from its config (Mesh -> Model -> Shard -> Update): the mesh and
+    rules, the model, the optimizer, the abstract sharded state (for restore) and the jitted steps."""
+
+    cfg: Any  # the phase's Config
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init_boxed: Callable[[jax.Array], Any]
+    abstract_state: TrainState  # ShapeDtypeStructs with target shardings (for restore)
+    state_shardings: TrainState
+    train_step: Callable  # (state, batch) -> (state, metrics)
+    eval_step: Callable  # (params, batch) -> evaluation outputs
+
+    def init_state(self, params=None) -> TrainState:
+        return create_train_state(self.init_boxed, self.tx, self.mesh, self.rules, self.cfg.seed, params=params)
+

@@ -6,12 +6,10 @@ the same objects the same way: Mesh -> Model -> Shard -> Update.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
-import optax
 
 from instruct_jax.config import Config, validate
 from instruct_jax.model.transformer import Transformer
@@ -19,26 +17,12 @@ from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from instruct_jax.model.transformer import init_params_boxed
-from instruct_jax.train.state import TrainState, create_train_state, state_shardings_for
+from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
 from instruct_jax.train.step import make_eval_step, make_train_step
 
 
-@dataclasses.dataclass
-class LMSetup:
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    model: Transformer
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    init_boxed: Callable[[jax.Array], Any]
-    abstract_state: TrainState  # ShapeDtypeStructs with target shardings (for restore)
-    state_shardings: TrainState
-    train_step: Callable
-    eval_step: Callable
-
-    def init_state(self, params=None) -> TrainState:
-        return create_train_state(self.init_boxed, self.tx, self.mesh, self.rules, self.cfg.seed, params=params)
+class LMSetup(PhaseSetup):
+    """The SFT / pretraining phase's setup: `model` is the Transformer, `eval_step` returns loss sums."""
 
 
 def abstract_lm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:

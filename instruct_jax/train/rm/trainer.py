@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
@@ -59,7 +58,7 @@ from instruct_jax.train.rm.ranking import (IDENTITY_NORM, RANKING_KEYS, fit_norm
                                            make_reward_train_step, ranking_metrics, ranking_shardings)
 from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.parallel.sharding import param_shardings_for
-from instruct_jax.train.state import TrainState, create_train_state, state_shardings_for
+from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
 from instruct_jax.checkpoint import resolve_params_dir
 from instruct_jax.metrics import log
 from instruct_jax.train.loop import maybe_kill, stop_diverged
@@ -70,22 +69,10 @@ EVAL_FILE = "eval.json"
 
 # ----------------------------------------------------------------------------- setup
 @dataclasses.dataclass
-class RMSetup:
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    model: RewardModel
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    init_boxed: Callable[[jax.Array], Any]
-    abstract_state: TrainState  # ShapeDtypeStructs with target shardings (for restore)
-    state_shardings: TrainState
-    train_step: Callable  # (state, ranking batch) -> (state, metrics)
-    eval_step: Callable  # (params, ranking batch) -> raw rewards [B, K]
-    score_step: Callable  # (params, norm, tokens, positions, segment_ids, eos_index) -> normalized [N]
+class RMSetup(PhaseSetup):
+    """The reward phase's setup: `model` is the RewardModel, `eval_step` returns raw rewards [B, K]."""
 
-    def init_state(self, params=None) -> TrainState:
-        return create_train_state(self.init_boxed, self.tx, self.mesh, self.rules, self.cfg.seed, params=params)
+    score_step: Callable = None  # (params, norm, tokens, positions, segment_ids, eos_index) -> normalized [N]
 
 
 def validate_reward(cfg: Config) -> None:
@@ -112,7 +99,6 @@ def abstract_rm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:
 def build_rm(cfg: Config, devices: Optional[Sequence] = None) -> RMSetup:
     devices = list(devices if devices is not None else jax.devices())
     validate(cfg, num_devices=len(devices))
-    validate_reward(cfg)
     # ---- Mesh
     mesh = make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.logical_rules()
@@ -316,6 +302,7 @@ def normalize(setup: RMSetup, params, cfg: Config, data: RMData) -> tuple[dict, 
 # ----------------------------------------------------------------------------- the loop
 def run_rm(cfg: Config, workdir: str) -> dict:
     """Train, evaluate, normalize, export; returns the final evaluation (normalized scores)."""
+    validate_reward(cfg)
     save_config(cfg, workdir)
 
     # ---- Mesh, Model, Shard, Update (validates the config against the devices first)
