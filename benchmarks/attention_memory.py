@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.model.attention.masks import attention_mask, reference_attention
 from instruct_jax.model.attention.blockwise import blockwise_attention
+from instruct_jax.model.attention.masks import attention_mask, reference_attention
 from instruct_jax.model.attention.ring import ring_attention
 from instruct_jax.parallel.context import mesh_and_rules
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.parallel.mesh import make_mesh
 
 LENGTHS = (4096, 8192, 16384, 32768)

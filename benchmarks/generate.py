@@ -34,10 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from instruct_jax.model.transformer import ModelInput, Transformer  # noqa: E402
-from instruct_jax.parallel.sharding import unbox  # noqa: E402
 from instruct_jax.inference.sampling import SamplingConfig, make_sampler  # noqa: E402
+from instruct_jax.model.transformer import ModelInput, Transformer  # noqa: E402
 from instruct_jax.model.transformer import init_params_boxed  # noqa: E402
+from instruct_jax.parallel.sharding import unbox  # noqa: E402
 
 
 def decode_costs(cfg, batch: int, prompt_len: int, new_tokens: int) -> dict:

@@ -34,14 +34,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from instruct_jax.config import Config, OptimConfig, TrainConfig  # noqa: E402
-from instruct_jax.model.config import ModelConfig
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.metrics import model_flops_per_token  # noqa: E402
-from instruct_jax.model.transformer import ModelInput, Transformer  # noqa: E402
-from instruct_jax.parallel.sharding import batch_sharding, unbox  # noqa: E402
 from instruct_jax.inference.sampling import SamplingConfig, make_sampler  # noqa: E402
-from instruct_jax.train.lm.build import build_lm  # noqa: E402
+from instruct_jax.metrics import model_flops_per_token  # noqa: E402
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.model.transformer import ModelInput, Transformer  # noqa: E402
 from instruct_jax.model.transformer import init_params_boxed  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.parallel.sharding import batch_sharding, unbox  # noqa: E402
+from instruct_jax.train.lm.build import build_lm  # noqa: E402
 
 # Vendor datasheet figures: dense (no sparsity) bf16 FLOP/s and HBM bytes/s, by substring of device_kind.
 CARDS = (

@@ -28,8 +28,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from instruct_jax.data.config import DataConfig  # noqa: E402
 from instruct_jax.data.build import load_data, make_loader  # noqa: E402
+from instruct_jax.data.config import DataConfig  # noqa: E402
 from instruct_jax.data.formats import SELF_INSTRUCT_FIELDS  # noqa: E402
 from instruct_jax.data.tokenizer import train_sentencepiece  # noqa: E402
 

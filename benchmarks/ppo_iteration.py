@@ -36,16 +36,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from instruct_jax.config import Config, OptimConfig, PPOConfig, TrainConfig  # noqa: E402
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.metrics import model_flops_per_token  # noqa: E402
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed  # noqa: E402
 from instruct_jax.model.transformer import ModelInput  # noqa: E402
 from instruct_jax.parallel.context import mesh_and_rules  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.parallel.mesh import make_mesh  # noqa: E402
 from instruct_jax.parallel.sharding import replicated, unbox  # noqa: E402
-from instruct_jax.rl.rewards import reward_model_reward  # noqa: E402
-from instruct_jax.rl.ppo.trainer import build_ppo, initial_params  # noqa: E402
 from instruct_jax.parallel.sharding import param_shardings_for  # noqa: E402
+from instruct_jax.rl.ppo.trainer import build_ppo, initial_params  # noqa: E402
+from instruct_jax.rl.rewards import reward_model_reward  # noqa: E402
 
 EOS, PAD = 2, 0
 

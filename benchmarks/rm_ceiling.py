@@ -56,15 +56,15 @@ import optax  # noqa: E402
 
 from benchmarks.common import machine, write_json  # noqa: E402
 from instruct_jax.config import load_experiment  # noqa: E402
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.build import build_chat_template, build_tokenizer  # noqa: E402
+from instruct_jax.inference.logprobs import policy_outputs  # noqa: E402
 from instruct_jax.inference.runner import PolicyRunner, _SampleLike  # noqa: E402
+from instruct_jax.inference.sampling import prompt_and_response  # noqa: E402
+from instruct_jax.inference.scorer import RewardScorer  # noqa: E402
+from instruct_jax.instructgpt.pipeline import Paths, prompt_len, stage_config  # noqa: E402
 from instruct_jax.instructgpt.statistics import agreement_rate, pair_agreement  # noqa: E402
 from instruct_jax.model.transformer import ModelInput  # noqa: E402
-from instruct_jax.instructgpt.pipeline import Paths, prompt_len, stage_config  # noqa: E402
-from instruct_jax.inference.logprobs import policy_outputs  # noqa: E402
-from instruct_jax.inference.scorer import RewardScorer  # noqa: E402
-from instruct_jax.inference.sampling import prompt_and_response  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.train.rm.ranking import ranking_loss_sum  # noqa: E402
 
 

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from instruct_jax.config import Config, apply_overrides, load_experiment  # noqa: E402
-from instruct_jax.data.formats import Ranking  # noqa: E402
 from instruct_jax.data.build import is_eval, read_records  # noqa: E402
+from instruct_jax.data.formats import Ranking  # noqa: E402
 from instruct_jax.train.rm.ranking import length_balanced_accuracy, length_balanced_interval, wilson_interval
 
 WORD = re.compile(r"[a-z0-9']+")

@@ -30,8 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from instruct_jax.config import Config, OptimConfig, TrainConfig  # noqa: E402
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.metrics import model_flops_per_token  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.parallel.sharding import batch_sharding  # noqa: E402
 from instruct_jax.train.lm.build import build_lm  # noqa: E402
 

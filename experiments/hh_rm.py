@@ -26,9 +26,9 @@ bag-of-words baselines on the same held-out pairs.
 import os
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, RewardConfig, TrainConfig
+from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 
 DATA = os.environ.get("INSTRUCT_JAX_DATA",
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))

@@ -18,9 +18,9 @@ of 64 (8 optimizer steps, one epoch), KL coefficient 0.02, no discount (gamma 1,
 """
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, PPOConfig, TrainConfig
+from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 
 TOKENIZER = "gs://BUCKET/llama3-8b-params/tokenizer.json"
 

@@ -11,9 +11,9 @@ context, with dots-saveable remat so activations fit in the 95 GB of HBM.
 """
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, TrainConfig
+from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 
 
 def get_config(arg=None) -> Config:

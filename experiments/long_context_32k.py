@@ -21,8 +21,8 @@ arg: "tpu" (default) or "gpu".
 import os
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, TrainConfig
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
+from instruct_jax.parallel.mesh import MeshConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(HERE, "..", "data"))

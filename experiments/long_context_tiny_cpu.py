@@ -14,9 +14,9 @@ for the other layers) or any ATTENTION_IMPLS name, e.g. `:reference` to see the 
 import os
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, TrainConfig
+from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ATTENTION_IMPLS, ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 
 DATA = os.environ.get("INSTRUCT_JAX_DATA",
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))

@@ -28,9 +28,9 @@ minibatches; a minibatch must cover every batch shard (540B: 4,096 prompts, 512 
 """
 
 from instruct_jax.config import Config, LoggingConfig, OptimConfig, PPOConfig, TrainConfig
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
 from instruct_jax.model.presets import preset
+from instruct_jax.parallel.mesh import MeshConfig
 
 ARGS = ("540b-v5p", "540b-v4", "540b-v5p-ppo", "540b-v4-ppo", "62b-v5p", "62b-v4", "62b-v5p-ppo")
 

@@ -28,8 +28,8 @@ import importlib.util
 import os
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, PPOConfig, TrainConfig
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.data.config import DataConfig
+from instruct_jax.parallel.mesh import MeshConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")

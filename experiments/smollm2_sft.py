@@ -23,9 +23,9 @@ arg: "gpu" (default, one GPU) or "cpu" (smoke).
 import os
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, TrainConfig
+from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DATA = os.environ.get("INSTRUCT_JAX_DATA", os.path.join(ROOT, "data"))

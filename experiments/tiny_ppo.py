@@ -25,9 +25,9 @@ policy's. Paths are relative to the repository (--set train.init_from=... ppo.re
 import os
 
 from instruct_jax.config import CheckpointConfig, Config, LoggingConfig, OptimConfig, PPOConfig, TrainConfig
+from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "..", "runs")

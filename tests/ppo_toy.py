@@ -19,10 +19,10 @@ import numpy as np
 
 from instruct_jax.config import Config, OptimConfig, PPOConfig, TrainConfig
 from instruct_jax.model.config import ModelConfig
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.model.transformer import ModelInput
-from instruct_jax.rl.rewards import token_count_reward
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.rl.ppo.trainer import PPOSetup, build_ppo, initial_params, reduce_update_stats
+from instruct_jax.rl.rewards import token_count_reward
 
 TOY_MODEL = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                         max_seq_len=64)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from instruct_jax.errors import ConfigError
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.model.attention.dispatch import dot_product_attention, select_implementation
-from instruct_jax.model.attention.masks import attention_mask, reference_attention
 from instruct_jax.model.attention.blockwise import blockwise_attention
+from instruct_jax.model.attention.dispatch import dot_product_attention, select_implementation
 from instruct_jax.model.attention.fused import right_padded_lengths, splash_attention
+from instruct_jax.model.attention.masks import attention_mask, reference_attention
 from instruct_jax.model.attention.ring import _zigzag_dest, ring_attention
 from instruct_jax.parallel.context import mesh_and_rules
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.parallel.mesh import make_mesh
 
 

@@ -12,8 +12,8 @@ import common  # noqa: E402
 import generate  # noqa: E402
 
 from instruct_jax.model.transformer import Transformer  # noqa: E402
-from instruct_jax.parallel.sharding import unbox  # noqa: E402
 from instruct_jax.model.transformer import init_params_boxed  # noqa: E402
+from instruct_jax.parallel.sharding import unbox  # noqa: E402
 
 
 @pytest.mark.parametrize("tie", [True, False])

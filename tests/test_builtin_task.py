@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 
+from instruct_jax.data.formats import check_conversation
 from instruct_jax.instructgpt.task import (ADD_MAX, CATEGORIES, COPY_KINDS, KINDS, ORIGINAL_KINDS, SHARED_KINDS,
                                            SHORT_WORDS, SORT_MAX, SORT_SIZES, TEMPLATES, Task, TaskPrompt, TaskSpec,
                                            make_prompt, reported_request, spell_number, template_text)
-from instruct_jax.data.formats import check_conversation
 
 
 def _pattern(kind: str, template: int, held_out: bool) -> re.Pattern:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from instruct_jax.data.config import DataConfig
 from instruct_jax.data.build import load_data, make_loader
+from instruct_jax.data.config import DataConfig
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
 from instruct_jax.data.formats import SELF_INSTRUCT_FIELDS
 from instruct_jax.data.loader import Loader

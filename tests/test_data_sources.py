@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instruct_jax.data.config import DataConfig
 from instruct_jax.data.build import load_self_instruct_sft, read_records
+from instruct_jax.data.config import DataConfig
 from instruct_jax.data.formats import Ranking, get_field, parse_field_path, split_hh_pair
 from instruct_jax.data.sources import iter_rows, local_files
 from instruct_jax.data.stats import FilteredRow, MalformedDataError

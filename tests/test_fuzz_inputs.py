@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from instruct_jax.config import Config, apply_overrides, load_experiment, to_dict, validate
-from instruct_jax.errors import ConfigError
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.data.config import DataConfig
 from instruct_jax.data.build import load_data
+from instruct_jax.data.config import DataConfig
 from instruct_jax.data.sources import iter_rows
 from instruct_jax.data.stats import MalformedDataError
 from instruct_jax.data.tokenizer import train_sentencepiece
+from instruct_jax.errors import ConfigError
+from instruct_jax.parallel.mesh import MeshConfig
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FORMATS = ("sft", "text", "prompt", "pairwise", "ranking")

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from instruct_jax.instructgpt.task import (DEMO_PHRASES, KINDS, Task, TaskPrompt, TaskSpec, make_prompt, near_miss,
-                                           sample_response)
 from instruct_jax.data.formats import check_ranks
 from instruct_jax.instructgpt.gold import WEIGHTS, GoldJudge, LabelBudgetExhausted, Labeler
 from instruct_jax.instructgpt.statistics import (agreement_rate, best_of_n_kl, bootstrap_ci, head_to_head,
                                                  pair_agreement, ranking_agreement)
+from instruct_jax.instructgpt.task import (DEMO_PHRASES, KINDS, Task, TaskPrompt, TaskSpec, make_prompt, near_miss,
+                                           sample_response)
 
 
 def spec(kind, reference, **params):

@@ -21,14 +21,14 @@ import pytest
 import torch
 import transformers
 
-from instruct_jax.model.config import ModelConfig  # noqa: E402
-from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.inference.sampling import SamplingConfig, make_sampler  # noqa: E402
 from instruct_jax.interop import UnsupportedConfig, export_hf, import_hf, model_config_from_hf  # noqa: E402
 from instruct_jax.interop.hf import target_params  # noqa: E402
 from instruct_jax.interop.safetensors_io import SafetensorsCheckpoint  # noqa: E402
+from instruct_jax.model.config import ModelConfig  # noqa: E402
 from instruct_jax.model.transformer import ModelInput, Transformer  # noqa: E402
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.parallel.mesh import make_mesh  # noqa: E402
-from instruct_jax.inference.sampling import SamplingConfig, make_sampler  # noqa: E402
 
 SEQ = 48  # test sequence length: past every original_max_position_embeddings below
 LOGIT_TOL = 1e-4

@@ -37,10 +37,10 @@ def smollm2(tmp_path_factory):
     """(ours: params, cfg, tokenizer, chat template, mesh, rules; reference: transformers model, tokenizer)."""
     import jax
 
-    from instruct_jax.parallel.mesh import MeshConfig
     from instruct_jax.data.chat import load_chat_template
     from instruct_jax.data.tokenizer import load_tokenizer
     from instruct_jax.interop import gguf_tokenizer, import_gguf
+    from instruct_jax.parallel.mesh import MeshConfig
     from instruct_jax.parallel.mesh import make_mesh
 
     path = smollm2_gguf()
@@ -82,9 +82,9 @@ def test_smollm2_greedy_chat_answers_match_transformers(smollm2):
     import jax
     import jax.numpy as jnp
 
+    from instruct_jax.inference.sampling import SamplingConfig, make_sampler
     from instruct_jax.interop.hf import target_params
     from instruct_jax.model.transformer import ModelInput, Transformer
-    from instruct_jax.inference.sampling import SamplingConfig, make_sampler
 
     ids = prompts(smollm2)
     t = max(map(len, ids))

@@ -8,8 +8,8 @@ import numpy as np
 
 from instruct_jax.config import Config, OptimConfig, TrainConfig
 from instruct_jax.model.config import ModelConfig
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.train.lm.build import build_lm
 
 VOCAB, SEQ, EOT = 64, 24, 1

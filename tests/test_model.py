@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.attention.masks import attention_mask, reference_attention
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.parallel.sharding import unbox
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, XLA_CPU_DEADLOCK, assert_processes_ok as assert_ok, rerun_on_xla_cpu_deadlock
-from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.errors import ConfigError
-from instruct_jax.parallel.mesh import MESH_AXES
+from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel.distributed import (CPU_THREADS_PER_DEVICE, ENV_COORDINATOR, ENV_NUM_PROCESSES,
                                              ENV_PROCESS_ID, emulate_cpu_devices, launch_local, on_tpu_vm, plan)
+from instruct_jax.parallel.mesh import MESH_AXES
 from instruct_jax.parallel.mesh import hybrid_device_grid
 
 pytestmark = rerun_on_xla_cpu_deadlock
@@ -101,8 +101,8 @@ def test_emulated_devices_need_two_xla_threads_each_to_not_deadlock():
 LATE_PROCESS = """
 import time
 import numpy as np
-from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel import distributed
+from instruct_jax.parallel.distributed import DistributedConfig
 assert distributed.initialize(distributed.plan(DistributedConfig()))
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -198,9 +198,9 @@ def test_v5p_two_slice_layout_keeps_fsdp_inside_a_slice():
 WORKER = r'''
 import json, os
 import numpy as np
+from instruct_jax.parallel import distributed
 from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES, MeshConfig
-from instruct_jax.parallel import distributed
 
 assert distributed.initialize(distributed.plan(DistributedConfig()))
 import jax

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instruct_jax.model.config import ModelConfig
 from instruct_jax.data.examples import LMExample
 from instruct_jax.data.packing import pack_lm_row
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.parallel.sharding import unbox
 from instruct_jax.train.losses import token_nll

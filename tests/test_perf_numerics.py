@@ -11,15 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instruct_jax.inference.logprobs import logprobs_and_entropy, response_slice
+from instruct_jax.inference.logprobs import policy_outputs
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.transformer import (ModelInput, Transformer, compute_dtype_weights, output_kernel,
                                           split_layers)
-from instruct_jax.parallel.sharding import unbox
-from instruct_jax.inference.logprobs import logprobs_and_entropy, response_slice
-from instruct_jax.inference.logprobs import policy_outputs
-from instruct_jax.train.losses import fused_masked_loss_sum, masked_loss_sum
 from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.parallel.sharding import unbox
+from instruct_jax.train.losses import fused_masked_loss_sum, masked_loss_sum
 
 CFG = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                   max_seq_len=64)

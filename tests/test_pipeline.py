@@ -17,10 +17,10 @@ import pytest
 from conftest import REPO
 from instruct_jax.config import apply_overrides, load_experiment
 from instruct_jax.errors import ConfigError
-from instruct_jax.instructgpt.task import DEMO_TAILS, DEMO_WRAPPERS, Task
 from instruct_jax.instructgpt.evaluate import (EvalSettings, best_of_n_pick, kl_k1, repeated_responses,
                                                rm_accuracy_breakdown, summarize)
 from instruct_jax.instructgpt.pipeline import STAGES, Paths, run_pipeline, stage_config, stage_task, validate_pipeline
+from instruct_jax.instructgpt.task import DEMO_TAILS, DEMO_WRAPPERS, Task
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
 
@@ -317,8 +317,8 @@ def test_runner_logprob_equals_the_samplers_own(tmp_path):
 
 
 def _tiny_tokenizer(tmp_path):
-    from instruct_jax.data.config import DataConfig
     from instruct_jax.data.build import build_tokenizer
+    from instruct_jax.data.config import DataConfig
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(Task(0).pretrain_corpus(300)) + "\n" +

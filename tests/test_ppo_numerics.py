@@ -9,9 +9,9 @@ import optax
 import pytest
 
 from instruct_jax.config import OptimConfig
+from instruct_jax.inference.logprobs import logprobs_and_entropy
 from instruct_jax.model.transformer import ModelInput
 from instruct_jax.rl.advantages import explained_variance, gae, masked_mean, masked_var, masked_whiten
-from instruct_jax.inference.logprobs import logprobs_and_entropy
 from instruct_jax.rl.ppo.losses import policy_loss, value_loss
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer, scale_by_adam_tf_eps
 from instruct_jax.rl.rewards import (KLController, adaptive_kl_update, apply_missing_eos, end_index, first_stop,

@@ -9,8 +9,8 @@ import pytest
 
 from instruct_jax.checkpoint import CheckpointManager
 from instruct_jax.errors import ConfigError
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.rl.ppo.losses import ptx_loss
 from instruct_jax.rl.rollout import sample_from_tokens
 from ppo_toy import EOS, PAD, random_prompts, toy_config, toy_setup
@@ -100,8 +100,8 @@ def test_bad_ppo_settings_name_their_field(override, field):
 
 @pytest.mark.parametrize("sampling", [dict(top_k=5), dict(top_p=0.9), dict(temperature=0.0)])
 def test_ppo_rejects_samplers_that_are_not_exactly_softmax(sampling):
-    from instruct_jax.rl.ppo.step import make_ppo_steps
     from instruct_jax.inference.sampling import SamplingConfig
+    from instruct_jax.rl.ppo.step import make_ppo_steps
 
     cfg = toy_config()
     with pytest.raises(ValueError, match="exactly softmax"):

@@ -11,11 +11,11 @@ from conftest import REPO
 from instruct_jax.config import load_experiment
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import Transformer
+from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.parallel.mesh import make_abstract_mesh
+from instruct_jax.parallel.sharding import param_shardings_for
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
 from instruct_jax.rl.ppo.trainer import validate_ppo
-from instruct_jax.model.transformer import init_params_boxed
-from instruct_jax.parallel.sharding import param_shardings_for
 from instruct_jax.train.state import state_shardings_for
 
 

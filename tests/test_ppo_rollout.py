@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.inference.logprobs import value_index
+from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.rl.rollout import sample_from_tokens
 from ppo_toy import EOS, PAD, REWARDED, random_prompts, toy_config, toy_setup
 from instruct_jax.inference.sampling import SampleOutput

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from instruct_jax.data import DataConfig, load_data, load_tokenizer, make_loader, read_records
-from instruct_jax.data.formats import prompt_key
 from instruct_jax.data.build import is_eval
+from instruct_jax.data.formats import prompt_key
 from instruct_jax.data.synthetic_prefs import dense_ranks, quality, rankings_to_rows, synthetic_rankings
 from instruct_jax.data.tokenizer import train_sentencepiece
 

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from instruct_jax.model.config import ModelConfig
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.model.kv_cache import KVCache
-from instruct_jax.model.transformer import ModelInput, Transformer
-from instruct_jax.parallel.mesh import make_mesh
-from instruct_jax.parallel.sharding import unbox
 from instruct_jax.inference.sampling import (SamplingConfig, filtered_logits, make_sampler, prompt_and_response,
                                              sample_token)
+from instruct_jax.model.config import ModelConfig
+from instruct_jax.model.kv_cache import KVCache
+from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.parallel.mesh import make_mesh
+from instruct_jax.parallel.sharding import unbox
 from instruct_jax.parallel.sharding import param_shardings_for
 
 # CPU cannot donate buffers; jit warns about each donated cache.

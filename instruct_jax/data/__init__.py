@@ -13,10 +13,10 @@ Read top to bottom in this order:
     build.py      the wiring from a DataConfig to examples and loaders
 """
 
-from instruct_jax.data.chat import BuiltinChatTemplate, ChatTemplate, JinjaChatTemplate, load_chat_template
-from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
 from instruct_jax.data.build import (Data, LMData, build_chat_template, build_lm_data, build_tokenizer, load_data,
                                      load_self_instruct_sft, make_loader, read_records)
+from instruct_jax.data.chat import BuiltinChatTemplate, ChatTemplate, JinjaChatTemplate, load_chat_template
+from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
 from instruct_jax.data.formats import SELF_INSTRUCT_FIELDS, Ranking, self_instruct_config
 from instruct_jax.data.loader import Loader, LoaderIterator

@@ -43,8 +43,8 @@ from jax.sharding import NamedSharding
 
 from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.transformer import ModelInput, Transformer, compute_dtype_weights, split_layers
-from instruct_jax.parallel.sharding import logical_to_shardings, logical_to_spec, replicated
 from instruct_jax.parallel.context import in_mesh_context
+from instruct_jax.parallel.sharding import logical_to_shardings, logical_to_spec, replicated
 
 
 # ----------------------------------------------------------------------------- config

@@ -73,14 +73,14 @@ def read_prompts(path: str) -> list:
 
 
 def main(cfg: Config, workdir: str, args) -> int:
-    from instruct_jax.instructgpt.task import Task
-    from instruct_jax.data.config import TRAIN_SENTENCEPIECE
     from instruct_jax.data.build import build_chat_template, build_tokenizer
-    from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate
+    from instruct_jax.data.config import TRAIN_SENTENCEPIECE
     from instruct_jax.inference.runner import PolicyRunner
+    from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate
     from instruct_jax.instructgpt.gold import GoldJudge
-    from instruct_jax.metrics import progress
     from instruct_jax.instructgpt.pipeline import prompt_len, validate_pipeline
+    from instruct_jax.instructgpt.task import Task
+    from instruct_jax.metrics import progress
 
     validate_pipeline(cfg)
     policies = {}

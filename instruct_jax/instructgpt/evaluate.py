@@ -30,11 +30,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from instruct_jax.instructgpt.task import TaskPrompt
 from instruct_jax.inference.runner import PolicyRunner
 from instruct_jax.instructgpt.gold import WEIGHTS, GoldJudge
 from instruct_jax.instructgpt.statistics import (agreement_rate, best_of_n_kl, bootstrap_ci, head_to_head,
                                                  pair_agreement)
+from instruct_jax.instructgpt.task import TaskPrompt
 
 COMPONENTS = tuple(WEIGHTS) + ("total",)
 

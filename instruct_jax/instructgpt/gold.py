@@ -50,8 +50,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from instruct_jax.instructgpt.task import CATEGORIES, FRUIT_COLOR, NUMBER_WORDS, ONES, TENS, TaskPrompt, TaskSpec
 from instruct_jax.data.formats import Ranking
+from instruct_jax.instructgpt.task import CATEGORIES, FRUIT_COLOR, NUMBER_WORDS, ONES, TENS, TaskPrompt, TaskSpec
 
 WEIGHTS = {"correctness": 0.6, "format": 0.25, "verbosity": 0.15}
 # Words beyond the reference's that cost nothing: a short chat phrase ("The answer is 59.") is not

@@ -32,13 +32,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from instruct_jax.config import Config, StageConfig, save_config
-from instruct_jax.errors import ConfigError
-from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt
 from instruct_jax.data.config import DataConfig
+from instruct_jax.errors import ConfigError
 from instruct_jax.instructgpt.gold import GoldJudge, Labeler
+from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
+from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt
 from instruct_jax.metrics import log
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
-from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
 
 STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "eval")
 DONE_FILE = "DONE.json"
@@ -289,9 +289,9 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
 
 def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     """Decode base / SFT / PPO (+ best-of-n, KL, snapshots) on held-out prompts; write the report."""
+    from instruct_jax.inference.scorer import RewardScorer
     from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate, generate_scored
     from instruct_jax.metrics import progress
-    from instruct_jax.inference.scorer import RewardScorer
 
     p = cfg.pipeline
     c = stage_config(cfg, "sft", paths)

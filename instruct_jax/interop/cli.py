@@ -112,9 +112,9 @@ def run_export(args) -> int:
     import jax
 
     from instruct_jax.checkpoint import load_params
+    from instruct_jax.checkpoint import resolve_params_dir
     from instruct_jax.config import apply_overrides, load_experiment, validate
     from instruct_jax.interop.hf import export_hf, target_params
-    from instruct_jax.checkpoint import resolve_params_dir
 
     cfg = apply_overrides(load_experiment(args.experiment), args.overrides)
     validate(cfg)

@@ -29,9 +29,9 @@ from typing import Optional
 
 import numpy as np
 
-from instruct_jax.model.config import ModelConfig
-from instruct_jax.interop.hf_config import UnsupportedConfig, model_config_from_hf
 from instruct_jax.interop.hf import load_from_source
+from instruct_jax.interop.hf_config import UnsupportedConfig, model_config_from_hf
+from instruct_jax.model.config import ModelConfig
 
 PERMUTED_ARCHITECTURES = ("llama",)  # llama.cpp LLM_ARCH_LLAMA: normal (interleaved) RoPE
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")

@@ -23,11 +23,11 @@ from typing import Optional
 
 import jax
 
-from instruct_jax.model.config import ModelConfig
 from instruct_jax.interop.hf_config import REWARD_OFFSET_KEY, hf_config_from_model, model_config_from_hf
 from instruct_jax.interop.layout import (PaddedVocab, TensorSource, check_source, dim_sizes, hf_entries, hf_shape,
                                          hf_tensor, load_tree, tensor_maps, to_host)
 from instruct_jax.interop.safetensors_io import DTYPES, SafetensorsCheckpoint, write_checkpoint
+from instruct_jax.model.config import ModelConfig
 
 # Tensors some checkpoints carry that hold no parameters of ours (old Llama conversions saved the RoPE table).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

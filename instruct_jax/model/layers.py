@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.attention.dispatch import dot_product_attention
+from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import LAYER_KV_AXES, CacheSlots, write
 from instruct_jax.model.rope import apply_rope, rope_params
 

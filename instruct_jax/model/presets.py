@@ -72,8 +72,8 @@ def param_count(cfg: ModelConfig) -> int:
 
 def _abstract_params(cfg: ModelConfig):
     from instruct_jax.model.transformer import Transformer  # local: presets stay importable without the model
-    from instruct_jax.parallel.sharding import unbox
     from instruct_jax.model.transformer import init_params_boxed
+    from instruct_jax.parallel.sharding import unbox
 
     init = functools.partial(init_params_boxed, Transformer(cfg))
     return unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from instruct_jax.config import PPOConfig
+from instruct_jax.inference.logprobs import policy_outputs, value_index
+from instruct_jax.inference.sampling import SampleOutput, prompt_and_response
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.parallel.sharding import logical_to_spec
 from instruct_jax.rl.advantages import explained_variance, gae, masked_mean, masked_var, masked_whiten
-from instruct_jax.inference.logprobs import policy_outputs, value_index
 from instruct_jax.rl.rewards import (RewardFn, apply_missing_eos, first_stop, kl_estimate, response_mask,
                                      scoring_input, sequence_kl, token_rewards)
-from instruct_jax.inference.sampling import SampleOutput, prompt_and_response
 
 
 @flax.struct.dataclass

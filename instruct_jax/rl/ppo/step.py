@@ -33,6 +33,8 @@ import optax
 from jax.sharding import NamedSharding
 
 from instruct_jax.config import PPOConfig
+from instruct_jax.inference.logprobs import policy_outputs
+from instruct_jax.inference.sampling import SampleOutput, SamplingConfig, make_sampler
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.parallel.context import in_mesh_context
@@ -40,9 +42,7 @@ from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.rl.advantages import masked_mean
 from instruct_jax.rl.ppo.losses import policy_loss, ptx_loss, value_loss
 from instruct_jax.rl.rewards import RewardFn
-from instruct_jax.inference.logprobs import policy_outputs
 from instruct_jax.rl.rollout import Experience, make_experience, value_outputs
-from instruct_jax.inference.sampling import SampleOutput, SamplingConfig, make_sampler
 from instruct_jax.train.guards import GuardConfig, guard_decision, guarded_apply
 from instruct_jax.train.state import TrainState
 

@@ -31,33 +31,33 @@ import numpy as np
 import optax
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
+from instruct_jax.checkpoint import resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
-from instruct_jax.errors import ConfigError
+from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.config import DataConfigError, validate_data_config
 from instruct_jax.data.examples import encode_prompt
 from instruct_jax.data.loader import Loader
-from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
 from instruct_jax.data.stats import DataStats
 from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
+from instruct_jax.errors import ConfigError
+from instruct_jax.inference.sampling import SamplingConfig
 from instruct_jax.metrics import MetricsWriter, progress
+from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import ModelInput, Transformer
+from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
 from instruct_jax.parallel.sharding import batch_sharding, unbox
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
+from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
 from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, reward_model_reward,
                                      token_count_reward)
-from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
-from instruct_jax.inference.sampling import SamplingConfig
 from instruct_jax.train.guards import GuardConfig, guard_metrics, rearm
-from instruct_jax.model.transformer import init_params_boxed
-from instruct_jax.train.state import create_train_state, state_shardings_for
-from instruct_jax.checkpoint import resolve_params_dir
-from instruct_jax.metrics import log
 from instruct_jax.train.loop import maybe_kill, stop_diverged
+from instruct_jax.train.state import create_train_state, state_shardings_for
 
 SAMPLES_FILE = "samples.jsonl"
 REWARDS = ("model", "count")

@@ -13,10 +13,10 @@ import jax
 
 from instruct_jax.config import Config, validate
 from instruct_jax.model.transformer import Transformer
+from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
 from instruct_jax.train.step import make_eval_step, make_train_step
 

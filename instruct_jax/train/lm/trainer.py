@@ -16,13 +16,13 @@ import jax
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config
-from instruct_jax.errors import ConfigError
-from instruct_jax.data.tokenizer import check_tokenizer_fits
 from instruct_jax.data.build import LMData, build_lm_data
+from instruct_jax.data.tokenizer import check_tokenizer_fits
+from instruct_jax.errors import ConfigError
 from instruct_jax.metrics import (MetricsWriter, Profiler, StepTimer, log, measure_peak_flops, model_flops_per_token, progress)
 from instruct_jax.parallel.sharding import batch_sharding
-from instruct_jax.train.lm.build import LMSetup, build_lm
 from instruct_jax.train.guards import rearm
+from instruct_jax.train.lm.build import LMSetup, build_lm
 from instruct_jax.train.loop import maybe_kill, stop_diverged
 
 

@@ -32,11 +32,11 @@ from jax.sharding import NamedSharding
 
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput
+from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.state import TrainState
 from instruct_jax.train.step import guarded_optimizer_step
-from instruct_jax.parallel.context import in_mesh_context
 
 RANKING_KEYS = ("tokens", "positions", "segment_ids", "ranks", "lengths")  # what the steps read
 IDENTITY_NORM = {"gain": 1.0, "bias": 0.0}

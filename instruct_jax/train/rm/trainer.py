@@ -33,35 +33,35 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
+from instruct_jax.checkpoint import resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
-from instruct_jax.errors import ConfigError
+from instruct_jax.data.build import (Data, build_chat_template, build_tokenizer, encode_records, is_eval, load_data,
+                                     make_loader, read_records)
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.examples import RankingExample, encode_ranking
 from instruct_jax.data.formats import Ranking
 from instruct_jax.data.loader import Loader
 from instruct_jax.data.packing import ranking_row, stack_rows
-from instruct_jax.data.build import (Data, build_chat_template, build_tokenizer, encode_records, is_eval, load_data,
-                                     make_loader, read_records)
 from instruct_jax.data.stats import DataStats
 from instruct_jax.data.synthetic_prefs import synthetic_rankings
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
+from instruct_jax.errors import ConfigError
+from instruct_jax.inference.scorer import load_reward_model, score_batch_size
+from instruct_jax.inference.scorer import make_score_step, put_global, score_token_sequences
 from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
+from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import Transformer
+from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.parallel.sharding import unbox
-from instruct_jax.inference.scorer import load_reward_model, score_batch_size
+from instruct_jax.parallel.sharding import param_shardings_for
 from instruct_jax.train.guards import GuardConfig, rearm
+from instruct_jax.train.loop import maybe_kill, stop_diverged
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from instruct_jax.inference.scorer import make_score_step, put_global, score_token_sequences
 from instruct_jax.train.rm.ranking import (IDENTITY_NORM, RANKING_KEYS, fit_normalization, make_reward_eval_step,
                                            make_reward_train_step, ranking_metrics, ranking_shardings)
-from instruct_jax.model.transformer import init_params_boxed
-from instruct_jax.parallel.sharding import param_shardings_for
 from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
-from instruct_jax.checkpoint import resolve_params_dir
-from instruct_jax.metrics import log
-from instruct_jax.train.loop import maybe_kill, stop_diverged
 
 NORM_FILE = "reward_norm.json"
 EVAL_FILE = "eval.json"
