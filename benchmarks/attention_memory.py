@@ -33,8 +33,7 @@ from instruct_jax.model.attention.blockwise import blockwise_attention
 from instruct_jax.model.attention.masks import attention_mask, reference_attention
 from instruct_jax.model.attention.ring import ring_attention
 from instruct_jax.parallel.context import mesh_and_rules
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.parallel.mesh import make_mesh
+from instruct_jax.parallel.mesh import MeshConfig, make_mesh
 
 LENGTHS = (4096, 8192, 16384, 32768)
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 2, 64, 512

@@ -268,8 +268,7 @@ def plan_ppo(cfg, devices, tokens: Optional[dict] = None) -> dict:
     from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
     from instruct_jax.model.transformer import ModelInput
     from instruct_jax.parallel.mesh import make_mesh
-    from instruct_jax.parallel.sharding import logical_to_spec, replicated
-    from instruct_jax.parallel.sharding import param_shardings_for
+    from instruct_jax.parallel.sharding import logical_to_spec, param_shardings_for, replicated
     from instruct_jax.rl.ppo.step import PTX_KEYS
     from instruct_jax.rl.ppo.trainer import build_ppo, prompt_len
     from instruct_jax.rl.rewards import reward_model_reward

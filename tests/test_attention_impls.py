@@ -19,8 +19,7 @@ from instruct_jax.model.attention.fused import right_padded_lengths, splash_atte
 from instruct_jax.model.attention.masks import attention_mask, reference_attention
 from instruct_jax.model.attention.ring import _zigzag_dest, ring_attention
 from instruct_jax.parallel.context import mesh_and_rules
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.parallel.mesh import make_mesh
+from instruct_jax.parallel.mesh import MeshConfig, make_mesh
 
 
 def rows(kind: str, b: int, t: int):

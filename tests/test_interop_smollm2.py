@@ -40,8 +40,7 @@ def smollm2(tmp_path_factory):
     from instruct_jax.data.chat import load_chat_template
     from instruct_jax.data.tokenizer import load_tokenizer
     from instruct_jax.interop import gguf_tokenizer, import_gguf
-    from instruct_jax.parallel.mesh import MeshConfig
-    from instruct_jax.parallel.mesh import make_mesh
+    from instruct_jax.parallel.mesh import MeshConfig, make_mesh
 
     path = smollm2_gguf()
     mesh_cfg = MeshConfig(data=1, fsdp=2)  # two devices: d_model 576 split in two, two prompts per batch

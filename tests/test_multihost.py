@@ -21,8 +21,7 @@ from instruct_jax.errors import ConfigError
 from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel.distributed import (CPU_THREADS_PER_DEVICE, ENV_COORDINATOR, ENV_NUM_PROCESSES,
                                              ENV_PROCESS_ID, emulate_cpu_devices, launch_local, on_tpu_vm, plan)
-from instruct_jax.parallel.mesh import MESH_AXES
-from instruct_jax.parallel.mesh import hybrid_device_grid
+from instruct_jax.parallel.mesh import MESH_AXES, hybrid_device_grid
 
 pytestmark = rerun_on_xla_cpu_deadlock
 

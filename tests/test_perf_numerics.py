@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instruct_jax.inference.logprobs import logprobs_and_entropy, response_slice
-from instruct_jax.inference.logprobs import policy_outputs
+from instruct_jax.inference.logprobs import logprobs_and_entropy, policy_outputs, response_slice
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.transformer import (ModelInput, Transformer, compute_dtype_weights, output_kernel,

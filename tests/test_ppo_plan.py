@@ -1,7 +1,6 @@
 """The PPO experiments' four parameter trees and two optimizer states, sharded abstractly on the mesh they are
 sized for (no allocation): every tree divides over the mesh, and the 8B run's per-chip state fits a v5p chip."""
 
-import functools
 import math
 
 import jax
@@ -9,14 +8,9 @@ import pytest
 
 from conftest import REPO
 from instruct_jax.config import load_experiment
-from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
-from instruct_jax.model.transformer import Transformer
-from instruct_jax.model.transformer import init_params_boxed
 from instruct_jax.parallel.mesh import make_abstract_mesh
 from instruct_jax.parallel.sharding import param_shardings_for
-from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
-from instruct_jax.rl.ppo.trainer import validate_ppo
-from instruct_jax.train.state import state_shardings_for
+from instruct_jax.rl.ppo.trainer import ppo_trees, validate_ppo
 
 
 def per_device_bytes(tree) -> int:
@@ -29,14 +23,9 @@ def test_ppo_trees_shard_on_the_experiment_mesh(spec):
     n = cfg.mesh.num_devices or 8
     validate_ppo(cfg, num_devices=n)
     mesh, rules = make_abstract_mesh(cfg.mesh, n), cfg.mesh.logical_rules()
-    steps = cfg.train.steps * cfg.ppo.epochs * cfg.ppo.minibatches
-    policy_tx = make_ppo_optimizer(cfg.optim, steps, cfg.ppo.tf_adam_eps)
-    value_tx = make_ppo_optimizer(cfg.optim, steps, cfg.ppo.tf_adam_eps, cfg.ppo.value_learning_rate)
-    policy_init = functools.partial(init_params_boxed, Transformer(cfg.model))
-    policy, _ = state_shardings_for(policy_init, policy_tx, mesh, rules)
-    value_init = functools.partial(init_reward_params_boxed, RewardModel(cfg.model))
-    value, _ = state_shardings_for(value_init, value_tx, mesh, rules)
-    reward, _ = param_shardings_for(value_init, mesh, rules)
+    trees = ppo_trees(cfg, mesh)  # build_ppo's own Model and Shard, on the experiment's full (abstract) mesh
+    policy, value = trees.abstract_state.policy, trees.abstract_state.value
+    reward, _ = param_shardings_for(trees.value_init, mesh, rules)
     # the value model and the reward model are the same tree: one initialises the other
     assert jax.tree.structure(value.params) == jax.tree.structure(reward)
     trained = per_device_bytes(policy) + per_device_bytes(value)

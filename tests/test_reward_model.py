@@ -8,16 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instruct_jax.config import Config, OptimConfig, RewardConfig, TrainConfig
-from instruct_jax.config import load_experiment
+from instruct_jax.config import Config, OptimConfig, RewardConfig, TrainConfig, load_experiment
 from instruct_jax.data.config import DataConfig
-from instruct_jax.inference.scorer import score_fn
-from instruct_jax.inference.scorer import last_token_index
+from instruct_jax.inference.scorer import last_token_index, score_fn
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.heads import RewardModel, ScalarHead, head_init_std, init_reward_params_boxed
 from instruct_jax.model.transformer import ModelInput
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.parallel.mesh import make_abstract_mesh
+from instruct_jax.parallel.mesh import MeshConfig, make_abstract_mesh
 from instruct_jax.parallel.sharding import unbox
 from instruct_jax.train.rm.ranking import reward_loss_and_grads
 from instruct_jax.train.rm.trainer import abstract_rm_state, build_rm

@@ -13,9 +13,7 @@ from conftest import REPO
 from instruct_jax.checkpoint import CheckpointManager, export_params
 from instruct_jax.config import apply_overrides, load_experiment
 from instruct_jax.data.config import DataConfig
-from instruct_jax.inference.scorer import RewardScorer
-from instruct_jax.inference.scorer import score_token_sequences
-from instruct_jax.inference.scorer import score_batch_size
+from instruct_jax.inference.scorer import RewardScorer, score_batch_size, score_token_sequences
 from instruct_jax.train.lm.build import build_lm
 from instruct_jax.train.rm.ranking import IDENTITY_NORM
 from instruct_jax.train.rm.trainer import build_rm, build_rm_data, initial_state, reference_sequences

@@ -125,8 +125,7 @@ def test_llama31_real_settings():
 
 
 def test_rope_params_reads_model_config():
-    from instruct_jax.model.config import ROPE_TYPES as CONFIG_ROPE_TYPES
-    from instruct_jax.model.config import ModelConfig
+    from instruct_jax.model.config import ModelConfig, ROPE_TYPES as CONFIG_ROPE_TYPES
 
     assert ROPE_TYPES == CONFIG_ROPE_TYPES
     cfg = ModelConfig(head_dim=128, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0)

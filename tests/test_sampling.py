@@ -12,12 +12,9 @@ from instruct_jax.inference.sampling import (SamplingConfig, filtered_logits, ma
                                              sample_token)
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import KVCache
-from instruct_jax.model.transformer import ModelInput, Transformer
-from instruct_jax.model.transformer import init_params_boxed
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.parallel.mesh import make_mesh
-from instruct_jax.parallel.sharding import unbox
-from instruct_jax.parallel.sharding import param_shardings_for
+from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
+from instruct_jax.parallel.mesh import MeshConfig, make_mesh
+from instruct_jax.parallel.sharding import param_shardings_for, unbox
 
 # CPU cannot donate buffers; jit warns about each donated cache.
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")

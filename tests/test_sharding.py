@@ -10,8 +10,7 @@ from jax.sharding import PartitionSpec as P
 from instruct_jax.config import Config, OptimConfig, TrainConfig
 from instruct_jax.errors import ConfigError
 from instruct_jax.model.config import ModelConfig
-from instruct_jax.parallel.mesh import MeshConfig
-from instruct_jax.parallel.mesh import hybrid_device_grid, resolve_mesh_shape
+from instruct_jax.parallel.mesh import MeshConfig, hybrid_device_grid, resolve_mesh_shape
 from instruct_jax.parallel.sharding import logical_to_spec
 from instruct_jax.train.lm.build import build_lm
 

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from instruct_jax.checkpoint import load_params
-from instruct_jax.checkpoint import resolve_params_dir
+from instruct_jax.checkpoint import load_params, resolve_params_dir
 from instruct_jax.config import Config
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.examples import encode_prompt
@@ -35,12 +34,10 @@ from instruct_jax.data.stats import DataStats
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.inference.logprobs import policy_outputs
 from instruct_jax.inference.sampling import SamplingConfig, make_sampler, prompt_and_response
-from instruct_jax.model.transformer import ModelInput, Transformer
-from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.mesh import batch_shards, make_mesh
-from instruct_jax.parallel.sharding import logical_to_spec
-from instruct_jax.parallel.sharding import param_shardings_for
+from instruct_jax.parallel.sharding import logical_to_spec, param_shardings_for
 
 
 @dataclasses.dataclass

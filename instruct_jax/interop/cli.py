@@ -58,8 +58,7 @@ def _mesh(spec):
     import jax
 
     from instruct_jax.config import load_experiment
-    from instruct_jax.parallel.mesh import MeshConfig
-    from instruct_jax.parallel.mesh import make_mesh
+    from instruct_jax.parallel.mesh import MeshConfig, make_mesh
 
     mesh_cfg = load_experiment(spec).mesh if spec else MeshConfig()
     return make_mesh(mesh_cfg, jax.devices()), mesh_cfg.logical_rules()
@@ -111,8 +110,7 @@ def _export_tokenizer_path(cfg, workdir: str):
 def run_export(args) -> int:
     import jax
 
-    from instruct_jax.checkpoint import load_params
-    from instruct_jax.checkpoint import resolve_params_dir
+    from instruct_jax.checkpoint import load_params, resolve_params_dir
     from instruct_jax.config import apply_overrides, load_experiment, validate
     from instruct_jax.interop.hf import export_hf, target_params
 

@@ -55,8 +55,7 @@ def target_params(cfg: ModelConfig, mesh, rules=None, reward: bool = False):
 
         init = functools.partial(init_reward_params_boxed, RewardModel(cfg))
     else:
-        from instruct_jax.model.transformer import Transformer
-        from instruct_jax.model.transformer import init_params_boxed
+        from instruct_jax.model.transformer import Transformer, init_params_boxed
 
         init = functools.partial(init_params_boxed, Transformer(cfg))
     return param_shardings_for(init, mesh, rules)

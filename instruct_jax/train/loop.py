@@ -1,4 +1,4 @@
-"""What every training phase's loop shares: fault injection, the tokenizer check, the divergence stop.
+"""What every training phase's loop shares: resume from the newest checkpoint, fault injection, the divergence stop.
 
 The LM, reward-model and PPO loops (train/lm/trainer.py, train/rm/trainer.py, rl/ppo/trainer.py) call
 these; the one-loop redesign (docs/ARCHITECTURE.md) grows this module into the loop itself.
@@ -11,7 +11,7 @@ import signal
 
 from instruct_jax.checkpoint import CheckpointManager
 from instruct_jax.metrics import MetricsWriter, log
-from instruct_jax.train.guards import TrainingDiverged, diverged_message
+from instruct_jax.train.guards import TrainingDiverged, diverged_message, rearm
 
 
 # Fault injection for tests: SIGKILL this process right after the given step (and its
@@ -35,3 +35,14 @@ def stop_diverged(phase: str, done: int, state, meta: dict, limit: int, ckpt: Ch
     message = diverged_message(phase, done, limit, str(ckpt.directory))
     log(message)
     raise TrainingDiverged(message)
+
+
+def resume_latest(ckpt: CheckpointManager, setup):
+    """(state, step, meta) of the newest intact checkpoint, its guard re-armed for train.max_nonfinite_in_a_row;
+    None when there is none (the phase then starts fresh or from train.init_from). `setup`: a PhaseSetup."""
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is None:
+        return None
+    step, state, meta = restored
+    log(f"resumed from checkpoint at step {step}")
+    return state.replace(guard=rearm(state.guard, setup.cfg.train.max_nonfinite_in_a_row)), step, meta

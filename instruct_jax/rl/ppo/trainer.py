@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
-from instruct_jax.checkpoint import resolve_params_dir
+from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
 from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
 from instruct_jax.data.chat import ChatTemplate
@@ -43,11 +42,9 @@ from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.errors import ConfigError
 from instruct_jax.inference.sampling import SamplingConfig
-from instruct_jax.metrics import MetricsWriter, progress
-from instruct_jax.metrics import log
+from instruct_jax.metrics import MetricsWriter, log, progress
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
-from instruct_jax.model.transformer import ModelInput, Transformer
-from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
 from instruct_jax.parallel.sharding import batch_sharding, unbox
@@ -179,15 +176,23 @@ def sampling_config(cfg: Config, stop_tokens: Sequence[int], pad_id: int) -> Sam
     return s
 
 
-def build_ppo(cfg: Config, *, stop_tokens: Sequence[int], pad_id: int, eot_id: int, reward_fn: RewardFn,
-              reward_shardings: Any = None, devices: Optional[Sequence] = None) -> PPOSetup:
-    """Mesh, models, optimizers, shardings and the jitted steps. `reward_shardings`: the reward params'
-    NamedShardings ({} / None for a parameter-free reward function)."""
-    devices = list(devices if devices is not None else jax.devices())
-    validate(cfg, num_devices=len(devices))
-    validate_ppo(cfg, num_devices=len(devices))
-    # ---- Mesh
-    mesh = make_mesh(cfg.mesh, devices)
+@dataclasses.dataclass
+class PPOTrees:
+    """PPO's models, their init functions and optimizers, and the abstract sharded state of the trained trees."""
+
+    policy_model: Transformer
+    value_model: RewardModel
+    policy_init: Callable  # rng -> boxed policy params
+    value_init: Callable  # rng -> boxed value params (the reward model's shape: one initialises the other)
+    policy_tx: optax.GradientTransformation
+    value_tx: optax.GradientTransformation
+    abstract_state: PPOState  # ShapeDtypeStructs with target shardings
+    shardings: PPOState
+
+
+def ppo_trees(cfg: Config, mesh) -> PPOTrees:
+    """Model and Shard for PPO, without allocating or compiling; `mesh` may be an AbstractMesh (tests size the
+    trees on an experiment's full mesh with it)."""
     rules = cfg.mesh.logical_rules()
     # ---- Model: one model code; the value model is the reward model's trunk + scalar head
     policy_model, value_model = Transformer(cfg.model), RewardModel(cfg.model)
@@ -203,13 +208,29 @@ def build_ppo(cfg: Config, *, stop_tokens: Sequence[int], pad_id: int, eot_id: i
     ema_on = p.ema_decay > 0
     abstract = PPOState(abstract_policy, abstract_value, abstract_policy.params if ema_on else {})
     shardings = PPOState(policy_sh, value_sh, policy_sh.params if ema_on else {})
+    return PPOTrees(policy_model, value_model, policy_init, value_init, policy_tx, value_tx, abstract, shardings)
+
+
+def build_ppo(cfg: Config, *, stop_tokens: Sequence[int], pad_id: int, eot_id: int, reward_fn: RewardFn,
+              reward_shardings: Any = None, devices: Optional[Sequence] = None) -> PPOSetup:
+    """Mesh, models, optimizers, shardings and the jitted steps. `reward_shardings`: the reward params'
+    NamedShardings ({} / None for a parameter-free reward function)."""
+    devices = list(devices if devices is not None else jax.devices())
+    validate(cfg, num_devices=len(devices))
+    validate_ppo(cfg, num_devices=len(devices))
+    # ---- Mesh
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.logical_rules()
+    # ---- Model, Shard
+    t = ppo_trees(cfg, mesh)
     # ---- Update
+    p = cfg.ppo
     sampling = sampling_config(cfg, stop_tokens, pad_id)
-    steps = make_ppo_steps(policy_model, value_model, reward_fn, p, sampling, eot_id, policy_tx, value_tx, mesh,
-                           rules, shardings, reward_shardings if reward_shardings is not None else {},
+    steps = make_ppo_steps(t.policy_model, t.value_model, reward_fn, p, sampling, eot_id, t.policy_tx, t.value_tx,
+                           mesh, rules, t.shardings, reward_shardings if reward_shardings is not None else {},
                            ptx=p.ptx_coef > 0, guard=GuardConfig.from_train(cfg.train))
-    return PPOSetup(cfg, mesh, rules, policy_model, value_model, policy_tx, value_tx, policy_init, value_init,
-                    abstract, shardings, sampling, steps)
+    return PPOSetup(cfg, mesh, rules, t.policy_model, t.value_model, t.policy_tx, t.value_tx, t.policy_init,
+                    t.value_init, t.abstract_state, t.shardings, sampling, steps)
 
 
 # ----------------------------------------------------------------------------- reward

@@ -12,8 +12,7 @@ from typing import Sequence
 import jax
 
 from instruct_jax.config import Config, validate
-from instruct_jax.model.transformer import Transformer
-from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.model.transformer import Transformer, init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer

@@ -21,9 +21,8 @@ from instruct_jax.data.tokenizer import check_tokenizer_fits
 from instruct_jax.errors import ConfigError
 from instruct_jax.metrics import (MetricsWriter, Profiler, StepTimer, log, measure_peak_flops, model_flops_per_token, progress)
 from instruct_jax.parallel.sharding import batch_sharding
-from instruct_jax.train.guards import rearm
 from instruct_jax.train.lm.build import LMSetup, build_lm
-from instruct_jax.train.loop import maybe_kill, stop_diverged
+from instruct_jax.train.loop import maybe_kill, resume_latest, stop_diverged
 
 
 class Plateau:
@@ -54,11 +53,9 @@ class Plateau:
 
 def initial_state(setup: LMSetup, ckpt: CheckpointManager):
     """(state, step, meta): the newest intact checkpoint, else a fresh (or `init_from`) state."""
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is not None:
-        step, state, meta = restored
-        log(f"resumed from checkpoint at step {step}")
-        return state.replace(guard=rearm(state.guard, setup.cfg.train.max_nonfinite_in_a_row)), step, meta
+    resumed = resume_latest(ckpt, setup)
+    if resumed is not None:
+        return resumed
     init_from = setup.cfg.train.init_from
     params = None
     if init_from:

@@ -32,8 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params
-from instruct_jax.checkpoint import resolve_params_dir
+from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
 from instruct_jax.data.build import (Data, build_chat_template, build_tokenizer, encode_records, is_eval, load_data,
                                      make_loader, read_records)
@@ -51,13 +50,11 @@ from instruct_jax.inference.scorer import make_score_step, put_global, score_tok
 from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
 from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
-from instruct_jax.model.transformer import Transformer
-from instruct_jax.model.transformer import init_params_boxed
+from instruct_jax.model.transformer import Transformer, init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
-from instruct_jax.parallel.sharding import unbox
-from instruct_jax.parallel.sharding import param_shardings_for
-from instruct_jax.train.guards import GuardConfig, rearm
-from instruct_jax.train.loop import maybe_kill, stop_diverged
+from instruct_jax.parallel.sharding import param_shardings_for, unbox
+from instruct_jax.train.guards import GuardConfig
+from instruct_jax.train.loop import maybe_kill, resume_latest, stop_diverged
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from instruct_jax.train.rm.ranking import (IDENTITY_NORM, RANKING_KEYS, fit_normalization, make_reward_eval_step,
                                            make_reward_train_step, ranking_metrics, ranking_shardings)
@@ -156,11 +153,9 @@ def export_reward_model(workdir: str, params, norm: dict) -> None:
 
 def initial_state(setup: RMSetup, ckpt: CheckpointManager) -> tuple[TrainState, int, dict]:
     """(state, step, meta): the newest intact checkpoint, else a fresh (or `train.init_from`) state."""
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is not None:
-        step, state, meta = restored
-        log(f"resumed from checkpoint at step {step}")
-        return state.replace(guard=rearm(state.guard, setup.cfg.train.max_nonfinite_in_a_row)), step, meta
+    resumed = resume_latest(ckpt, setup)
+    if resumed is not None:
+        return resumed
     init_from = setup.cfg.train.init_from
     if not init_from:
         return setup.init_state(), 0, {}
