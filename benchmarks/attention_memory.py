@@ -22,9 +22,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
-import jax
+# Runnable as `python benchmarks/attention_memory.py` from a fresh clone, package not installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P

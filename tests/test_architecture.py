@@ -2,6 +2,7 @@
 import-linter contract in pyproject.toml is kept, and nothing in the package, tests or CPU experiments
 reads outside the repository."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -78,3 +79,18 @@ def test_nothing_reads_outside_the_repository():
             if re.search(r"""["']\.\.["'][^\n]*["']shared["']|\.\./shared""", text):
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+def test_every_benchmark_script_starts_from_a_fresh_directory(tmp_path):
+    """`python benchmarks/X.py` works as documented without installing the package (each puts the repository
+    on sys.path itself): --help from another directory, no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    failed = {}
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        if script.name == "common.py":
+            continue
+        result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            failed[script.name] = result.stderr[-500:]
+    assert failed == {}
