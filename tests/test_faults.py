@@ -34,7 +34,7 @@ from test_multihost_rl import exported  # noqa: E402  (reads a params export as 
 
 KILL_ENV = "INSTRUCT_JAX_KILL_AT_STEP"
 CACHE = os.path.join(tempfile.gettempdir(), "instruct_jax_faults_jax_cache")
-TIMING = {"tokens_per_sec", "mfu", "step_time", "seconds_per_iteration"}
+TIMING = {"tokens_per_sec", "mfu", "step_time"}
 COMMON = ["logging.progress_bar=false", "logging.tensorboard=false", "logging.log_every=1",
           "logging.peak_flops_per_device=1e9", "checkpoint.every_steps=2", "checkpoint.keep=4"]
 SHAKESPEARE = str(DATA_DIR / "tinyshakespeare.txt")

@@ -73,7 +73,7 @@ PPO = ["train.steps=4", "train.init_from=", "train.global_batch_size=16", "check
        "logging.tensorboard=false", "ppo.synthetic_prompts=64", "ppo.response_len=8", "ppo.epochs=2",
        "ppo.minibatches=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.2", "ppo.kl_horizon=100", "ppo.ema_decay=0.9",
        "ppo.log_samples=16", "ppo.missing_eos=replace"]
-PPO_TIMING = {"seconds_per_iteration"}
+PPO_TIMING = {"step_time"}
 # Integer decisions: the sampled tokens (hence scores, lengths, stop rate) and counts.
 PPO_EXACT = {"step", "score", "raw_score", "response_length", "eos_rate", "negative_kl_sequences"}
 # Floats: measured up to 1.4e-6 relative (approx_kl), 5e-6 for kl (a sum of log-ratios that nearly

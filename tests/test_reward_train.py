@@ -16,7 +16,7 @@ from instruct_jax.data.config import DataConfig
 from instruct_jax.inference.scorer import RewardScorer, score_batch_size, score_token_sequences
 from instruct_jax.train.lm.build import build_lm
 from instruct_jax.train.rm.ranking import IDENTITY_NORM
-from instruct_jax.train.rm.trainer import build_rm, build_rm_data, initial_state, reference_sequences
+from instruct_jax.train.rm.trainer import build_rm, build_rm_data, fresh_state, reference_sequences
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_rm.py")
 OVERRIDES = ["train.steps=60", "train.eval_every=30", "reward.synthetic=1000", "reward.normalize_std=true",
@@ -97,8 +97,8 @@ def test_trunk_starts_from_an_lm_export_and_the_head_fresh(tmp_path):
     export_params(tmp_path / "sft" / "params", lm_params)
     cfg.train.init_from = str(tmp_path / "sft")  # a workdir: its params/ export is used
     setup = build_rm(cfg)
-    state, step, _ = initial_state(setup, CheckpointManager(tmp_path / "ckpt", every_steps=0, keep=1))
-    assert step == 0 and set(state.params) == {"trunk", "head"}
+    state = fresh_state(setup)
+    assert set(state.params) == {"trunk", "head"}
     expected = {k: v for k, v in jax.device_get(lm_params).items() if k != "lm_head"}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["trunk"]), expected)
     head = jax.device_get(state.params["head"])  # fresh: bias 0, kernel ~ N(0, 1 / (d_model + 1))

@@ -1,5 +1,5 @@
-"""The PPO loop (InstructGPT step 3), top to bottom: Mesh -> Model -> Shard -> Update -> Input -> Reward
--> Checkpoint -> Train -> Export.
+"""The PPO phase (InstructGPT step 3), top to bottom: Mesh -> Model -> Shard -> Update -> Input -> Reward
+-> the one loop (train/loop.py: Checkpoint -> Train -> Export).
 
     python -m instruct_jax ppo --experiment experiments/tiny_ppo.py --workdir runs/tiny-ppo
 
@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params, resolve_params_dir
+from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
 from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
 from instruct_jax.data.chat import ChatTemplate
@@ -42,7 +41,7 @@ from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.errors import ConfigError
 from instruct_jax.inference.sampling import SamplingConfig
-from instruct_jax.metrics import MetricsWriter, log, progress
+from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
@@ -52,8 +51,8 @@ from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
 from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
 from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, reward_model_reward,
                                      token_count_reward)
-from instruct_jax.train.guards import GuardConfig, guard_metrics, rearm
-from instruct_jax.train.loop import maybe_kill, stop_diverged
+from instruct_jax.train.guards import GuardConfig, guard_metrics
+from instruct_jax.train.loop import Phase, run_phase
 from instruct_jax.train.state import create_train_state, state_shardings_for
 
 SAMPLES_FILE = "samples.jsonl"
@@ -376,7 +375,105 @@ def truncate_samples(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the phase
+class PPOPhase(Phase):
+    """PPO on the one loop (train/loop.py). One loop step is one iteration: rollout, experience, update, and
+    the KL controller's next beta, which needs this rollout's KL on the host, so the guard's verdict is
+    read synchronously. The checkpoint meta holds the KL controller and the loaders' steps."""
+
+    name, unit, guard_in_flight = "ppo", "iteration", False
+
+    def __init__(self, setup: PPOSetup, workdir: str, tokenizer: Tokenizer, prompts: Loader,
+                 ptx_loader: Optional[Loader], prompt_stats: DataStats, reward_params: Any):
+        cfg = setup.cfg
+        self.setup, self.cfg, self.workdir, self.tokenizer = setup, cfg, workdir, tokenizer
+        self.prompts, self.ptx_loader, self.prompt_stats = prompts, ptx_loader, prompt_stats
+        self.reward_params, self.ref = reward_params, None
+        self.kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.adaptive_kl, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        self.sharding = batch_sharding(setup.mesh, setup.rules)
+        self.prompt_step = self.ptx_step = 0
+        self.prompt_batches = self.ptx_batches = None
+
+    def fresh_state(self):
+        policy, value = initial_params(self.setup, self.reward_params)
+        return self.setup.init_state(policy, value)
+
+    def restore(self, state, meta: dict):
+        self.kl_ctl.load_state_dict(meta["kl_controller"])
+        self.prompt_step, self.ptx_step = int(meta["prompt_step"]), int(meta["ptx_step"])
+        return state
+
+    def restored_note(self) -> str:
+        return f" (kl_coef {self.kl_ctl.kl_coef:.6g})"
+
+    def meta(self, done: int) -> dict:
+        return {"iteration": done, "kl_controller": self.kl_ctl.state_dict(), "prompt_step": done,
+                "ptx_step": done if self.ptx_loader is not None else 0}
+
+    def begin(self, start: int) -> None:
+        self.ref = reference_params(self.setup)
+        truncate_samples(os.path.join(self.workdir, SAMPLES_FILE), start)
+        self.prompt_batches = self.prompts.iterate(self.prompt_step, self.sharding)
+        if self.ptx_loader is not None:
+            self.ptx_batches = self.ptx_loader.iterate(self.ptx_step, self.sharding)
+
+    def step(self, state, index: int):
+        steps = self.setup.steps
+        rng = jax.random.fold_in(state.policy.rng, index)
+        batch = next(self.prompt_batches)
+        prompt = ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"])
+        sample = steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
+        beta = self.kl_ctl.kl_coef  # this rollout's coefficient; the controller then sets the next one
+        exp, stats = steps.experience(state.policy.params, self.ref, state.value.params, self.reward_params, prompt,
+                                      sample, np.float32(beta))
+        args = (state, exp, jax.random.fold_in(rng, 1)) + ((next(self.ptx_batches),) if self.ptx_batches else ())
+        state, update_stats = steps.update(*args)
+        stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+        stats.update({k: float(v) for k, v in jax.device_get(guard_metrics(state.policy.guard)).items()})
+        self.kl_ctl.update(stats["kl"], self.cfg.train.global_batch_size)  # beta for the next rollout
+        return state, {"stats": stats, "update_stats": update_stats, "beta": beta, "batch": batch, "exp": exp}
+
+    def nonfinite(self, out) -> int:
+        return int(out["stats"]["nonfinite_in_a_row"])
+
+    def row(self, done: int, state, out, evaluate: bool) -> dict:
+        row = {**out["stats"], **reduce_update_stats(jax.device_get(out["update_stats"])), "kl_coef": out["beta"],
+               "kl_coef_next": self.kl_ctl.kl_coef}
+        samples = decoded_samples(self.tokenizer, out["batch"], out["exp"], self.cfg.ppo.log_samples)
+        if jax.process_index() == 0 and samples:
+            with open(os.path.join(self.workdir, SAMPLES_FILE), "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"step": done, **s}) + "\n")
+        return row
+
+    def postfix(self, row: dict) -> dict:
+        return {"score": f"{row['score']:.3f}", "kl": f"{row['kl']:.3f}"}
+
+    def after_save(self, done: int, state) -> None:
+        every = self.cfg.ppo.export_every
+        if every and done % every == 0 and done != self.cfg.train.steps:
+            # Snapshots for evaluating the policy along the way (rewritten identically on resume).
+            export_params(os.path.join(self.workdir, "snapshots", str(done)), state.policy.params)
+
+    def close(self) -> None:
+        for batches in (self.prompt_batches, self.ptx_batches):
+            if batches is not None:
+                batches.close()
+
+    def export(self, state) -> None:
+        """The policy (an LM export, like SFT's), its EMA, the value model."""
+        export_params(os.path.join(self.workdir, "params"), state.policy.params)
+        if self.cfg.ppo.ema_decay > 0:
+            export_params(os.path.join(self.workdir, "ema_params"), state.ema)
+        export_params(os.path.join(self.workdir, "value_params"), state.value.params)
+
+    def summary(self, result: dict) -> None:
+        log(self.prompt_stats.report())
+        if result:
+            log(f"done: iteration {result['step']} score {result['score']:.4f} kl {result['kl']:.4f} "
+                f"kl_coef {result['kl_coef']:.4g}")
+
+
 def run_ppo(cfg: Config, workdir: str) -> dict:
     """Train the policy with PPO; returns the last logged metrics row."""
     validate(cfg)
@@ -399,105 +496,6 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
     log(f"mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
         f"{len(prompts.examples)} prompts, T = {prompt_len(cfg)}, N = {cfg.ppo.response_len}, reward {cfg.ppo.reward}")
 
-    # ---- Checkpoint
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
-                             keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
-                             async_save=cfg.checkpoint.async_save)
-    kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.adaptive_kl, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is not None:
-        start, state, meta = restored
-        kl_ctl.load_state_dict(meta["kl_controller"])
-        prompt_step, ptx_step = int(meta["prompt_step"]), int(meta["ptx_step"])
-        limit = cfg.train.max_nonfinite_in_a_row
-        state = state.replace(policy=state.policy.replace(guard=rearm(state.policy.guard, limit)),
-                              value=state.value.replace(guard=rearm(state.value.guard, limit)))
-        log(f"resumed from checkpoint at iteration {start} (kl_coef {kl_ctl.kl_coef:.6g})")
-    else:
-        policy, value = initial_params(setup, reward_params)
-        state, start, prompt_step, ptx_step = setup.init_state(policy, value), 0, 0, 0
-    ref = reference_params(setup)
-    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard)
-    writer.truncate_after(start)  # a resumed run rewrites exactly the rows after its checkpoint
-    truncate_samples(os.path.join(workdir, SAMPLES_FILE), start)
-
-    # ---- Train
-    sharding = batch_sharding(setup.mesh, setup.rules)
-    prompt_batches = prompts.iterate(prompt_step, sharding)
-    ptx_batches = ptx_loader.iterate(ptx_step, sharding) if ptx_loader is not None else None
-    total, last = cfg.train.steps, {}
-    bar = progress(total, initial=start, desc="ppo", enabled=cfg.logging.progress_bar and jax.process_index() == 0)
-    tick = time.perf_counter()
-    with PreemptionGuard() as guard:
-        for it in range(start, total):
-            rng = jax.random.fold_in(state.policy.rng, it)
-            batch = next(prompt_batches)
-            prompt = ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"])
-            sample = setup.steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
-            beta = kl_ctl.kl_coef  # this rollout's coefficient; the controller then sets the next one
-            exp, stats = setup.steps.experience(state.policy.params, ref, state.value.params, reward_params, prompt,
-                                                sample, np.float32(beta))
-            args = (state, exp, jax.random.fold_in(rng, 1)) + ((next(ptx_batches),) if ptx_batches else ())
-            state, update_stats = setup.steps.update(*args)
-            stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-            stats.update({k: float(v) for k, v in jax.device_get(guard_metrics(state.policy.guard)).items()})
-            kl_ctl.update(stats["kl"], cfg.train.global_batch_size)  # beta for the next rollout
-            done = it + 1
-            bar.update(1)
-            diverged = stats["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_in_a_row
-            if diverged or done % cfg.logging.log_every == 0 or done == total:
-                row = {**stats, **reduce_update_stats(jax.device_get(update_stats)), "kl_coef": beta,
-                       "kl_coef_next": kl_ctl.kl_coef}
-                now = time.perf_counter()
-                row["seconds_per_iteration"] = (now - tick) / max(done - (last.get("step", start)), 1)
-                tick = now
-                writer.write(done, row)
-                samples = decoded_samples(tokenizer, batch, exp, cfg.ppo.log_samples)
-                if jax.process_index() == 0 and samples:
-                    with open(os.path.join(workdir, SAMPLES_FILE), "a") as f:
-                        for s in samples:
-                            f.write(json.dumps({"step": done, **s}) + "\n")
-                bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
-                last = {"step": done, **row}
-            meta = {"iteration": done, "kl_controller": kl_ctl.state_dict(), "prompt_step": done,
-                    "ptx_step": done if ptx_batches else 0}
-            if diverged:
-                prompt_batches.close()
-                if ptx_batches is not None:
-                    ptx_batches.close()
-                stop_diverged("ppo", done, state, meta, cfg.train.max_nonfinite_in_a_row, ckpt, writer)
-            if guard.should_stop():
-                ckpt.save(done, state, meta, force=True)
-                ckpt.close()
-                prompt_batches.close()
-                if ptx_batches is not None:
-                    ptx_batches.close()
-                log(f"preemption signal received: saved checkpoint at iteration {done}, exiting cleanly")
-                writer.close()
-                return last
-            ckpt.save(done, state, meta)
-            if cfg.ppo.export_every and done % cfg.ppo.export_every == 0 and done != total:
-                # Snapshots for evaluating the policy along the way (rewritten identically on resume).
-                export_params(os.path.join(workdir, "snapshots", str(done)), state.policy.params)
-            maybe_kill(done)
-    bar.close()
-    prompt_batches.close()
-    if ptx_batches is not None:
-        ptx_batches.close()
-
-    # ---- Final checkpoint, exports: the policy (an LM export, like SFT's), its EMA, the value model
-    meta = {"iteration": total, "kl_controller": kl_ctl.state_dict(), "prompt_step": total,
-            "ptx_step": total if ptx_batches else 0}
-    ckpt.save(total, state, meta, force=True)
-    ckpt.wait()
-    ckpt.close()
-    export_params(os.path.join(workdir, "params"), state.policy.params)
-    if cfg.ppo.ema_decay > 0:
-        export_params(os.path.join(workdir, "ema_params"), state.ema)
-    export_params(os.path.join(workdir, "value_params"), state.value.params)
-    writer.close()
-    log(prompt_stats.report())
-    if last:
-        log(f"done: iteration {last['step']} score {last['score']:.4f} kl {last['kl']:.4f} "
-            f"kl_coef {last['kl_coef']:.4g}")
-    return last
+    # ---- Checkpoint, Train, Export: the one loop
+    phase = PPOPhase(setup, workdir, tokenizer, prompts, ptx_loader, prompt_stats, reward_params)
+    return run_phase(phase, cfg, workdir, setup.abstract_state)

@@ -1,9 +1,9 @@
-"""The SFT / pretraining loop, top to bottom: Mesh -> Input -> Model -> Shard -> Checkpoint -> Update.
+"""The SFT / pretraining phase, top to bottom: Mesh -> Input -> Model -> Shard -> the one loop (train/loop.py).
 
 Resumable by construction: the state (params, Adam moments, step, rng) lives in the
 checkpoint, and the data order is a pure function of (seed, step), so a restarted run
 restores the newest intact checkpoint and continues with exactly the batches it would
-have seen. SIGTERM (TPU preemption) saves a checkpoint and exits cleanly.
+have seen. SIGTERM (TPU preemption) saves a checkpoint and exits cleanly (both: the loop).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Optional
 
 import jax
 
-from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params, resolve_params_dir
+from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config
 from instruct_jax.data.build import LMData, build_lm_data
 from instruct_jax.data.tokenizer import check_tokenizer_fits
 from instruct_jax.errors import ConfigError
-from instruct_jax.metrics import (MetricsWriter, Profiler, StepTimer, log, measure_peak_flops, model_flops_per_token, progress)
+from instruct_jax.metrics import log, model_flops_per_token
 from instruct_jax.parallel.sharding import batch_sharding
 from instruct_jax.train.lm.build import LMSetup, build_lm
-from instruct_jax.train.loop import maybe_kill, resume_latest, stop_diverged
+from instruct_jax.train.loop import Phase, run_phase
 
 
 class Plateau:
@@ -51,20 +51,7 @@ class Plateau:
         return {"best_eval_loss": self.best, "evals_without_improvement": self.evals_since_best}
 
 
-def initial_state(setup: LMSetup, ckpt: CheckpointManager):
-    """(state, step, meta): the newest intact checkpoint, else a fresh (or `init_from`) state."""
-    resumed = resume_latest(ckpt, setup)
-    if resumed is not None:
-        return resumed
-    init_from = setup.cfg.train.init_from
-    params = None
-    if init_from:
-        params = load_params(resolve_params_dir(init_from), setup.abstract_state.params)
-        log(f"initialised params from {init_from}")
-    return setup.init_state(params=params), 0, {}
-
-
-def evaluate(setup: LMSetup, state, data: LMData, sharding) -> dict:
+def evaluate_lm(setup: LMSetup, state, data: LMData, sharding) -> dict:
     if data.eval is None:
         return {}
     total, tokens = 0.0, 0.0
@@ -74,6 +61,71 @@ def evaluate(setup: LMSetup, state, data: LMData, sharding) -> dict:
         tokens += float(out["tokens"])
     loss = total / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+class LMPhase(Phase):
+    """SFT / pretraining on the one loop (train/loop.py): next-token loss, evaluation on held-out batches
+    every train.eval_every steps and at the end, early stopping on eval_loss, the params export."""
+
+    def __init__(self, setup: LMSetup, data: LMData, name: str, workdir: str):
+        cfg = setup.cfg
+        self.setup, self.data, self.name, self.cfg, self.workdir = setup, data, name, cfg, workdir
+        self.sharding = batch_sharding(setup.mesh, setup.rules)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.train.seq_len)
+        self.plateau = Plateau(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta, {})
+        self.batches = None
+
+    def fresh_state(self):
+        init_from, params = self.cfg.train.init_from, None
+        if init_from:
+            params = load_params(resolve_params_dir(init_from), self.setup.abstract_state.params)
+            log(f"initialised params from {init_from}")
+        return self.setup.init_state(params=params)
+
+    def restore(self, state, meta: dict):
+        self.plateau = Plateau(self.cfg.train.early_stop_patience, self.cfg.train.early_stop_min_delta, meta)
+        return state
+
+    def meta(self, done: int) -> dict:
+        return {"data_step": done, **self.plateau.meta()}
+
+    def begin(self, start: int) -> None:
+        self.batches = self.data.train.iterate(start, self.sharding)
+
+    def step(self, state, index: int):
+        return self.setup.train_step(state, next(self.batches))
+
+    def eval_due(self, done: int) -> bool:
+        every = self.cfg.train.eval_every
+        return done == self.cfg.train.steps or (every > 0 and done % every == 0)
+
+    def row(self, done: int, state, out, evaluate: bool) -> dict:
+        row = super().row(done, state, out, evaluate)
+        if evaluate:
+            row.update(evaluate_lm(self.setup, state, self.data, self.sharding))
+            self.plateau.update(row.get("eval_loss"))
+            row["evals_without_improvement"] = self.plateau.evals_since_best
+        return row
+
+    def stop_early(self) -> Optional[str]:
+        if not self.plateau.reached:
+            return None
+        return (f"eval_loss has not improved on {self.plateau.best:.4f} for {self.plateau.evals_since_best} "
+                f"evaluations (train.early_stop_patience)")
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+    def export(self, state) -> None:
+        export_params(os.path.join(self.workdir, "params"), state.params)
+
+    def summary(self, result: dict) -> None:
+        log(self.data.report())
+        if result:
+            log(f"done: step {result['step']} loss {result['loss']:.4f}" +
+                (f" eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""))
 
 
 def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
@@ -90,83 +142,6 @@ def run_lm(cfg: Config, workdir: str, phase: str = "sft") -> dict:
     # ---- Input
     data = build_lm_data(cfg, workdir)
     check_tokenizer_fits(data.tokenizer, cfg.model)
-    sharding = batch_sharding(setup.mesh, setup.rules)
 
-    # ---- Checkpoint
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
-                             keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
-                             async_save=cfg.checkpoint.async_save)
-    state, start, meta = initial_state(setup, ckpt)
-    plateau = Plateau(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta, meta)
-    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard)
-    writer.truncate_after(start)  # a resumed run rewrites exactly the rows after its checkpoint
-
-    # ---- Train
-    peak = cfg.logging.peak_flops_per_device or measure_peak_flops()
-    timer = StepTimer(model_flops_per_token(cfg.model, cfg.train.seq_len), jax.device_count(), peak)
-    profiler = Profiler(workdir, cfg.logging.profile_start, cfg.logging.profile_steps)
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    total, last = cfg.train.steps, {}
-    stop_at = start if plateau.reached else total  # a run that stopped early and is started again: done
-    bar = progress(total, initial=start, desc=phase, enabled=cfg.logging.progress_bar and jax.process_index() == 0)
-    batches = data.train.iterate(start, sharding)
-    in_flight = None
-    with PreemptionGuard() as guard:
-        for step in range(start, stop_at):
-            profiler.step(step, block_on=state)
-            state, metrics = setup.train_step(state, next(batches))
-            # At most two steps in flight: dispatch overlaps host work with the device, and on
-            # emulated CPU devices an unbounded queue of collective programs can exhaust XLA's
-            # thread pool and deadlock in its rendezvous. The guard's verdict on the previous step
-            # is read here, once it is ready anyway (a latched guard skips this step too).
-            limit = cfg.train.max_nonfinite_in_a_row
-            diverged = in_flight is not None and int(in_flight["nonfinite_in_a_row"]) >= limit
-            in_flight = metrics
-            done = step + 1
-            if diverged:
-                writer.write(done, {k: float(v) for k, v in jax.device_get(metrics).items()})
-                stop_diverged(phase, done, state, {"data_step": done}, limit, ckpt, writer)
-            timer.add(tokens_per_step)
-            bar.update(1)
-            if done == start + 1:
-                jax.block_until_ready(metrics)
-                timer.reset()  # the first step includes compilation: keep it out of tokens/s
-            eval_due = done == total or (cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0)
-            if eval_due or done % cfg.logging.log_every == 0:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                row.update(timer.lap())
-                if eval_due:
-                    row.update(evaluate(setup, state, data, sharding))
-                    plateau.update(row.get("eval_loss"))
-                    row["evals_without_improvement"] = plateau.evals_since_best
-                writer.write(done, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                last = {"step": done, **row}
-            if guard.should_stop():
-                ckpt.save(done, state, {"data_step": done, **plateau.meta()}, force=True)
-                ckpt.close()
-                log(f"preemption signal received: saved checkpoint at step {done}, exiting cleanly")
-                writer.close()
-                return last
-            if plateau.reached:
-                log(f"early stop at step {done}: eval_loss has not improved on {plateau.best:.4f} for "
-                    f"{plateau.evals_since_best} evaluations (train.early_stop_patience)")
-                last["stopped_early"] = 1.0
-                stop_at = done
-                break
-            ckpt.save(done, state, {"data_step": done, **plateau.meta()})
-            maybe_kill(done)
-    bar.close()
-    profiler.stop()
-
-    # ---- Final checkpoint, params export, data report
-    ckpt.save(stop_at, state, {"data_step": stop_at, **plateau.meta()}, force=True)
-    ckpt.wait()
-    ckpt.close()
-    export_params(os.path.join(workdir, "params"), state.params)
-    writer.close()
-    log(data.report())
-    if last:
-        log(f"done: step {last['step']} loss {last['loss']:.4f}" +
-            (f" eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
-    return last
+    # ---- Checkpoint, Train, Export: the one loop
+    return run_phase(LMPhase(setup, data, phase, workdir), cfg, workdir, setup.abstract_state)

@@ -1,5 +1,5 @@
-"""The reward-model loop (InstructGPT step 2), top to bottom: Mesh -> Model -> Shard -> Update -> Input
--> Checkpoint -> Train -> Normalize -> Export.
+"""The reward-model phase (InstructGPT step 2), top to bottom: Mesh -> Model -> Shard -> Update -> Input
+-> the one loop (train/loop.py: Checkpoint -> Train -> Normalize -> Export).
 
 Same conventions as the SFT loop (train/lm/trainer.py): resumable from the newest intact checkpoint
 (the data order is a pure function of (seed, step)), SIGTERM saves and exits, metrics.jsonl +
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from instruct_jax.checkpoint import CheckpointManager, PreemptionGuard, export_params, load_params, resolve_params_dir
+from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
 from instruct_jax.data.build import (Data, build_chat_template, build_tokenizer, encode_records, is_eval, load_data,
                                      make_loader, read_records)
@@ -47,14 +47,13 @@ from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.errors import ConfigError
 from instruct_jax.inference.scorer import load_reward_model, score_batch_size
 from instruct_jax.inference.scorer import make_score_step, put_global, score_token_sequences
-from instruct_jax.metrics import MetricsWriter, Profiler, StepTimer, measure_peak_flops, model_flops_per_token, progress
-from instruct_jax.metrics import log
+from instruct_jax.metrics import MetricsWriter, log, model_flops_per_token
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import Transformer, init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.parallel.sharding import param_shardings_for, unbox
 from instruct_jax.train.guards import GuardConfig
-from instruct_jax.train.loop import maybe_kill, resume_latest, stop_diverged
+from instruct_jax.train.loop import Phase, run_phase
 from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from instruct_jax.train.rm.ranking import (IDENTITY_NORM, RANKING_KEYS, fit_normalization, make_reward_eval_step,
                                            make_reward_train_step, ranking_metrics, ranking_shardings)
@@ -151,14 +150,11 @@ def export_reward_model(workdir: str, params, norm: dict) -> None:
             json.dump({k: float(v) for k, v in norm.items()}, f, indent=2)
 
 
-def initial_state(setup: RMSetup, ckpt: CheckpointManager) -> tuple[TrainState, int, dict]:
-    """(state, step, meta): the newest intact checkpoint, else a fresh (or `train.init_from`) state."""
-    resumed = resume_latest(ckpt, setup)
-    if resumed is not None:
-        return resumed
+def fresh_state(setup: RMSetup) -> TrainState:
+    """A fresh run's state: seeded, or from `train.init_from` (a reward export whole, an LM export's trunk)."""
     init_from = setup.cfg.train.init_from
     if not init_from:
-        return setup.init_state(), 0, {}
+        return setup.init_state()
     path = resolve_params_dir(init_from)
     if export_kind(path) == "reward":
         params, _ = load_reward_export(setup, path)
@@ -166,7 +162,7 @@ def initial_state(setup: RMSetup, ckpt: CheckpointManager) -> tuple[TrainState, 
     else:
         params = load_trunk_params(setup, path)
         log(f"initialised the trunk from {init_from}; the reward head starts fresh")
-    return setup.init_state(params=params), 0, {}
+    return setup.init_state(params=params)
 
 
 # ----------------------------------------------------------------------------- input
@@ -240,7 +236,7 @@ def score_rankings(setup: RMSetup, params, examples: Sequence[RankingExample], k
     return np.concatenate(rewards)[:n], np.concatenate(ranks)[:n], np.concatenate(lengths)[:n]
 
 
-def evaluate(setup: RMSetup, params, data: RMData, norm: dict = IDENTITY_NORM) -> dict:
+def evaluate_rm(setup: RMSetup, params, data: RMData, norm: dict = IDENTITY_NORM) -> dict:
     """eval_* metrics on every held-out comparison (scores normalized with `norm`)."""
     rewards, ranks, lengths = score_rankings(setup, params, data.data.eval, data.k_slots, data.tokenizer.pad_id)
     rewards = rewards * norm["gain"] + norm["bias"]
@@ -294,7 +290,76 @@ def normalize(setup: RMSetup, params, cfg: Config, data: RMData) -> tuple[dict, 
     return norm, report
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the phase
+class RMPhase(Phase):
+    """The reward model on the one loop (train/loop.py). Its last step's row and checkpoint wait for
+    finish(): normalization on the reference set, then the final evaluation on normalized scores."""
+
+    name = "rm"
+    defer_last = True
+
+    def __init__(self, setup: RMSetup, data: RMData, workdir: str):
+        cfg = setup.cfg
+        self.setup, self.data, self.cfg, self.workdir = setup, data, cfg, workdir
+        self.sharding = ranking_shardings(setup.mesh, setup.rules)["tokens"]  # the loader derives [B, K] from it
+        self.tokens_per_step = cfg.train.global_batch_size * data.k_slots * cfg.train.seq_len
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.train.seq_len, output_size=1)
+        self.batches, self.norm, self.result = None, None, {}
+
+    def fresh_state(self):
+        return fresh_state(self.setup)
+
+    def begin(self, start: int) -> None:
+        self.batches = self.data.train.iterate(start, self.sharding)
+
+    def step(self, state, index: int):
+        return self.setup.train_step(state, next(self.batches))
+
+    def eval_due(self, done: int) -> bool:  # the last step's evaluation comes after normalization
+        every, total = self.cfg.train.eval_every, self.cfg.train.steps
+        return every > 0 and done % every == 0 and done != total
+
+    def row(self, done: int, state, out, evaluate: bool) -> dict:
+        row = super().row(done, state, out, evaluate)
+        if evaluate:
+            row.update(evaluate_rm(self.setup, state.params, self.data))
+        return row
+
+    def postfix(self, row: dict) -> dict:
+        return {"loss": f"{row['loss']:.4f}", "acc": f"{row['accuracy']:.3f}"}
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+    def finish(self, state, done: int, last: dict, writer: MetricsWriter) -> tuple[dict, dict]:
+        """Normalize on the reference demonstrations, then the final evaluation on normalized scores."""
+        norm, norm_report = normalize(self.setup, state.params, self.cfg, self.data)
+        log(f"normalization: gain {norm['gain']:.4f} bias {norm['bias']:.4f} "
+            f"(reference raw mean {norm_report['reference_raw_mean']:.4f} over {norm_report['reference_count']})")
+        final = evaluate_rm(self.setup, state.params, self.data, norm)
+        final.update({k: v for k, v in last.items() if k != "step" and not k.startswith("eval_")})
+        final.update({"norm_gain": norm["gain"], "norm_bias": norm["bias"], **norm_report})
+        writer.write(done, final)
+        self.norm, self.result = norm, {"step": done, **final}
+        return self.result, {"norm": norm}
+
+    def export(self, state) -> None:
+        export_reward_model(self.workdir, state.params, self.norm)
+        if jax.process_index() == 0:
+            data = self.data.data
+            with open(os.path.join(self.workdir, EVAL_FILE), "w") as f:
+                json.dump({**self.result, "data": {"train": data.train_stats.as_dict(),
+                                                   "eval": data.eval_stats.as_dict()}}, f, indent=2)
+
+    def summary(self, result: dict) -> None:
+        log(self.data.report())
+        log(f"done: step {result['step']} eval_accuracy {result['eval_accuracy']:.4f} "
+            f"[{result['eval_accuracy_ci_low']:.4f}, {result['eval_accuracy_ci_high']:.4f}] over "
+            f"{result['eval_pairs']} pairs; longer answer wins {result['eval_longer_wins']:.4f}; "
+            f"length-balanced {result['eval_length_balanced_accuracy']:.4f}")
+
+
 def run_rm(cfg: Config, workdir: str) -> dict:
     """Train, evaluate, normalize, export; returns the final evaluation (normalized scores)."""
     validate_reward(cfg)
@@ -306,89 +371,7 @@ def run_rm(cfg: Config, workdir: str) -> dict:
 
     # ---- Input
     data = build_rm_data(cfg, workdir)
-    sharding = ranking_shardings(setup.mesh, setup.rules)["tokens"]  # the loader derives [B, K] from it
     log(f"{len(data.data.train)} training and {len(data.data.eval)} held-out rankings, K = {data.k_slots} slots")
 
-    # ---- Checkpoint
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
-                             keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
-                             async_save=cfg.checkpoint.async_save)
-    state, start, meta = initial_state(setup, ckpt)
-    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard)
-    # A resumed run rewrites exactly the rows after its checkpoint; a finished one, its final row.
-    writer.truncate_after(start - 1 if start == cfg.train.steps else start)
-
-    # ---- Train
-    peak = cfg.logging.peak_flops_per_device or measure_peak_flops()
-    timer = StepTimer(model_flops_per_token(cfg.model, cfg.train.seq_len, output_size=1), jax.device_count(), peak)
-    profiler = Profiler(workdir, cfg.logging.profile_start, cfg.logging.profile_steps)
-    tokens_per_step = cfg.train.global_batch_size * data.k_slots * cfg.train.seq_len
-    # A finished run re-run (e.g. killed before its export) writes the same final row again.
-    total, last = cfg.train.steps, dict(meta.get("last_train_row", {}))
-    bar = progress(total, initial=start, desc="rm", enabled=cfg.logging.progress_bar and jax.process_index() == 0)
-    batches = data.train.iterate(start, sharding)
-    in_flight, limit = None, cfg.train.max_nonfinite_in_a_row
-    with PreemptionGuard() as guard:
-        for step in range(start, total):
-            profiler.step(step, block_on=state)
-            state, metrics = setup.train_step(state, next(batches))
-            # The guard's verdict on the previous step (train/lm/trainer.py reads it the same way).
-            diverged = in_flight is not None and int(in_flight["nonfinite_in_a_row"]) >= limit
-            in_flight = metrics
-            done = step + 1
-            if diverged:
-                writer.write(done, {k: float(v) for k, v in jax.device_get(metrics).items()})
-                stop_diverged("rm", done, state, {"data_step": done}, limit, ckpt, writer)
-            timer.add(tokens_per_step)
-            bar.update(1)
-            if done == start + 1:
-                jax.block_until_ready(metrics)
-                timer.reset()  # the first step includes compilation
-            eval_due = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != total
-            if eval_due or done % cfg.logging.log_every == 0 or done == total:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                row.update(timer.lap())
-                if eval_due:
-                    row.update(evaluate(setup, state.params, data))
-                    timer.reset()
-                if done != total:  # the last step's row is written after normalization, with the final eval
-                    writer.write(done, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
-                last = {"step": done, **row}
-            if guard.should_stop():
-                ckpt.save(done, state, {"data_step": done}, force=True)
-                ckpt.close()
-                log(f"preemption signal received: saved checkpoint at step {done}, exiting cleanly")
-                writer.close()
-                return last
-            if done != total:  # the last step's checkpoint is saved after normalization, with gain and bias
-                ckpt.save(done, state, {"data_step": done})
-            maybe_kill(done)
-    bar.close()
-    profiler.stop()
-
-    # ---- Normalize on the reference demonstrations, then the final evaluation on normalized scores
-    norm, norm_report = normalize(setup, state.params, cfg, data)
-    log(f"normalization: gain {norm['gain']:.4f} bias {norm['bias']:.4f} "
-        f"(reference raw mean {norm_report['reference_raw_mean']:.4f} over {norm_report['reference_count']})")
-    final = evaluate(setup, state.params, data, norm)
-    final.update({k: v for k, v in last.items() if k != "step" and not k.startswith("eval_")})
-    final.update({"norm_gain": norm["gain"], "norm_bias": norm["bias"], **norm_report})
-    writer.write(total, final)
-
-    # ---- Final checkpoint (norm in its meta), params export, data report
-    ckpt.save(total, state, {"data_step": total, "norm": norm, "last_train_row": last}, force=True)
-    ckpt.wait()
-    ckpt.close()
-    export_reward_model(workdir, state.params, norm)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, EVAL_FILE), "w") as f:
-            json.dump({"step": total, **final, "data": {"train": data.data.train_stats.as_dict(),
-                                                        "eval": data.data.eval_stats.as_dict()}}, f, indent=2)
-    writer.close()
-    log(data.report())
-    log(f"done: step {total} eval_accuracy {final['eval_accuracy']:.4f} "
-        f"[{final['eval_accuracy_ci_low']:.4f}, {final['eval_accuracy_ci_high']:.4f}] over {final['eval_pairs']} "
-        f"pairs; longer answer wins {final['eval_longer_wins']:.4f}; "
-        f"length-balanced {final['eval_length_balanced_accuracy']:.4f}")
-    return {"step": total, **final}
+    # ---- Checkpoint, Train, Normalize, Export: the one loop
+    return run_phase(RMPhase(setup, data, workdir), cfg, workdir, setup.abstract_state)
