@@ -67,7 +67,7 @@ def pipeline_config(ci: bool) -> Config:
     if ci:
         pipeline = PipelineConfig(
             pretrain_paragraphs=400, sft_demos=200, eval_prompts=64, label_prompts=64, ppo_prompts=128,
-            responses_per_prompt=4, snapshots=2, best_of=(4,), kl_samples=1,
+            responses_per_prompt=4, snapshots=2, best_of=(4,), kl_samples=1, oracle=True,
             pretrain=stage(steps=20, global_batch_size=16, seq_len=128, learning_rate=3e-3),
             sft=stage(steps=20, global_batch_size=16, seq_len=64, learning_rate=1e-3, eval_every=10),
             rm=stage(steps=16, global_batch_size=16, seq_len=64, learning_rate=1e-3),

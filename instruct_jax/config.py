@@ -122,7 +122,9 @@ class PPOConfig:
     """
 
     # ---- reward
-    reward: str = "model"  # model: the reward model at reward_model | count: toy score = occurrences of count_token
+    # model: the reward model at reward_model | count: toy score = occurrences of count_token | host: a Python
+    # function passed to run_ppo scores each rollout on the host (the pipeline's oracle run: the gold judge)
+    reward: str = "model"
     reward_model: str = ""  # reward-model workdir or export ({"params", "norm"}); the value model starts from it
     count_token: int = -1  # reward=count: the token id counted in each response (-1 = the single token of count_text)
     count_text: str = " good"  # reward=count with count_token=-1: text that the tokenizer encodes as one token
@@ -212,6 +214,9 @@ class PipelineConfig:
     ppo_prompts: int = 2000  # training prompts PPO samples from
     kl_budget: float = 0.0  # max allowed KL(PPO || SFT) per response on held-out prompts (nats); 0 = no check
     snapshots: int = 4  # policy exports during PPO for the gold-vs-proxy picture (0 = none)
+    # The upper reference: a second PPO run whose reward is the gold judge itself (standardized on the SFT
+    # samples the labeler ranked), evaluated beside the reward-model run; never the headline
+    oracle: bool = False
     # ---- evaluation
     decode_temperature: float = 0.0  # how every policy is decoded for scoring (0 = greedy)
     max_new_tokens: int = 24  # response buffer for evaluation decoding

@@ -12,12 +12,15 @@ Stages (each in <workdir>/<stage>/, finished when <stage>/DONE.json exists):
               (a Plackett-Luce sample of the gold totals + random flips; gold ties stay ties)
     rm        the reward model on those rankings, from the SFT model (`rm` phase)
     ppo       PPO against the reward model, from the SFT policy; policy snapshots along the way
+    oracle    (pipeline.oracle) the upper reference: the same PPO run with the gold judge itself as the reward,
+              standardized on SFT samples; it measures the headroom of this policy, KL
+              coefficient and step budget. Never the headline; its gold calls are counted apart
     eval      every policy decoded the same way on held-out prompts; report.md / report.json / plots
 
 Re-running skips finished stages, and a stage interrupted mid-training resumes from its newest
 checkpoint (every training stage is a resumable phase). `--stage NAME` runs one stage alone (its
-inputs must exist). The gold judge is called only by the labeler and by the evaluation, and every
-call is counted. Settings: `cfg.pipeline` (config.py PipelineConfig); docs/PIPELINE.md.
+inputs must exist). The gold judge is called only by the labeler, the oracle run and the evaluation, and
+every call is counted. Settings: `cfg.pipeline` (config.py PipelineConfig); docs/PIPELINE.md.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt
 from instruct_jax.metrics import log
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 
-STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "eval")
+STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "oracle", "eval")
 DONE_FILE = "DONE.json"
 
 
@@ -144,7 +147,7 @@ def read_jsonl(path: str) -> list[dict]:
 def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
     """The experiment's config with the stage's steps / batch / lr, data and init paths filled in."""
     c = copy.deepcopy(cfg)
-    st: StageConfig = getattr(cfg.pipeline, stage)
+    st: StageConfig = getattr(cfg.pipeline, "ppo" if stage == "oracle" else stage)
     c.name = f"{cfg.name}-{stage}"
     c.train.steps, c.train.global_batch_size, c.train.seq_len = st.steps, st.global_batch_size, st.seq_len
     c.train.eval_every, c.train.microbatches = st.eval_every, 1
@@ -164,7 +167,7 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.reward.synthetic = 0
         c.reward.reference = DataConfig(format="sft")  # source "": the best-ranked training responses
         c.train.init_from = paths.stage("sft")
-    elif stage == "ppo":
+    elif stage in ("ppo", "oracle"):  # the oracle run is the PPO run with another reward
         c.data = DataConfig(source=paths.file("ppo_prompts.jsonl"), format="prompt", max_prompt_len=prompt_len(cfg),
                             **common)
         c.ppo.reward, c.ppo.reward_model, c.ppo.synthetic_prompts = "model", paths.stage("rm"), 0
@@ -172,6 +175,8 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         if c.ppo.ptx_coef > 0 and not c.ppo.ptx.source:  # PPO-ptx mixes in the base model's own corpus
             c.ppo.ptx = DataConfig(eval_fraction=0.0, **corpus)
         c.train.init_from = paths.stage("sft")
+        if stage == "oracle":
+            c.ppo.reward, c.ppo.reward_model, c.ppo.export_every = "host", "", 0
     else:
         raise ValueError(f"no training config for stage {stage!r}")
     return c
@@ -228,6 +233,66 @@ def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
     from instruct_jax.rl.ppo.trainer import run_ppo
 
     return run_ppo(c, workdir)
+
+
+def stage_oracle(cfg: Config, paths: Paths) -> dict:
+    """PPO with the gold judge as the reward: the upper reference for the reward-model run."""
+    from instruct_jax.rl.ppo.trainer import run_ppo
+
+    c = stage_config(cfg, "oracle", paths)
+    reward, info = gold_reward(cfg, paths, c)
+    out = run_ppo(c, paths.stage("oracle"), host_reward=reward)
+    return {**out, **info, "gold_calls_oracle": reward.judge.calls}
+
+
+ORACLE_SCALE_PROMPTS = 256
+
+
+class GoldReward:
+    """The oracle's host reward: each PPO prompt's gold total, standardized with (mean, std) of the gold totals
+    of SFT samples on the PPO prompts (so its scale is that of a reward model normalized on SFT answers).
+    Prompts are recognised by their token ids, encoded exactly as the PPO prompt loader encodes them."""
+
+    def __init__(self, specs: dict, mean: float, std: float):
+        self.specs, self.mean, self.std, self.judge = specs, mean, std, GoldJudge()
+
+    def __call__(self, prompts: Sequence[np.ndarray], responses: Sequence[str]) -> np.ndarray:
+        totals = []
+        for ids, text in zip(prompts, responses):
+            spec = self.specs.get(tuple(int(i) for i in ids))
+            if spec is None:
+                raise ValueError(f"the oracle reward got a prompt that is not one of the PPO prompts: {list(ids)}")
+            totals.append(self.judge.score(spec, text).total)
+        return (np.asarray(totals, np.float64) - self.mean) / self.std
+
+
+def gold_reward(cfg: Config, paths: Paths, c: Config) -> tuple[GoldReward, dict]:
+    from instruct_jax.data.build import build_chat_template, build_tokenizer
+    from instruct_jax.data.examples import encode_prompt
+    from instruct_jax.data.stats import DataStats
+
+    tokenizer = build_tokenizer(c.data)
+    template = build_chat_template(c.data, tokenizer)
+    specs, stats = {}, DataStats(name="oracle prompts")
+    for row in read_jsonl(c.data.source):
+        prompt = TaskPrompt.from_row(row)
+        example = encode_prompt(list(prompt.messages), template, c.data.max_prompt_len, "truncate", stats)
+        specs[tuple(int(i) for i in example.ids)] = prompt.spec
+    # The scale: gold totals of SFT samples (pipeline.sample_temperature) on the first ORACLE_SCALE_PROMPTS prompts.
+    rows = read_jsonl(c.data.source)[:ORACLE_SCALE_PROMPTS]
+    runner = _runner(cfg, paths, stage_config(cfg, "sft", paths))
+    gen = runner.generate(runner.load(paths.stage("sft")), [list(TaskPrompt.from_row(r).messages) for r in rows],
+                          temperature=cfg.pipeline.sample_temperature, max_new_tokens=c.ppo.response_len,
+                          seed=cfg.seed * 7919 + 101)
+    judge = GoldJudge()  # the labeler's count stays the labeler's
+    totals = [judge.score(TaskPrompt.from_row(r).spec, t).total for r, t in zip(rows, gen.texts)]
+    mean, std = float(np.mean(totals)), float(np.std(totals))
+    if not std > 0:
+        raise ValueError(f"every SFT sample has gold total {mean}: nothing to standardize the oracle reward with")
+    log(f"oracle: gold totals of {len(totals)} SFT samples on PPO prompts: mean {mean:.4f} std {std:.4f} "
+        f"(the oracle reward is (gold - mean) / std)")
+    return GoldReward(specs, mean, std), {"gold_mean_sft_samples": mean, "gold_std_sft_samples": std,
+                                          "gold_calls_standardize": judge.calls}
 
 
 def _runner(cfg: Config, paths: Paths, c: Config):
@@ -299,11 +364,12 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
     prompts = [EvalPrompt.from_task(TaskPrompt.from_row(r)) for r in read_jsonl(paths.file("eval_prompts.jsonl"))]
     policies = {name: runner.load(paths.stage(stage)) for name, stage in
-                (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))}
+                (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("oracle", "oracle")) if is_done(paths, stage)}
     settings = EvalSettings(temperature=p.decode_temperature, max_new_tokens=p.max_new_tokens, best_of=p.best_of,
                             best_of_policy="sft", best_of_temperature=p.sample_temperature,
                             kl_pairs=(("ppo", "sft"),), kl_samples=p.kl_samples,
-                            win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base")), seed=cfg.seed)
+                            win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base"), ("oracle", "sft")),
+                            seed=cfg.seed)
     snapshots = _snapshot_dirs(paths)
     bar = progress(len(policies) + 2 + len(snapshots), desc="eval")
     calls_before = judge.calls
@@ -350,6 +416,8 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
     judge = GoldJudge()
     results = {}
     for stage in STAGES:
+        if stage == "oracle" and not cfg.pipeline.oracle and only != "oracle":
+            continue
         if only is not None and stage != only:
             if is_done(paths, stage):
                 results[stage] = read_done(paths, stage)
@@ -365,6 +433,8 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
             out = stage_task(cfg, paths)
         elif stage == "label":
             out = stage_label(cfg, paths, judge)
+        elif stage == "oracle":
+            out = stage_oracle(cfg, paths)
         elif stage == "eval":
             out = stage_eval(cfg, paths, judge)
         else:
@@ -384,7 +454,8 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
 def _require_inputs(paths: Paths, stage: str) -> None:
     """A stage run alone needs the stages before it to have finished."""
     needs = {"pretrain": ("task",), "sft": ("task", "pretrain"), "label": ("task", "sft"),
-             "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"), "eval": ("task", "pretrain", "sft", "rm", "ppo")}
+             "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"),
+             "oracle": ("task", "sft"), "eval": ("task", "pretrain", "sft", "rm", "ppo")}
     missing = [s for s in needs.get(stage, ()) if not is_done(paths, s)]
     if missing:
         raise ConfigError("stage", f"stage {stage!r} needs {missing} finished first in {paths.root} "

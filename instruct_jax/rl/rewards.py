@@ -174,6 +174,19 @@ def token_count_reward(token_id: int) -> RewardFn:
     return reward
 
 
+def host_scores_reward() -> RewardFn:
+    """Scores computed on the host between rollout and experience (ppo.reward = "host": a Python function
+    the caller passes to run_ppo, e.g. the pipeline's gold judge for its oracle run).
+
+    reward_params = {"scores": [B] float32, batch-sharded}, one per iteration.
+    """
+    def reward(params, inputs, score_index, response, mask):
+        del inputs, score_index, response, mask
+        return params["scores"]
+
+    return reward
+
+
 def reward_model_reward(model_cfg) -> RewardFn:
     """The reward model's normalized score at each row's end-of-turn token (inference/scorer.py `score_fn`).
 

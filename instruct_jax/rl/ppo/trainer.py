@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
@@ -41,22 +42,26 @@ from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.errors import ConfigError
 from instruct_jax.inference.sampling import SamplingConfig
+from instruct_jax.inference.scorer import put_global
 from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
-from instruct_jax.parallel.sharding import batch_sharding, unbox
+from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, unbox
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
 from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
-from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, reward_model_reward,
-                                     token_count_reward)
+from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, host_scores_reward,
+                                     reward_model_reward, token_count_reward)
 from instruct_jax.train.guards import GuardConfig, guard_metrics
 from instruct_jax.train.loop import Phase, run_phase
 from instruct_jax.train.state import create_train_state, state_shardings_for
 
 SAMPLES_FILE = "samples.jsonl"
-REWARDS = ("model", "count")
+REWARDS = ("model", "count", "host")
+# A host reward: (prompt token ids, one array per row; decoded responses) -> scores [B]. Deterministic, so that
+# every process of a multi-host run computes the same scores.
+HostReward = Callable[[Sequence[np.ndarray], Sequence[str]], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -76,6 +81,9 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     if p.reward == "model" and not p.reward_model:
         raise ConfigError("ppo.reward_model", "empty; name the reward model's workdir (or set ppo.reward=count)")
     # A setting that another one makes inert is an error naming both, never silently ignored.
+    if p.reward == "host" and p.reward_model:
+        raise ConfigError("ppo.reward_model", f"{p.reward_model!r} would be ignored: ppo.reward='host' scores "
+                          "responses with a Python function; clear one of the two")
     if p.reward == "count" and p.reward_model:
         raise ConfigError("ppo.reward_model", f"{p.reward_model!r} would be ignored: ppo.reward='count' scores "
                           "responses by a token count; clear one of the two")
@@ -244,9 +252,12 @@ def count_token_id(cfg: Config, tokenizer: Tokenizer) -> int:
 
 
 def load_reward(cfg: Config, tokenizer: Tokenizer, mesh, rules) -> tuple[RewardFn, Any, Any]:
-    """(reward_fn, reward_params, their shardings): the reward model export, or the toy token count."""
+    """(reward_fn, reward_params, their shardings): the reward model export, the toy token count, or the
+    host's scores (reward_params then come per iteration: PPOPhase.host_scores)."""
     if cfg.ppo.reward == "count":
         return token_count_reward(count_token_id(cfg, tokenizer)), {}, {}
+    if cfg.ppo.reward == "host":
+        return host_scores_reward(), {}, {"scores": NamedSharding(mesh, logical_to_spec(("batch",), rules))}
     from instruct_jax.inference.scorer import load_reward_model
 
     params, norm = load_reward_model(cfg.ppo.reward_model, cfg.model, mesh, rules)
@@ -384,8 +395,10 @@ class PPOPhase(Phase):
     name, unit, guard_in_flight = "ppo", "iteration", False
 
     def __init__(self, setup: PPOSetup, workdir: str, tokenizer: Tokenizer, prompts: Loader,
-                 ptx_loader: Optional[Loader], prompt_stats: DataStats, reward_params: Any):
+                 ptx_loader: Optional[Loader], prompt_stats: DataStats, reward_params: Any,
+                 host_reward: Optional[HostReward] = None, score_sharding: Any = None):
         cfg = setup.cfg
+        self.host_reward, self.score_sharding = host_reward, score_sharding
         self.setup, self.cfg, self.workdir, self.tokenizer = setup, cfg, workdir, tokenizer
         self.prompts, self.ptx_loader, self.prompt_stats = prompts, ptx_loader, prompt_stats
         self.reward_params, self.ref = reward_params, None
@@ -424,7 +437,8 @@ class PPOPhase(Phase):
         prompt = ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"])
         sample = steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
         beta = self.kl_ctl.kl_coef  # this rollout's coefficient; the controller then sets the next one
-        exp, stats = steps.experience(state.policy.params, self.ref, state.value.params, self.reward_params, prompt,
+        reward_params = self.reward_params if self.host_reward is None else self.host_scores(batch, sample)
+        exp, stats = steps.experience(state.policy.params, self.ref, state.value.params, reward_params, prompt,
                                       sample, np.float32(beta))
         args = (state, exp, jax.random.fold_in(rng, 1)) + ((next(self.ptx_batches),) if self.ptx_batches else ())
         state, update_stats = steps.update(*args)
@@ -432,6 +446,20 @@ class PPOPhase(Phase):
         stats.update({k: float(v) for k, v in jax.device_get(guard_metrics(state.policy.guard)).items()})
         self.kl_ctl.update(stats["kl"], self.cfg.train.global_batch_size)  # beta for the next rollout
         return state, {"stats": stats, "update_stats": update_stats, "beta": beta, "batch": batch, "exp": exp}
+
+    def host_scores(self, batch: dict, sample) -> dict:
+        """ppo.reward = "host": the rollout on the host (every process gathers all rows), scored by the caller's
+        function, back on the devices as reward_params {"scores": [B]}."""
+        b = self.cfg.train.global_batch_size
+        tokens, segments = (host_rows(batch[k], b) for k in ("tokens", "segment_ids"))
+        response, lengths = host_rows(sample.tokens, b), host_rows(sample.lengths, b)
+        prompts = [tokens[i][segments[i] > 0] for i in range(b)]
+        texts = [self.tokenizer.decode(response[i][:lengths[i]]) for i in range(b)]
+        scores = np.asarray(self.host_reward(prompts, texts), np.float32)
+        if scores.shape != (b,) or not np.all(np.isfinite(scores)):
+            raise ValueError(f"the host reward returned {scores.shape} scores (finite: "
+                             f"{bool(np.all(np.isfinite(scores)))}); expected {b} finite scores")
+        return {"scores": put_global(scores, self.score_sharding)}
 
     def nonfinite(self, out) -> int:
         return int(out["stats"]["nonfinite_in_a_row"])
@@ -474,10 +502,15 @@ class PPOPhase(Phase):
                 f"kl_coef {result['kl_coef']:.4g}")
 
 
-def run_ppo(cfg: Config, workdir: str) -> dict:
-    """Train the policy with PPO; returns the last logged metrics row."""
+def run_ppo(cfg: Config, workdir: str, host_reward: Optional[HostReward] = None) -> dict:
+    """Train the policy with PPO; returns the last logged metrics row. `host_reward`: the scoring function of
+    ppo.reward = "host" (the pipeline's oracle run passes the gold judge)."""
     validate(cfg)
     validate_ppo(cfg)
+    if (cfg.ppo.reward == "host") != (host_reward is not None):
+        raise ConfigError("ppo.reward", "'host' scores with a Python function passed to run_ppo (the pipeline's "
+                          "oracle stage does); the ppo command has none: use 'model' or 'count'"
+                          if host_reward is None else f"{cfg.ppo.reward!r} ignores the host reward function passed")
     save_config(cfg, workdir)
 
     # ---- Input (first: the tokenizer decides the stop set, pad and vocabulary)
@@ -497,5 +530,6 @@ def run_ppo(cfg: Config, workdir: str) -> dict:
         f"{len(prompts.examples)} prompts, T = {prompt_len(cfg)}, N = {cfg.ppo.response_len}, reward {cfg.ppo.reward}")
 
     # ---- Checkpoint, Train, Export: the one loop
-    phase = PPOPhase(setup, workdir, tokenizer, prompts, ptx_loader, prompt_stats, reward_params)
+    phase = PPOPhase(setup, workdir, tokenizer, prompts, ptx_loader, prompt_stats, reward_params, host_reward,
+                     reward_sh.get("scores"))
     return run_phase(phase, cfg, workdir, setup.abstract_state)
