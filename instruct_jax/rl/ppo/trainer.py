@@ -89,7 +89,7 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     for name in ("response_len", "temperature", "epochs", "minibatches", "kl_target", "kl_horizon", "ptx_batch_size"):
         if getattr(p, name) <= 0:
             raise ConfigError(f"ppo.{name}", f"must be > 0, got {getattr(p, name)}")
-    for name in ("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "clip_ratio", "value_clip", "value_learning_rate",
+    for name in ("kl_coef", "entropy_coef", "ptx_coef", "clip_ratio", "value_clip", "value_learning_rate",
                  "synthetic_prompts"):
         if getattr(p, name) < 0:
             raise ConfigError(f"ppo.{name}", f"must be >= 0, got {getattr(p, name)}")
