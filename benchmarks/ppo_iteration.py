@@ -56,7 +56,7 @@ def ppo_config(model_cfg, batch: int, prompt_len: int, new_tokens: int, minibatc
         optim=OptimConfig(learning_rate=1e-6, warmup_steps=0, decay="constant", b2=0.95, eps=1e-5, grad_clip=1.0),
         train=TrainConfig(steps=100, global_batch_size=batch, seq_len=2 * prompt_len),
         ppo=PPOConfig(reward="model", reward_model="(random weights)", response_len=new_tokens, temperature=1.0,
-                      epochs=1, minibatches=minibatches, vf_coef=0.1, missing_eos="replace"))
+                      epochs=1, minibatches=minibatches, missing_eos="replace"))
 
 
 def random_reward_model(cfg: Config, devices) -> tuple[dict, dict]:

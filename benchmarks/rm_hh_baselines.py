@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 from instruct_jax.config import Config, apply_overrides, load_experiment  # noqa: E402
 from instruct_jax.data.build import is_eval, read_records  # noqa: E402
 from instruct_jax.data.formats import Ranking  # noqa: E402
-from instruct_jax.train.rm.ranking import length_balanced_accuracy, length_balanced_interval, wilson_interval
+from instruct_jax.train.rm.ranking import (length_balanced_accuracy, length_balanced_interval, pair_credit,
+                                           wilson_interval)
 
 WORD = re.compile(r"[a-z0-9']+")
 
@@ -72,8 +73,8 @@ def summary(correct: np.ndarray, len_chosen: np.ndarray, len_rejected: np.ndarra
 
 
 def outcome(score_chosen: np.ndarray, score_rejected: np.ndarray) -> np.ndarray:
-    """1 if chosen scores higher, 0 if lower, 1/2 on a tie."""
-    return (score_chosen > score_rejected) + 0.5 * (score_chosen == score_rejected)
+    """1 if chosen scores higher, 0 if lower, 1/2 on a tie (the reward trainer's `pair_credit`)."""
+    return pair_credit(np.asarray(score_chosen, np.float64) - np.asarray(score_rejected, np.float64))
 
 
 # ----------------------------------------------------------------------------- bag of words + length
@@ -130,7 +131,7 @@ def pick_l2(diff: np.ndarray, grid=(0.1, 1.0, 10.0, 100.0), folds: int = 5, seed
     fold = np.random.default_rng(seed).permutation(len(diff)) % folds
     scores = {}
     for l2 in grid:
-        acc = [np.mean(diff[fold == f] @ fit_bradley_terry(diff[fold != f], l2) > 0) for f in range(folds)]
+        acc = [np.mean(pair_credit(diff[fold == f] @ fit_bradley_terry(diff[fold != f], l2))) for f in range(folds)]
         scores[l2] = float(np.mean(acc))
     return max(scores, key=scores.get)
 
@@ -151,7 +152,7 @@ def run(cfg: Config, rm_workdirs: tuple = ()) -> dict:
     results["bag_of_words_length_logreg"] = {
         **summary(outcome(features(eval_c) @ w, features(eval_r) @ w), len_c, len_r),
         "l2": l2, "features": train_diff.shape[1],
-        "train_accuracy": float(np.mean(train_diff @ w > 0))}
+        "train_accuracy": float(np.mean(pair_credit(train_diff @ w)))}
 
     for workdir in rm_workdirs:
         from instruct_jax.inference.scorer import RewardScorer  # jax and the model only when a reward model is scored

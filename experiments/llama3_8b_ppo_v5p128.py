@@ -46,7 +46,7 @@ def get_config(arg=None) -> Config:
         logging=LoggingConfig(log_every=1, peak_flops_per_device=459e12),
         ppo=PPOConfig(reward="model", reward_model="gs://BUCKET/llama3-8b-rm", response_len=512, temperature=1.0,
                       kl_coef=0.02, gamma=1.0, lam=0.95, epochs=1, minibatches=8, clip_ratio=0.2, value_clip=0.2,
-                      vf_coef=1.0, value_learning_rate=9e-6, missing_eos="replace", missing_eos_score=-1.0,
+                      value_learning_rate=9e-6, missing_eos="replace", missing_eos_score=-1.0,
                       ema_decay=0.992, ptx_coef=27.8, ptx_batch_size=64,
                       ptx=DataConfig(source="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT", format="text",
                                      tokenizer=TOKENIZER)),

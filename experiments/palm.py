@@ -72,5 +72,5 @@ def get_config(arg=None) -> Config:
         cfg.train = TrainConfig(steps=100, global_batch_size=ppo_batch, seq_len=2048,
                                 init_from=f"gs://BUCKET/palm-{size}-sft")
         cfg.ppo = PPOConfig(reward_model=f"gs://BUCKET/palm-{size}-rm", response_len=1023, kl_coef=0.02, epochs=1,
-                            minibatches=8, vf_coef=1.0)
+                            minibatches=8)
     return cfg

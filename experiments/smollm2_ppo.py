@@ -92,6 +92,6 @@ def get_config(arg=None) -> Config:
         logging=LoggingConfig(log_every=1),
         ppo=PPOConfig(reward="model", reward_model=RM, response_len=255, temperature=0.7, kl_coef=0.05,
                       adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gamma=1.0, lam=0.95, epochs=4, minibatches=4,
-                      clip_ratio=0.2, value_clip=0.2, vf_coef=0.1, value_learning_rate=1e-5, missing_eos="replace",
+                      clip_ratio=0.2, value_clip=0.2, value_learning_rate=1e-5, missing_eos="replace",
                       missing_eos_score=-1.0, log_samples=4),
     )

@@ -91,6 +91,6 @@ def pipeline_config(ci: bool) -> Config:
         checkpoint=CheckpointConfig(every_steps=50, keep=2),
         logging=LoggingConfig(log_every=10),
         ppo=PPOConfig(response_len=24, temperature=1.0, kl_coef=0.2, epochs=4, minibatches=2, clip_ratio=0.2,
-                      value_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, log_samples=2),
+                      value_clip=0.2, gamma=1.0, lam=0.95, log_samples=2),
         pipeline=pipeline,
     )

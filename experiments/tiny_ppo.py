@@ -59,5 +59,5 @@ def get_config(arg=None) -> Config:
         checkpoint=CheckpointConfig(every_steps=20, keep=2),
         logging=LoggingConfig(log_every=5),
         ppo=PPOConfig(synthetic_prompts=512, response_len=16, temperature=1.0, kl_coef=0.05, epochs=4, minibatches=2,
-                      clip_ratio=0.2, value_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, log_samples=2, **reward),
+                      clip_ratio=0.2, value_clip=0.2, gamma=1.0, lam=0.95, log_samples=2, **reward),
     )

@@ -111,6 +111,21 @@ def _default_ptx_data() -> DataConfig:
     return DataConfig(format="text")
 
 
+# Fields that no longer exist: setting one (an experiment file, --set) fails naming it and what to use
+# instead, rather than being silently ignored or reported as a mere unknown key.
+REMOVED_FIELDS = {
+    "ppo.vf_coef": "removed: the policy and the value model have separate Adam optimizers, so a coefficient on "
+                   "the value loss only rescales the value gradients, which Adam normalizes away (up to its "
+                   "epsilon and gradient clipping); set ppo.value_learning_rate (the value model's own peak "
+                   "learning rate) instead",
+}
+
+
+def removed_field(key: str) -> ConfigError:
+    """The error for setting a field listed in REMOVED_FIELDS."""
+    return ConfigError(key, REMOVED_FIELDS[key])
+
+
 @dataclass
 class PPOConfig:
     """PPO against the reward model (`python -m instruct_jax ppo`); docs/PPO.md has the algorithm.
@@ -150,7 +165,6 @@ class PPOConfig:
     minibatches: int = 1  # optimizer steps per epoch; the rollout batch is reshuffled every epoch
     clip_ratio: float = 0.2  # policy ratio clip epsilon
     value_clip: float = 0.2  # value prediction clip around the rollout's values
-    vf_coef: float = 0.1  # value loss coefficient
     entropy_coef: float = 0.0  # entropy bonus coefficient (0 = off)
     value_learning_rate: float = 0.0  # value model's peak lr (0 = optim.learning_rate); same schedule otherwise
     tf_adam_eps: bool = False  # Adam eps added to sqrt(v) before bias correction (TF / lm-human-preferences)
@@ -162,6 +176,12 @@ class PPOConfig:
     # ---- logging
     log_samples: int = 2  # decoded (prompt, response, score) rows written to samples.jsonl per logged iteration
     export_every: int = 0  # also export the policy to <workdir>/snapshots/<iteration> every N iterations (0 = off)
+    # Removed (REMOVED_FIELDS): accepted by the constructor only to fail with the reason and the replacement.
+    vf_coef: dataclasses.InitVar[Optional[float]] = None
+
+    def __post_init__(self, vf_coef: Optional[float]) -> None:
+        if vf_coef is not None:
+            raise removed_field("ppo.vf_coef")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -328,6 +348,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(key, "override must look like section.field=value")
+        if key in REMOVED_FIELDS:
+            raise removed_field(key)
         node, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
             hints = typing.get_type_hints(type(node))

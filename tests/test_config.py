@@ -80,6 +80,25 @@ def test_overrides_parse_types_and_name_bad_keys():
         apply_overrides(Config(), ["model=3"])
 
 
+def test_removed_vf_coef_fails_early_naming_the_field_and_value_learning_rate(tmp_path, capsys):
+    """ppo.vf_coef is gone (separate Adam optimizers made it almost inert): --set, an experiment file that
+    still passes it, and the CLI each stop with a ConfigError naming it and the knob to use instead."""
+    from instruct_jax.__main__ import main
+
+    old = tmp_path / "old_ppo.py"
+    old.write_text("from instruct_jax.config import Config, PPOConfig\n\n"
+                   "def get_config(arg=None):\n    return Config(ppo=PPOConfig(vf_coef=0.1))\n")
+    for load in (lambda: apply_overrides(Config(), ["ppo.vf_coef=0.5"]), lambda: load_experiment(str(old))):
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert err.value.field == "ppo.vf_coef" and "ppo.value_learning_rate" in str(err.value)
+    assert main(["ppo", "--experiment", str(REPO / "experiments" / "tiny_ppo.py:toy"), "--workdir",
+                 str(tmp_path / "run"), "--set", "ppo.vf_coef=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config field 'ppo.vf_coef': removed") and "ppo.value_learning_rate" in err
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
 @pytest.mark.parametrize("override, field", [
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("model.rope_type=wild", "model.rope_type"),

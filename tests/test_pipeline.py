@@ -294,7 +294,8 @@ def test_rm_accuracy_breakdown_equals_a_pair_by_pair_count():
 
 
 def test_runner_logprob_equals_the_samplers_own(tmp_path):
-    """Re-scoring a temperature-1 sample under the params that drew it gives the sampler's log-probs."""
+    """Re-scoring a sample under the params that drew it, at its temperature (1 and 0.7), gives the sampler's
+    log-probs."""
     import jax
 
     from instruct_jax.data.chat import load_chat_template
@@ -308,9 +309,10 @@ def test_runner_logprob_equals_the_samplers_own(tmp_path):
     runner = PolicyRunner(cfg, tok, load_chat_template("builtin", tok), prompt_len=24, batch_size=16)
     params = build_lm(cfg).init_state().params
     prompts = [list(p.messages) for p in Task(0).train_prompts(20)]
-    gen = runner.generate(params, prompts, temperature=1.0, max_new_tokens=8, seed=1)
-    again = runner.logprob(params, gen, temperature=1.0)
-    np.testing.assert_allclose(again, gen.logprob, rtol=1e-4, atol=1e-4)
+    for tau in (1.0, 0.7):  # one runner, one set of params: only the sampler and the scorer compile again
+        gen = runner.generate(params, prompts, temperature=tau, max_new_tokens=8, seed=1)
+        again = runner.logprob(params, gen, temperature=tau)
+        np.testing.assert_allclose(again, gen.logprob, rtol=1e-4, atol=1e-4, err_msg=f"tau {tau}")
     greedy = runner.generate(params, prompts, temperature=0.0, max_new_tokens=8, seed=5)
     assert greedy.texts == runner.generate(params, prompts, temperature=0.0, max_new_tokens=8, seed=6).texts
     assert jax.device_count() == 8

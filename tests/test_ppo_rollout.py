@@ -9,7 +9,8 @@ import pytest
 from instruct_jax.inference.logprobs import value_index
 from instruct_jax.parallel.mesh import MeshConfig
 from instruct_jax.rl.rollout import sample_from_tokens
-from ppo_toy import EOS, PAD, REWARDED, random_prompts, toy_config, toy_setup
+from instruct_jax.rl.ppo.trainer import reference_params
+from ppo_toy import EOS, PAD, REWARDED, random_prompts, run_toy, toy_config, toy_setup
 from instruct_jax.inference.sampling import SampleOutput
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
@@ -20,6 +21,13 @@ B, T, N = 8, 8, 12
 @pytest.fixture(scope="module")
 def toy():
     cfg = toy_config(mesh=MeshConfig(fsdp=-1), batch=B, epochs=2, minibatches=2, kl_coef=0.1)
+    return toy_setup(cfg, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def toy_tau07():
+    """The same toy at ppo.temperature 0.7: the sampler and every recomputed log-prob divide the logits by it."""
+    cfg = toy_config(mesh=MeshConfig(fsdp=-1), batch=B, epochs=2, minibatches=2, kl_coef=0.1, temperature=0.7)
     return toy_setup(cfg, devices=jax.devices()[:1])
 
 
@@ -40,13 +48,24 @@ def teacher_forced(seed=1, garbage_after_end=False):
     return out
 
 
-def test_sampler_logprobs_equal_recomputed_and_kl_is_zero_at_the_reference(toy):
-    setup, state, ref = toy
+@pytest.mark.parametrize("toy_at", ["toy", "toy_tau07"])  # tau = 1 and tau = 0.7
+def test_sampler_logprobs_equal_recomputed_and_kl_is_zero_at_the_reference(toy_at, request):
+    setup, state, ref = request.getfixturevalue(toy_at)
+    assert setup.sampling.temperature == setup.cfg.ppo.temperature == {"toy": 1.0, "toy_tau07": 0.7}[toy_at]
     prompt = random_prompts(B)
     sample = setup.steps.sample(state.policy.params, prompt, jax.random.PRNGKey(3))
     exp, stats = setup.steps.experience(state.policy.params, ref, state.value.params, {}, prompt, sample,
                                         np.float32(0.1))
     assert stats["logprob_mismatch"] < 1e-5  # KV-cache decoding vs one full forward pass, same tau
+    # Both against numpy: log_softmax(logits / tau) of a plain forward pass, at the positions predicting each token.
+    tau, mask = setup.cfg.ppo.temperature, np.asarray(exp.mask) > 0
+    logits = np.asarray(setup.policy_model.apply({"params": state.policy.params}, exp.inputs).logits, np.float64)
+    logits = logits[:, T - 1:-1] / tau  # [B, N, V]
+    logits -= logits.max(-1, keepdims=True)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = np.take_along_axis(log_softmax, np.asarray(sample.tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(exp.logprobs)[mask], want[mask], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(sample.logprobs)[mask], want[mask], atol=2e-5)
     assert stats["kl"] == 0.0 and stats["negative_kl_sequences"] == 0
     np.testing.assert_array_equal(exp.ref_logprobs, exp.logprobs)
     # with KL 0 the only reward is each row's score, at its end
@@ -119,3 +138,24 @@ def test_first_minibatch_of_first_epoch_has_ratio_one_and_zero_approx_kl(toy):
     mask = np.asarray(exp.mask)
     adv = np.asarray(exp.advantages)[mask > 0]
     assert abs(adv.mean()) < 1e-5 and abs(adv.std(ddof=1) - 1) < 1e-3
+
+
+def test_reference_params_are_bitwise_unchanged_by_ppo_updates(toy):
+    """Two PPO iterations (sample, experience, donated update) against the reference run_ppo builds: every
+    reference leaf is still alive and bitwise what it was, and equal to the policy's start; the policy moved."""
+    setup, state, _ = toy
+    ref = reference_params(setup)
+    ref_before = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(ref))
+    policy_before = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(state.policy.params))
+    jax.tree.map(np.testing.assert_array_equal, ref_before, policy_before)  # the reference is the policy's start
+    start = jax.tree.map(jnp.copy, state)  # the update donates its state; the fixture's must survive
+    final, history = run_toy(setup, start, ref, iterations=2)
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(start.policy.params))  # donation did happen
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(ref))  # ... but never of the reference
+    for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(ref_before)[0], jax.tree.leaves(ref)):
+        assert np.array_equal(before, np.asarray(after)), jax.tree_util.keystr(path)
+        assert np.asarray(after).dtype == before.dtype
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), policy_before,
+                                         final.policy.params))
+    assert all(moved), "every policy leaf should have changed after 2 x 4 optimizer steps"

@@ -86,9 +86,9 @@ def test_length_only_scorer_is_visible():
     len_better, len_worse = rng.integers(5, 50, 400), rng.integers(5, 50, 400)
     # A scorer that only counts tokens: r = length.
     m = pairwise_metrics(len_better.astype(float), len_worse.astype(float), len_better, len_worse)
-    assert m["accuracy"] == pytest.approx(np.mean(len_better > len_worse))
+    by_length = np.mean((len_better > len_worse) + 0.5 * (len_better == len_worse))  # equal lengths tie: 1/2
+    assert m["accuracy"] == pytest.approx(by_length) and m["longer_wins"] == pytest.approx(by_length)
     assert m["length_balanced_accuracy"] == 0.5
-    assert m["longer_wins"] == pytest.approx(np.mean((len_better > len_worse) + 0.5 * (len_better == len_worse)))
     correct = np.array([1, 0, 1, 1], float)
     assert length_balanced_accuracy(correct, np.array([5, 5, 1, 1]), np.array([1, 1, 5, 5])) == 0.75
 
@@ -106,6 +106,31 @@ def test_metrics_by_margin_bucket_and_ranking_metrics():
     assert out["loss"] == pytest.approx((0.5 * (1.313262 + 0.313262) + 0.313262) / 2, abs=1e-5)
     assert out["reward_mean"] == pytest.approx(np.mean([1.0, 2.0, 0.0, 0.0, 1.0]))
     assert out["longer_wins"] == 1.0  # 9 > 5, 9 > 5, 4 > 3
+
+
+def test_a_reward_tie_counts_one_half_in_every_accuracy():
+    """One tie rule everywhere (as instructgpt/statistics.py pair_agreement): r_better == r_worse scores 1/2.
+
+    Prompt 0, ranks [1, 2, 3]: rewards [1, 1, 0.5] -> (0,1) tie 1/2, (0,2) 1, (1,2) 1; lengths [5, 3, 4].
+    Prompt 1, slot 1 beats slot 0: rewards [0.25, 0.25] -> tie 1/2; lengths [2, 6].
+    Prompt 2, slot 0 beats slot 1: rewards [-1, 0] -> 0; lengths [4, 4].
+    Accuracy (1/2 + 1 + 1 + 1/2 + 0) / 5 = 0.6 (the old ties-are-wrong rule: 0.4).
+    By |margin|, 2 buckets (edges 0, 0.5, 1): q1 = the two ties = 0.5; q2 = {1, 1, 0} = 2/3.
+    Length-balanced: better longer {(0,1) 1/2, (0,2) 1, p1 1/2} = 2/3, better shorter {(1,2) 1} = 1 -> 5/6.
+    """
+    rewards = np.array([[1.0, 1.0, 0.5, 9.0], [0.25, 0.25, 7.0, 7.0], [-1.0, 0.0, 3.0, 3.0]], np.float32)
+    ranks = np.array([[1, 2, 3, 0], [2, 1, 0, 0], [1, 2, 0, 0]], np.int32)
+    lengths = np.array([[5, 3, 4, 0], [2, 6, 0, 0], [4, 4, 0, 0]], np.int32)
+    _, _, stats = ranking_loss_sum(rewards, ranks)  # what the training step logs as accuracy
+    assert float(stats["correct"]) == 3.0 and float(stats["pairs"]) == 5
+    out = ranking_metrics(rewards, ranks, lengths, margin_buckets=2)
+    assert out["accuracy"] == pytest.approx(0.6) and out["pairs"] == 5
+    assert (out["accuracy_ci_low"], out["accuracy_ci_high"]) == pytest.approx((0.2307, 0.8824), abs=1e-4)
+    assert out["accuracy_margin_q1"] == pytest.approx(0.5) and out["accuracy_margin_q2"] == pytest.approx(2 / 3)
+    assert out["length_balanced_accuracy"] == pytest.approx(5 / 6)
+    assert out["longer_wins"] == pytest.approx(0.7)  # longer better in 3 pairs, shorter in 1, equal in 1
+    # A scorer that ties everything is at chance, not at 0.
+    assert ranking_metrics(np.zeros_like(rewards), ranks, lengths)["accuracy"] == 0.5
 
 
 def test_normalization_centres_the_reference_set():

@@ -54,6 +54,20 @@ def apply_normalization(raw: jax.Array, norm) -> jax.Array:
     return raw * norm["gain"] + norm["bias"]
 
 
+def fold_normalization(head, norm):
+    """The reward model's head {"kernel" [D], "bias" []} rewritten so that its raw output is the normalized score.
+
+    The head is linear, so gain * (h . k + b) + c = h . (gain * k) + (gain * b + c): kernel' = gain * kernel,
+    bias' = gain * bias + c, for norm = {"gain", "bias": c}, in the head's dtypes. PPO's value model starts
+    from the reward model with this head, so its first values are in the units of the rewards it is paid
+    (a raw head would be off by a constant that shifts every advantage). Example, D = 2:
+    kernel [1, -2], bias 0.5, norm {gain 2, bias -1} -> kernel [2, -4], bias 0.0.
+    """
+    gain = norm["gain"]
+    return {**head, "kernel": (head["kernel"] * gain).astype(head["kernel"].dtype),
+            "bias": (head["bias"] * gain + norm["bias"]).astype(head["bias"].dtype)}
+
+
 def reward_scores(model: RewardModel, params, norm, inputs: ModelInput, eos_index: jax.Array) -> jax.Array:
     """Normalized rewards [B] (or [B, N] for packed rows with N sequences each). Pure and jittable.
 

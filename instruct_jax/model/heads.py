@@ -67,7 +67,8 @@ class RewardModel(nn.Module):
     rows, T - 1 for left-padded rows, each segment's last position for packed rows. The mask
     comes from the input's positions and segment ids, so the reward of a sequence does not
     depend on how much padding surrounds it, on which side, or on what it is packed with.
-    Normalization (gain, bias) is applied by the caller: train/rm/ranking.py's `reward_scores`.
+    Normalization (gain, bias) is applied by the caller, inference/scorer.py's `reward_scores`, or folded
+    into the head (`fold_normalization`: PPO's value model).
     """
 
     cfg: ModelConfig

@@ -13,10 +13,12 @@ The update is one jitted function: a lax.scan over epochs x minibatches. Epoch e
 in the order permutation(fold_in(rng, e)); minibatch m of it takes rows [m * b, (m + 1) * b) of
 that order. Each minibatch step computes
 
-    loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy + ptx_coef * ptx_nll
+    loss = policy_loss + value_loss - entropy_coef * entropy + ptx_coef * ptx_nll
 
 and updates the policy TrainState (gradients of every term but the value loss) and the value
-TrainState (gradients of vf_coef * value_loss) with their own optimizers, then the policy EMA.
+TrainState (gradients of value_loss) with their own optimizers, then the policy EMA. The value loss
+has no coefficient: with its own Adam, one would only rescale gradients that Adam normalizes;
+ppo.value_learning_rate sets how fast the value model moves.
 Stats come back per minibatch ([E * M] arrays); the trainer reduces them.
 """
 
@@ -84,7 +86,7 @@ def ppo_loss(policy_model: Transformer, value_model: RewardModel, hp: PPOConfig,
     values = value_outputs(value_model, value_params, mb.inputs, t, n)
     vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.mask, hp.value_clip)
     entropy_mean = masked_mean(entropy, mb.mask)
-    loss = pg_loss + hp.vf_coef * vf_loss - hp.entropy_coef * entropy_mean
+    loss = pg_loss + vf_loss - hp.entropy_coef * entropy_mean  # vf_loss reaches the value params only
     stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "update_entropy": entropy_mean, **pg_stats, **vf_stats}
     if ptx is not None:
         logits = policy_model.apply({"params": policy_params}, ModelInput.from_batch(ptx)).logits

@@ -96,7 +96,7 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     for name in ("response_len", "temperature", "epochs", "minibatches", "kl_target", "kl_horizon", "ptx_batch_size"):
         if getattr(p, name) <= 0:
             raise ConfigError(f"ppo.{name}", f"must be > 0, got {getattr(p, name)}")
-    for name in ("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "clip_ratio", "value_clip", "value_learning_rate",
+    for name in ("kl_coef", "entropy_coef", "ptx_coef", "clip_ratio", "value_clip", "value_learning_rate",
                  "synthetic_prompts"):
         if getattr(p, name) < 0:
             raise ConfigError(f"ppo.{name}", f"must be >= 0, got {getattr(p, name)}")
@@ -311,7 +311,9 @@ def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
     """(policy params, value params) a fresh run starts from.
 
     Policy: train.init_from (the SFT export), else a seeded fresh init (toy runs). Value: the reward
-    model's params (trunk + head) when there is one, else the policy's trunk with a fresh head.
+    model's params (trunk + head) when there is one, with its normalization folded into the head, so
+    that V at a response's end-of-turn token starts at the normalized score PPO's rewards use; else
+    the policy's trunk with a fresh head.
     """
     cfg = setup.cfg
     if cfg.train.init_from:
@@ -319,7 +321,13 @@ def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
     else:
         policy = setup.fresh_policy_params()
     if cfg.ppo.reward == "model":
-        value = reward_params["params"]
+        from instruct_jax.inference.scorer import fold_normalization
+
+        rm = reward_params["params"]
+        with mesh_and_rules(setup.mesh, setup.rules):  # the head alone: the trunk is not copied
+            head = jax.jit(fold_normalization, out_shardings=setup.shardings.value.params["head"])(
+                rm["head"], reward_params["norm"])
+        value = {"trunk": rm["trunk"], "head": head}
     else:
         init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
         with mesh_and_rules(setup.mesh, setup.rules):

@@ -43,6 +43,16 @@ IDENTITY_NORM = {"gain": 1.0, "bias": 0.0}
 
 
 # ----------------------------------------------------------------------------- the loss (pure)
+def pair_credit(diff):
+    """Credit of a comparison from r_better - r_worse (numpy or jax, any shape): 1 if > 0, 1/2 on a tie, 0 if < 0.
+
+    The one tie rule of the codebase (instructgpt/statistics.py `pair_agreement` and the win rates count a
+    tie 1/2 too): a scorer that gives every answer the same reward gets 0.5, chance, not 0.
+    pair_credit([0.3, 0.0, -2.0]) = [1.0, 0.5, 0.0].
+    """
+    return (diff > 0) * 1.0 + (diff == 0) * 0.5
+
+
 def better_pairs(ranks: jax.Array) -> jax.Array:
     """ranks [B, K] -> bool [B, K, K]: pairs[b, i, j] iff response i is ranked strictly above j.
 
@@ -60,7 +70,8 @@ def ranking_loss_sum(rewards: jax.Array, ranks: jax.Array, margin: float = 0.0):
     """(sum over prompts of the per-prompt mean pair loss, number of prompts with a pair, stats).
 
     rewards [B, K] float, ranks [B, K] int. Sums, not means, so microbatches accumulate exactly:
-    the batch loss is total / prompts. stats = {"correct": pairs with r_i > r_j, "pairs": pairs}.
+    the batch loss is total / prompts. stats = {"correct": sum over pairs of `pair_credit(r_i - r_j)`
+    (a reward tie counts 1/2), "pairs": pairs}.
 
     Worked example (one prompt, K slots 4): rewards [1, 2, 0, 5], ranks [1, 2, 2, 0]. Pairs (0, 1)
     and (0, 2); (1, 2) tie; slot 3 is empty. Loss = mean(-log s(1 - 2), -log s(1 - 0))
@@ -73,7 +84,7 @@ def ranking_loss_sum(rewards: jax.Array, ranks: jax.Array, margin: float = 0.0):
     n = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)  # [B] non-tied pairs per prompt
     per_prompt = jnp.sum(jnp.where(pairs, nll, 0.0), axis=(1, 2)) / jnp.maximum(n, 1.0)
     has_pair = n > 0
-    stats = {"correct": jnp.sum(pairs & (diff > 0)).astype(jnp.float32), "pairs": jnp.sum(n)}
+    stats = {"correct": jnp.sum(jnp.where(pairs, pair_credit(diff), 0.0)), "pairs": jnp.sum(n)}
     return jnp.sum(jnp.where(has_pair, per_prompt, 0.0)), jnp.sum(has_pair).astype(jnp.float32), stats
 
 
@@ -245,11 +256,12 @@ def pairwise_metrics(r_better: np.ndarray, r_worse: np.ndarray, len_better: np.n
                      margin_buckets: int = 4) -> dict:
     """Accuracy (+ 95% CI), accuracy by |margin| quantile, the length baseline and length-balanced accuracy.
 
-    A comparison counts as correct when r_better > r_worse (a tie is wrong). "longer_wins" is the
-    accuracy of scoring each answer by its length on the same pairs (equal lengths count 1/2).
+    A comparison's credit is `pair_credit(r_better - r_worse)`: 1 if r_better > r_worse, 1/2 on a tie, 0
+    otherwise; accuracy, its interval, the margin buckets and the length-balanced accuracy all average it.
+    "longer_wins" is the accuracy of scoring each answer by its length on the same pairs (ties 1/2 as well).
     """
     n = len(r_better)
-    correct = (r_better > r_worse).astype(np.float64)
+    correct = pair_credit(np.asarray(r_better, np.float64) - np.asarray(r_worse, np.float64))
     low, high = wilson_interval(correct.sum(), n)
     out = {"accuracy": float(correct.mean()) if n else float("nan"), "accuracy_ci_low": low,
            "accuracy_ci_high": high, "pairs": n,
