@@ -219,6 +219,11 @@ class PipelineConfig:
     demo_phrase: str = "before"  # the chat phrase "before" the answer ("Sure! 59.") or "after" it ("59. I think so.")
     eval_prompts: int = 240  # held-out evaluation prompts (>= 200 for the report's claims)
     held_out_fraction: float = 0.4  # of eval prompts worded with paraphrase templates never trained on
+    # Fraction of prompts (every split; never the `constrained` kind) followed by a format instruction checkable on
+    # the response's surface (task.py FORMATS: "Give only the answer.", "End your reply with the word done.", ...);
+    # at most 0.5, so that at least half of the eval prompts are the kinds' plain requests
+    format_fraction: float = 0.0
+    demo_follow: float = 0.5  # probability that a demonstrator follows a format instruction (independent of slips)
     # The instruction kinds the task mixes (instructgpt/task.py KINDS; default: the original seven)
     kinds: tuple = ("reverse", "sort", "add", "count", "spell", "list", "constrained")
     # ---- comparisons (InstructGPT step 2)

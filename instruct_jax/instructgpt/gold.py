@@ -51,7 +51,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from instruct_jax.data.formats import Ranking
-from instruct_jax.instructgpt.task import CATEGORIES, FRUIT_COLOR, NUMBER_WORDS, ONES, TENS, TaskPrompt, TaskSpec
+from instruct_jax.instructgpt.task import (CATEGORIES, FORMAT_WORD, FRUIT_COLOR, NUMBER_WORDS, ONES, TENS, TaskPrompt,
+                                          TaskSpec, unformatted)
 
 WEIGHTS = {"correctness": 0.6, "format": 0.25, "verbosity": 0.15}
 # Words beyond the reference's that cost nothing: a short chat phrase ("The answer is 59.") is not
@@ -68,6 +69,7 @@ class Score:
     format: float
     verbosity: float
     total: float
+    instruction: Optional[float] = None  # a format instruction (task.FORMATS): 1 followed, 0 not; None: none asked
 
 
 def _words(text: str) -> list[str]:
@@ -203,6 +205,19 @@ _KINDS = {"reverse": _reverse, "sort": _sort, "add": lambda s, t: _numeric(s, t,
           "count_items": lambda s, t: _numeric(s, t, 3.0)}
 
 
+def strip_format(fmt: str, text: str) -> tuple[str, bool]:
+    """(the response without what the format instruction asked for, whether it was there): end -> the last
+    word "done" removed; start -> the first word "ok" removed; only -> unchanged (the judge checks that
+    nothing but the answer is there)."""
+    if fmt == "end":
+        m = re.search(rf"\b{FORMAT_WORD['end']}\W*$", text, re.IGNORECASE)
+        return (text[:m.start()].rstrip(), True) if m else (text, False)
+    if fmt == "start":
+        m = re.match(rf"\W*{FORMAT_WORD['start']}\b\W*", text, re.IGNORECASE)
+        return (text[m.end():], True) if m else (text, False)
+    return text, True
+
+
 def _verbosity(spec: TaskSpec, text: str) -> float:
     allowed = len(_words(spec.reference)) + VERBOSITY_SLACK
     if spec.kind == "constrained" and spec.params["constraint"] == "max_words":
@@ -219,6 +234,16 @@ class GoldJudge:
 
     def score(self, spec: TaskSpec, response: str) -> Score:
         self.calls += 1
+        fmt = spec.params.get("format")
+        if not fmt:
+            return self._score(spec, response)
+        content, followed = strip_format(fmt, response)
+        s = self._score(unformatted(spec), content)
+        followed = followed and (fmt != "only" or s.format == 1.0)  # only: nothing beside the answer
+        return Score(s.correctness, s.format, s.verbosity, round(s.total * (0.5 + 0.5 * followed), 9),
+                     float(followed))
+
+    def _score(self, spec: TaskSpec, response: str) -> Score:
         if spec.kind not in _KINDS:
             raise ValueError(f"unknown task kind {spec.kind!r}")
         if not response.strip():

@@ -55,9 +55,12 @@ def validate_pipeline(cfg: Config) -> None:
                  "max_new_tokens", "kl_samples"):
         if getattr(p, name) <= 0:
             raise ConfigError(f"pipeline.{name}", f"must be > 0, got {getattr(p, name)}")
-    for name in ("demo_chatty", "demo_slip", "held_out_fraction", "labeler_flip_rate"):
+    for name in ("demo_chatty", "demo_slip", "held_out_fraction", "labeler_flip_rate", "demo_follow"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             raise ConfigError(f"pipeline.{name}", f"must be in [0, 1], got {getattr(p, name)}")
+    if not 0.0 <= p.format_fraction <= 0.5:
+        raise ConfigError("pipeline.format_fraction", f"must be in [0, 0.5] (at least half of the eval prompts stay "
+                          f"plain requests), got {p.format_fraction}")
     p.kinds = tuple(p.kinds) if isinstance(p.kinds, (list, tuple)) else p.kinds
     if (not isinstance(p.kinds, tuple) or not p.kinds or len(set(p.kinds)) != len(p.kinds)
             or any(k not in KINDS for k in p.kinds)):
@@ -187,13 +190,14 @@ def stage_task(cfg: Config, paths: Paths) -> dict:
     from instruct_jax.data.build import build_tokenizer
 
     p = cfg.pipeline
-    task = Task(cfg.seed, num_eval=p.eval_prompts, held_out_fraction=p.held_out_fraction, kinds=p.kinds)
+    task = Task(cfg.seed, num_eval=p.eval_prompts, held_out_fraction=p.held_out_fraction, kinds=p.kinds,
+                format_fraction=p.format_fraction)
     os.makedirs(paths.stage("task"), exist_ok=True)
     corpus = task.pretrain_corpus(p.pretrain_paragraphs)
     with open(paths.file("corpus.txt"), "w") as f:
         f.write("\n\n".join(corpus) + "\n")
     demos = task.sft_demos(p.sft_demos, chatty=p.demo_chatty, slip=p.demo_slip,
-                           phrases=DEMO_PHRASES[p.demo_phrase])
+                           phrases=DEMO_PHRASES[p.demo_phrase], follow=p.demo_follow)
     _write_jsonl(paths.file("demos.jsonl"), [{"messages": d} for d in demos])
     # Label and PPO prompts come from one draw, split: the reward model never rates PPO's prompts.
     train = task.train_prompts(p.label_prompts + p.ppo_prompts)

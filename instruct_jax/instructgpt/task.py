@@ -121,6 +121,18 @@ KINDS = tuple(TEMPLATES)
 # which a tiny model can master; `Task(kinds=...)` and `pipeline.kinds` choose the mix.
 ORIGINAL_KINDS = ("reverse", "sort", "add", "count", "spell", "list", "constrained")
 COPY_KINDS = ("pick", "repeat", "reverse_list", "count_items")
+# Format instructions (IFEval-style, issue 25): a sentence after the request asking for a form of the answer
+# that the judge checks on the surface of the response, whatever the answer's correctness. kind -> (training
+# sentences, held-out paraphrases). A prompt with one is of a new kind of instruction; `Task(format_fraction)`.
+FORMATS = {
+    "only": (("Give only the answer.", "Reply with the answer alone."), ("Answer with nothing but the answer.",)),
+    "end": (("End your reply with the word done.", "Finish your reply with the word done."),
+            ("Make done the last word of your reply.",)),
+    "start": (("Begin your reply with the word ok.", "Start your reply with the word ok."),
+              ("Make ok the first word of your reply.",)),
+}
+FORMAT_WORD = {"end": "done", "start": "ok"}
+UNFORMATTED_KINDS = ("constrained",)  # a kind that has its own constraint takes no format instruction
 CATEGORY_NOUN = {"animals": "animal", "fruits": "fruit", "colors": "color", "tools": "tool"}
 SHARED_KINDS = ("list",)  # too few distinct questions to hold instances out: eval shares them, not wordings
 
@@ -152,7 +164,7 @@ class TaskSpec:
 
     def key(self) -> str:
         """The instance without its wording: two prompts with one key ask the same question."""
-        return json.dumps([self.kind, self.params], sort_keys=True)
+        return json.dumps([self.kind, {k: v for k, v in self.params.items() if k != "format"}], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -254,6 +266,40 @@ def make_prompt(kind: str, rng: np.random.Generator, held_out: bool = False) -> 
     return TaskPrompt(({"role": "user", "content": _fill(kind, body, params)},), spec)
 
 
+def apply_format(fmt: str, answer: str) -> str:
+    """The answer in the form a format instruction asks for: only -> as is, end -> "<answer> done",
+    start -> "ok <answer>"."""
+    if fmt == "end":
+        return f"{answer} {FORMAT_WORD['end']}"
+    if fmt == "start":
+        return f"{FORMAT_WORD['start']} {answer}"
+    return answer
+
+
+def with_format(prompt: TaskPrompt, fmt: str, sentence: int) -> TaskPrompt:
+    """`prompt` followed by format instruction `fmt` (training or held-out sentence as the prompt's template);
+    the reference then satisfies it, and params["format"] names it."""
+    spec = prompt.spec
+    text = f"{prompt.text} {FORMATS[fmt][int(spec.held_out)][sentence]}"
+    formatted = TaskSpec(spec.kind, {**spec.params, "format": fmt}, apply_format(fmt, spec.reference), spec.template,
+                         spec.held_out)
+    return TaskPrompt(({"role": "user", "content": text},), formatted)
+
+
+def unformatted(spec: TaskSpec) -> TaskSpec:
+    """The spec without its format instruction (the request alone, its reference the bare answer)."""
+    fmt = spec.params.get("format")
+    if not fmt:
+        return spec
+    reference = spec.reference
+    if fmt == "end":
+        reference = reference[:-len(FORMAT_WORD["end"]) - 1]
+    elif fmt == "start":
+        reference = reference[len(FORMAT_WORD["start"]) + 1:]
+    return TaskSpec(spec.kind, {k: v for k, v in spec.params.items() if k != "format"}, reference, spec.template,
+                    spec.held_out)
+
+
 # ----------------------------------------------------------------------------- the task
 _STREAMS = {"eval": 0, "sft": 1, "train": 2, "pretrain": 3, "demonstrators": 4}
 
@@ -263,9 +309,12 @@ class Task:
     for more train prompts never changes the eval prompts or the demos."""
 
     def __init__(self, seed: int = 0, num_eval: int = 240, held_out_fraction: float = 0.4,
-                 kinds: Sequence[str] = ORIGINAL_KINDS):
+                 kinds: Sequence[str] = ORIGINAL_KINDS, format_fraction: float = 0.0):
         if num_eval < 1 or not 0.0 <= held_out_fraction <= 1.0:
             raise ValueError(f"need num_eval >= 1 and 0 <= held_out_fraction <= 1, got {num_eval}, {held_out_fraction}")
+        if not 0.0 <= format_fraction <= 1.0:
+            raise ValueError(f"need 0 <= format_fraction <= 1, got {format_fraction}")
+        self.format_fraction = format_fraction
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or len(set(kinds)) != len(kinds) or not kinds:
             raise ValueError(f"kinds must be distinct names from {KINDS}, got {list(kinds)}")
@@ -277,13 +326,15 @@ class Task:
         self._eval_keys = {p.spec.key() for p in self._eval if p.spec.kind not in SHARED_KINDS}
         self._eval_keys |= {p.text for p in self._eval}
 
-    def _rng(self, split: str) -> np.random.Generator:
-        return np.random.default_rng([self.seed, _STREAMS[split]])
+    def _rng(self, split: str, sub: int = 0) -> np.random.Generator:
+        """The split's random stream; `sub` > 0: a side stream (format instructions), so that the main
+        stream's draws, and so every prompt and habit of a task without them, stay the same."""
+        return np.random.default_rng([self.seed, _STREAMS[split]] + ([sub] if sub else []))
 
     def _draw(self, split: str, n: int, held_out_fraction: float, exclude: set) -> list[TaskPrompt]:
         """n prompts cycling through the kinds in a shuffled order; the first round(n * fraction)
         positions (then shuffled) use held-out templates. Excluded instances (key or text) are redrawn."""
-        rng = self._rng(split)
+        rng, side = self._rng(split), self._rng(split, sub=1)
         held = np.zeros(n, bool)
         held[:round(n * held_out_fraction)] = True
         held = rng.permutation(held)
@@ -294,6 +345,10 @@ class Task:
                 prompt = make_prompt(kind, rng, held_out=bool(held[i]))
                 if prompt.spec.key() not in exclude and prompt.text not in exclude:
                     break
+            u, fmt = side.random(), tuple(FORMATS)[int(side.integers(len(FORMATS)))]
+            sentence = int(side.integers(len(FORMATS[fmt][int(held[i])])))
+            if u < self.format_fraction and kind not in UNFORMATTED_KINDS:
+                prompt = with_format(prompt, fmt, sentence)
             out.append(prompt)
         order = rng.permutation(n)
         return [out[i] for i in order]
@@ -310,23 +365,31 @@ class Task:
         return self._draw("sft", n, 0.0, self._eval_keys)
 
     def sft_demos(self, n: int = 400, chatty: float = 0.0, slip: float = 0.0,
-                  phrases: Sequence[str] = DEMO_WRAPPERS) -> list[list[dict]]:
+                  phrases: Sequence[str] = DEMO_WRAPPERS, follow: float = 0.5) -> list[list[dict]]:
         """n SFT conversations [user, assistant] in the repo's message format.
 
         By default every answer is the reference. `chatty` and `slip` simulate human demonstrators'
         habits (InstructGPT's demonstrations came from people, not from the judge): that fraction of
         answers is put in one of the chat `phrases`, and that fraction carries a typical slip
         (`near_miss`). The habits draw from their own random stream, so the prompts are the same for
-        any mix.
+        any mix. A prompt with a format instruction is followed with probability `follow`, independently
+        of the slip (a side stream): following writes the answer in the asked form ("only": no chat
+        phrase); not following ignores the instruction ("only": the answer always in a chat phrase).
         """
-        if not (0.0 <= chatty <= 1.0 and 0.0 <= slip <= 1.0):
-            raise ValueError(f"need chatty and slip in [0, 1], got {chatty}, {slip}")
-        rng = self._rng("demonstrators")
+        if not (0.0 <= chatty <= 1.0 and 0.0 <= slip <= 1.0 and 0.0 <= follow <= 1.0):
+            raise ValueError(f"need chatty, slip and follow in [0, 1], got {chatty}, {slip}, {follow}")
+        rng, side = self._rng("demonstrators"), self._rng("demonstrators", sub=1)
         demos = []
         for p in self.sft_prompts(n):
-            answer = near_miss(p.spec, rng) if rng.random() < slip else p.spec.reference
-            if rng.random() < chatty:
-                answer = chat_wrap(answer, rng, phrases)
+            spec = unformatted(p.spec)
+            core = near_miss(spec, rng) if rng.random() < slip else spec.reference
+            answer = chat_wrap(core, rng, phrases) if rng.random() < chatty else core
+            follows, phrase = side.random() < follow, _pick(side, phrases)
+            fmt = p.spec.params.get("format")
+            if fmt == "only":
+                answer = core if follows else (answer if answer != core else phrase.format(core))
+            elif fmt and follows:
+                answer = apply_format(fmt, answer)
             demos.append(list(p.messages) + [{"role": "assistant", "content": answer}])
         return demos
 
