@@ -169,3 +169,49 @@ def test_unknown_or_repeated_kinds_are_rejected():
     for kinds in (("pick", "nope"), ("pick", "pick"), ()):
         with pytest.raises(ValueError, match="kinds must be distinct names"):
             Task(seed=0, kinds=kinds)
+
+
+# ----------------------------------------------------------------------------- format instructions (issue 25)
+def test_format_instructions_follow_the_same_requests_and_leave_half_plain():
+    from instruct_jax.instructgpt.task import FORMATS, UNFORMATTED_KINDS, unformatted
+
+    plain, formatted = Task(4), Task(4, format_fraction=0.5)
+    for a, b in ((plain.eval_prompts(), formatted.eval_prompts()), (plain.train_prompts(400), formatted.train_prompts(400))):
+        assert [p.spec.key() for p in a] == [p.spec.key() for p in b]  # the same instances, in the same order
+        for p, q in zip(a, b):
+            fmt = q.spec.params.get("format")
+            if fmt is None:
+                assert q == p
+                continue
+            assert p.spec.kind not in UNFORMATTED_KINDS
+            sentence = q.text[len(p.text) + 1:]
+            assert q.text.startswith(p.text + " ") and sentence in FORMATS[fmt][int(p.spec.held_out)]
+            assert unformatted(q.spec) == p.spec
+    share = np.mean([p.spec.params.get("format") is None for p in formatted.eval_prompts()])
+    assert 0.5 <= share <= 0.7  # at least half of the eval prompts stay plain requests
+    assert Task(4, format_fraction=0.0).eval_prompts() == plain.eval_prompts()
+
+
+def test_demonstrators_follow_format_instructions_half_the_time_whatever_their_slips():
+    from instruct_jax.instructgpt.gold import GoldJudge
+    from instruct_jax.instructgpt.task import unformatted
+
+    task, judge = Task(2, format_fraction=0.5), GoldJudge()
+    demos = task.sft_demos(1200, chatty=0.8, slip=0.15, follow=0.5)
+    prompts = task.sft_prompts(1200)
+    followed, slipped = [], []
+    for p, d in zip(prompts, demos):
+        if p.spec.params.get("format") is None:
+            continue
+        score = judge.score(p.spec, d[-1]["content"])
+        followed.append(score.instruction)
+        slipped.append(score.correctness < 1.0)
+    followed, slipped = np.array(followed), np.array(slipped)
+    assert len(followed) > 300 and abs(followed.mean() - 0.5) < 0.07
+    # independent of the slip: the slip rate is the same whether the instruction was followed or not
+    assert abs(slipped[followed == 1].mean() - slipped[followed == 0].mean()) < 0.08
+    # and the plain requests' habits are those of a task without format instructions
+    base = Task(2).sft_demos(1200, chatty=0.8, slip=0.15)
+    same = [d == e for p, d, e in zip(prompts, demos, base) if p.spec.params.get("format") is None]
+    assert np.mean(same) > 0.99 and len(same) > 500
+    assert unformatted(prompts[0].spec).params.get("format") is None

@@ -218,3 +218,29 @@ def test_best_of_n_kl():
     assert np.mean(density * np.log(density)) == pytest.approx(best_of_n_kl(n), abs=1e-3)
     with pytest.raises(ValueError):
         best_of_n_kl(0)
+
+
+@pytest.mark.parametrize("fmt, followed, ignored", [
+    ("end", ["sixty one done", "sixty one. Done.", "sixty one, done!"], ["sixty one", "done sixty one"]),
+    ("start", ["ok sixty one", "OK, sixty one", "Ok: sixty one"], ["sixty one", "sixty one ok"]),
+    ("only", ["sixty one", "sixty one."], ["The answer is sixty one.", "Sure! sixty one."]),
+])
+def test_a_format_instruction_halves_a_right_answer_that_ignores_it(fmt, followed, ignored):
+    from instruct_jax.instructgpt.task import make_prompt, with_format
+
+    prompt = make_prompt("spell", np.random.default_rng(0))
+    base = GoldJudge().score(prompt.spec, prompt.spec.reference)
+    spec = with_format(prompt, fmt, 0).spec
+    spec = type(spec)(spec.kind, {**spec.params, "n": 61}, spec.reference.replace(prompt.spec.reference, "sixty one"),
+                      spec.template, spec.held_out)
+    judge = GoldJudge()
+    assert judge.score(spec, spec.reference).total == 1.0 == base.total
+    for text in followed:
+        s = judge.score(spec, text)
+        assert s.instruction == 1.0 and s.correctness == 1.0, text
+    for text in ignored:
+        s = judge.score(spec, text)
+        assert s.instruction == 0.0, text
+        plain = GoldJudge().score(type(spec)("spell", {"n": 61}, "sixty one", 0, False), text)
+        assert s.total == pytest.approx(plain.total / 2), text  # the content's score, halved
+    assert judge.score(spec, "fifty").total == 0.0  # no answer: nothing, followed or not

@@ -286,6 +286,16 @@ def with_format(prompt: TaskPrompt, fmt: str, sentence: int) -> TaskPrompt:
     return TaskPrompt(({"role": "user", "content": text},), formatted)
 
 
+def request_text(prompt: TaskPrompt) -> str:
+    """The prompt's text without its format instruction."""
+    fmt = prompt.spec.params.get("format")
+    if fmt:
+        for sentence in FORMATS[fmt][int(prompt.spec.held_out)]:
+            if prompt.text.endswith(" " + sentence):
+                return prompt.text[:-len(sentence) - 1]
+    return prompt.text
+
+
 def unformatted(spec: TaskSpec) -> TaskSpec:
     """The spec without its format instruction (the request alone, its reference the bare answer)."""
     fmt = spec.params.get("format")
@@ -324,7 +334,7 @@ class Task:
         # "list" has only 12 (category, count) questions, so training asks them all and only the
         # exact eval wordings are excluded; every other kind's eval instances are never trained on.
         self._eval_keys = {p.spec.key() for p in self._eval if p.spec.kind not in SHARED_KINDS}
-        self._eval_keys |= {p.text for p in self._eval}
+        self._eval_keys |= {request_text(p) for p in self._eval}
 
     def _rng(self, split: str, sub: int = 0) -> np.random.Generator:
         """The split's random stream; `sub` > 0: a side stream (format instructions), so that the main
