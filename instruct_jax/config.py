@@ -217,6 +217,10 @@ class PipelineConfig:
     max_new_tokens: int = 24  # response buffer for evaluation decoding
     best_of: tuple = (4, 16)  # best-of-n against the reward model, sampled from SFT at temperature 1
     kl_samples: int = 2  # samples per held-out prompt for KL(PPO || SFT)
+    # Temperature-1 samples per held-out prompt of SFT and PPO (the regime PPO trains in): tau = 1 win rate
+    # and gold gain, PPO against best-of-n at the same decoding; 0 = off, else >= 4 (SFT reuses its first
+    # best-of-n samples when those are at temperature 1)
+    tau1_samples: int = 4
     # ---- stages
     pretrain: StageConfig = field(default_factory=_stage(steps=300, global_batch_size=32, seq_len=128,
                                                          learning_rate=3e-3))
@@ -441,6 +445,9 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     _positive("logging", cfg.logging, "log_every")
+    if cfg.pipeline.tau1_samples != 0 and cfg.pipeline.tau1_samples < 4:
+        raise ConfigError("pipeline.tau1_samples", f"must be 0 (off) or >= 4 samples per prompt, "
+                          f"got {cfg.pipeline.tau1_samples}")
     try:
         validate_data_config(cfg.data)
     except DataConfigError as e:
