@@ -147,7 +147,7 @@ def table(summary: dict) -> str:
     for name, m in summary["policies"].items():
         lines.append(f"  {name:12s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
     for n, b in summary.get("best_of_n", {}).items():
-        lines.append(f"  best-of-{n:<4s} " + "  ".join(f"{k} {v:.3f}" for k, v in b.items()))
+        lines.append(f"  best-of-{n:<4s} " + "  ".join(f"{k} {v:.3f}" for k, v in b.items() if isinstance(v, float)))
     for pair, h in summary.get("win_rates", {}).items():
         lines.append(f"  {pair}: win rate {h['win_rate']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}]")
     for pair, h in summary.get("tau1", {}).get("win_rates", {}).items():

@@ -141,7 +141,7 @@ def evaluate(runner: PolicyRunner, policies: dict[str, Any], prompts: Sequence[E
             for row, o in zip(rows, outs):
                 row.setdefault("samples", []).append(o)
         tick(1)
-    for j, name in enumerate(policies):
+    for name in policies:  # the i-th sample of every policy drawn with one key, whatever the other policies
         if name not in settings.tau1_policies or not settings.tau1_samples:
             continue
         reuse = (name == settings.best_of_policy and settings.best_of_temperature == 1.0
@@ -149,7 +149,7 @@ def evaluate(runner: PolicyRunner, policies: dict[str, Any], prompts: Sequence[E
         for i in range(settings.tau1_samples):
             outs = [r["samples"][i] for r in rows] if reuse else generate_scored(
                 runner, policies[name], prompts, temperature=1.0, max_new_tokens=settings.max_new_tokens,
-                seed=settings.seed * 1000 + 400 + 50 * j + i, scorer=scorer, judge=judge)
+                seed=settings.seed * 1000 + 400 + i, scorer=scorer, judge=judge)
             for row, o in zip(rows, outs):
                 row.setdefault("tau1", {}).setdefault(name, []).append(o)
         tick(1)
