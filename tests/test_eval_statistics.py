@@ -177,3 +177,16 @@ def test_pairwise_agreement_ties_and_every_pair_once():
     pairs = sum(1 for r in rankings for i, j in itertools.combinations(range(len(r["ranks"])), 2)
                 if r["ranks"][i] != r["ranks"][j])
     assert s["pairs"] == pairs and sum(b["count"] for b in s["reliability"]) == 2 * pairs
+
+
+# ----------------------------------------------------------------------------- report plumbing
+def test_oracle_win_rate_is_read_when_present_and_unmeasured_checks_fail():
+    from instruct_jax.instructgpt.report import _check, oracle_win_rate
+
+    assert oracle_win_rate({}) is None
+    assert oracle_win_rate({"oracle": {"win_rate": 0.7}}) == 0.7
+    assert oracle_win_rate({"oracle": {"win_rates": {"oracle_vs_sft": {"win_rate": 0.8}}}}) == 0.8
+    missing = _check(None, "CI low > 0", lambda: True)
+    assert missing["passed"] is False and missing["threshold"].endswith("(not measured)")
+    assert _check([0.7, None], "x", lambda: True)["passed"] is False
+    assert _check(0.01, "CI low > 0", lambda: 0.01 > 0) == {"value": 0.01, "threshold": "CI low > 0", "passed": True}
