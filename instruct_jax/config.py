@@ -247,6 +247,10 @@ class PipelineConfig:
     max_new_tokens: int = 24  # response buffer for evaluation decoding
     best_of: tuple = (4, 16)  # best-of-n against the reward model, sampled from SFT at temperature 1
     kl_samples: int = 2  # samples per held-out prompt for KL(PPO || SFT)
+    # Temperature-1 samples per held-out prompt of SFT and PPO (the regime PPO trains in): tau = 1 win rate
+    # and gold gain, PPO against best-of-n at the same decoding; 0 = off, else >= 4 (SFT reuses its first
+    # best-of-n samples when those are at temperature 1)
+    tau1_samples: int = 4
     # ---- stages
     pretrain: StageConfig = field(default_factory=_stage(steps=300, global_batch_size=32, seq_len=128,
                                                          learning_rate=3e-3))

@@ -4,6 +4,7 @@ The CI-sized run (experiments/tiny_cpu.py:ci) goes through every stage once per 
 shared by the tests below.
 """
 
+import collections
 import itertools
 import json
 import math
@@ -17,10 +18,11 @@ import pytest
 from conftest import REPO
 from instruct_jax.config import apply_overrides, load_experiment
 from instruct_jax.errors import ConfigError
-from instruct_jax.instructgpt.evaluate import (EvalSettings, best_of_n_pick, kl_k1, repeated_responses,
-                                               rm_accuracy_breakdown, summarize)
-from instruct_jax.instructgpt.pipeline import STAGES, Paths, run_pipeline, stage_config, stage_task, validate_pipeline
-from instruct_jax.instructgpt.task import DEMO_TAILS, DEMO_WRAPPERS, Task
+from instruct_jax.instructgpt.evaluate import best_of_n_pick, kl_k1, repeated_responses, rm_accuracy_breakdown
+from instruct_jax.instructgpt.gold import GoldJudge
+from instruct_jax.instructgpt.pipeline import STAGES, Paths, stage_config, stage_task, validate_pipeline
+from instruct_jax.instructgpt.report import CHECKS
+from instruct_jax.instructgpt.task import DEMO_TAILS, DEMO_WRAPPERS, ORIGINAL_KINDS, Task, TaskSpec
 
 EXPERIMENT = str(REPO / "experiments" / "tiny_cpu.py")
 
@@ -53,17 +55,42 @@ def test_ci_pipeline_runs_every_stage_with_finite_metrics(ci_run):
         assert (workdir / stage / "DONE.json").is_file(), stage
     report = json.loads((workdir / "report.json").read_text())
     for key in ("seed", "gold_score", "win_rate_ppo_vs_sft", "win_rate_ci_low", "win_rate_ci_high",
-                "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement", "kl_ppo_sft", "gold_calls"):
+                "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement", "kl_ppo_sft", "gold_calls",
+                "win_rate_tau1", "win_rate_tau1_ci_low", "gold_gain_tau1_ci_low", "max_response_share",
+                "rm_accuracy_heldout_labels", "labeler_ceiling_heldout_labels", "rm_ece", "oracle_win_rate", "checks"):
         assert key in report, key
+    # the oracle run (pipeline.oracle, on in the CI config) evaluated beside the others
+    assert report["oracle_win_rate"] == report["win_rates"]["oracle_vs_sft"]["win_rate"]
+    assert "oracle" in report["gold_score"]
+    assert report["win_rate_tau1"] is not None and report["rm_ece"] is not None
     assert _finite(report)
+    assert set(report["checks"]) == set(CHECKS)  # one per acceptance line; kl_budget is off in this config
+    assert all(isinstance(c["passed"], bool) for c in report["checks"].values())
+    md = (workdir / "report.md").read_text()
+    assert md.index("## Checks") < md.index("## Most repeated responses") < md.index("## Gold score per policy")
+    assert all(f"| {name} |" in md for name in CHECKS)
     assert set(report["gold_score"]) >= {"base", "sft", "ppo", "best_of_4"}
-    # The gold judge is called by the labeler (K per kept prompt) and by the evaluation only.
+    # The gold judge is called by the labeler (K per kept prompt), the oracle run and the evaluation only.
     label = json.loads((workdir / "label" / "DONE.json").read_text())
-    assert report["gold_calls"] == label["gold_calls"] + report["gold_calls_by_stage"]["eval"]
+    oracle = json.loads((workdir / "oracle" / "DONE.json").read_text())
+    # the oracle: its scale (one SFT sample per PPO prompt, at most 256) and one call per rollout row
+    assert oracle["gold_calls_standardize"] == min(128, 256)
+    assert oracle["gold_calls_oracle"] == 4 * 32  # 4 iterations x 32 rows
+    assert report["gold_calls"] == (label["gold_calls"] + report["gold_calls_by_stage"]["eval"]
+                                    + oracle["gold_calls_oracle"] + oracle["gold_calls_standardize"])
     rankings = [json.loads(line) for line in (workdir / "label" / "rankings.jsonl").read_text().splitlines()]
     assert len(rankings) == label["rankings"] > 0
     assert label["gold_calls"] == 4 * (label["rankings"] + label["skipped_all_tied"])
-    for name in ("report.md", "scores.png", "gold_vs_proxy.png", "ppo_training.png", "eval_samples.jsonl"):
+    # The side file holds the labeler's own noiseless gold totals, row for row (the test's judge re-scores them).
+    extras = [json.loads(line) for line in (workdir / "label" / "ranking_gold.jsonl").read_text().splitlines()]
+    assert len(extras) == len(rankings)
+    judge = GoldJudge()
+    for r, e in zip(rankings[:10], extras):
+        spec = TaskSpec.from_dict(r["spec"])
+        assert e["gold"] == pytest.approx([judge.score(spec, t).total for t in r["responses"]])
+        assert len(e["sft_logp"]) == len(r["responses"]) and all(lp < 0 for lp in e["sft_logp"])
+    for name in ("report.md", "scores.png", "gold_vs_proxy.png", "ppo_training.png", "rm_calibration.png",
+                 "eval_samples.jsonl", "eval_label_rankings.jsonl"):
         assert (workdir / name).is_file(), name
     assert "InstructGPT pipeline, seed 0" in stdout
     # PPO wrote its snapshots, and the eval placed each on the over-optimization curve.
@@ -71,26 +98,128 @@ def test_ci_pipeline_runs_every_stage_with_finite_metrics(ci_run):
     assert [p["step"] for p in report["overoptimization"]] == [2, 4]
 
 
-def test_report_numbers_recompute_from_the_samples_file(ci_run):
+# ----------------------------------------------------------------------------- the report, recomputed independently
+# Plain numpy over the files the pipeline wrote; none of evaluate.py / statistics.py / report.py is used.
+def _boot(values, seed=0, resamples=2000):
+    """95% percentile bootstrap of the mean over prompts (the documented method: resample prompts with
+    replacement, 2000 times, from default_rng(seed))."""
+    v = np.asarray(values, float)
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    return np.quantile(means, [0.025, 0.975])
+
+
+def _win(a, b):
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def _agree(score, labeler_ranks):
+    """(agreeing, pairs) over pairs the labeler separates (rank 1 = best), ties of the score 1/2."""
+    agree = pairs = 0
+    for i, j in itertools.combinations(range(len(score)), 2):
+        if labeler_ranks[i] != labeler_ranks[j]:
+            pairs += 1
+            better_i = labeler_ranks[i] < labeler_ranks[j]
+            agree += 0.5 if score[i] == score[j] else float((score[i] > score[j]) == better_i)
+    return agree, pairs
+
+
+def _independent_checks(rows, held, seed, top_n):
+    """Every check of the report that the samples files decide: {name: (value, passed)}."""
+    def total(o):
+        return o["gold"]["total"]
+
+    out = {}
+    wins = [_win(total(r["responses"]["ppo"]), total(r["responses"]["sft"])) for r in rows]
+    low = _boot(wins, seed)[0]
+    out["ppo_beats_sft_greedy"] = ([np.mean(wins), low], np.mean(wins) >= 0.60 and low > 0.5)
+    diff = [total(r["responses"]["ppo"]) - total(r["responses"]["sft"]) for r in rows]
+    orig = [d for d, r in zip(diff, rows) if r["spec"]["kind"] in ORIGINAL_KINDS]
+    out["original_kinds_gold_gain"] = (_boot(orig, seed)[0], _boot(orig, seed)[0] > -0.02)
+    tau1 = [np.mean([total(o) for o in r["tau1"]["ppo"]]) - np.mean([total(o) for o in r["tau1"]["sft"]]) for r in rows]
+    out["tau1_gold_gain"] = (_boot(tau1, seed)[0], _boot(tau1, seed)[0] > 0)
+    ppo_tau1 = np.mean([total(o) for r in rows for o in r["tau1"]["ppo"]])
+    firsts = [r["samples"][:top_n] for r in rows]
+    best = [s[int(np.argmax([o["rm"] for o in s]))] for s in firsts]  # first of equal scores
+    best_total = np.mean([total(o) for o in best])
+    out["ppo_tau1_vs_best_of_n"] = ([ppo_tau1, best_total], ppo_tau1 >= best_total)
+    corr = [r["responses"]["ppo"]["gold"]["correctness"] - r["responses"]["sft"]["gold"]["correctness"] for r in rows]
+    out["correctness_gain"] = (_boot(corr, seed)[0], _boot(corr, seed)[0] > -0.02)
+    by_kind = collections.defaultdict(list)
+    for r, d in zip(rows, diff):
+        by_kind[r["spec"]["kind"]].append(d)
+    worse = sorted(k for k, v in by_kind.items() if _boot(v, seed)[1] < 0)
+    out["no_kind_worse"] = (worse, not worse)
+    wrong = collections.Counter(r["responses"]["ppo"]["text"].strip() for r in rows
+                                if r["responses"]["ppo"]["gold"]["correctness"] != 1.0)
+    share = max(wrong.values(), default=0) / len(rows)
+    out["max_response_share"] = (share, share <= 0.05)
+    acc = {}
+    for name, score in (("rm", lambda r: r["rm"]), ("sft", lambda r: r["sft_logp"]),
+                        ("longer", lambda r: [len(t.strip()) for t in r["responses"]]), ("ceiling", lambda r: r["gold"])):
+        counts = [_agree(score(r), r["ranks"]) for r in held]
+        acc[name] = sum(c[0] for c in counts) / sum(c[1] for c in counts)
+    out["rm_heldout_labels"] = ([acc["rm"], acc["sft"], acc["longer"], acc["ceiling"]],
+                                acc["rm"] > acc["sft"] and acc["rm"] > acc["longer"] and acc["rm"] >= acc["ceiling"] - 0.08)
+    paired = [total(b) - total(s[0]) for b, s in zip(best, firsts)]
+    out["best_of_n_beats_best_of_1"] = (_boot(paired, seed)[0], _boot(paired, seed)[0] > 0)
+    return out
+
+
+def test_report_checks_recompute_from_the_samples_files(ci_run):
+    """report.json's checks and headline numbers, recomputed from eval_samples.jsonl and
+    eval_label_rankings.jsonl with plain numpy (the issue: not with the summarize() the report is made by)."""
     workdir, _ = ci_run
     report = json.loads((workdir / "report.json").read_text())
     rows = [json.loads(line) for line in (workdir / "eval_samples.jsonl").read_text().splitlines()]
-    settings = EvalSettings(best_of=(4,), kl_pairs=(("ppo", "sft"),), win_pairs=(("ppo", "sft"),))
-    again = summarize(rows, settings)
-    assert again["win_rates"]["ppo_vs_sft"]["win_rate"] == pytest.approx(report["win_rate_ppo_vs_sft"])
-    assert again["rm_accuracy"] == pytest.approx(report["rm_accuracy"])
-    assert again["kl"]["ppo||sft"]["kl"] == pytest.approx(report["kl_ppo_sft"])
-    assert again["policies"]["ppo"]["total"] == pytest.approx(report["gold_score"]["ppo"])
-    assert again["rm_accuracy_breakdown"] == report["rm_accuracy_breakdown"]  # every sample carries its "logp"
-    assert "policy_logprob" in report["rm_accuracy_breakdown"]
-    assert again["repeated_responses"] == report["repeated_responses"]
-    assert "## Most repeated responses" in (workdir / "report.md").read_text()
-    # Independent recomputation of two of them from the raw rows.
+    held = [json.loads(line) for line in (workdir / "eval_label_rankings.jsonl").read_text().splitlines()]
+    assert held and all(len(r["rm"]) == len(r["responses"]) == len(r["gold"]) for r in held)
+    assert report["best_of_n_top"] == 4 and len(rows[0]["samples"]) == 4  # the CI config samples best-of-4
+    expected = _independent_checks(rows, held, report["seed"], report["best_of_n_top"])
+    for name, (value, passed) in expected.items():
+        got = report["checks"][name]
+        assert got["passed"] == passed, name
+        if name == "no_kind_worse":
+            assert got["value"] == value, name
+        else:
+            assert got["value"] == pytest.approx(value), name
+    # tau = 1: m samples per prompt for each policy, SFT's being its first best-of-n samples (both at tau 1)
+    m = report["tau1_samples_per_prompt"]
+    assert m == 4 and all(len(r["tau1"][p]) == m for r in rows for p in ("base", "sft", "ppo"))
+    assert all(r["tau1"]["sft"] == r["samples"][:m] for r in rows)
+    per_prompt = [np.mean([_win(a["gold"]["total"], b["gold"]["total"]) for a, b in zip(r["tau1"]["ppo"], r["tau1"]["sft"])])
+                  for r in rows]
+    assert report["win_rate_tau1"] == pytest.approx(np.mean(per_prompt))
+    assert report["win_rate_tau1_ci_low"] == pytest.approx(_boot(per_prompt, report["seed"])[0])
+    # the rest of the headline numbers
     ppo = np.array([r["responses"]["ppo"]["gold"]["total"] for r in rows])
-    sft = np.array([r["responses"]["sft"]["gold"]["total"] for r in rows])
-    assert report["win_rate_ppo_vs_sft"] == pytest.approx(np.mean((ppo > sft) + 0.5 * (ppo == sft)))
-    b4 = [max(r["samples"][:4], key=lambda s: s["rm"])["gold"]["total"] for r in rows]
-    assert report["gold_score"]["best_of_4"] == pytest.approx(np.mean(b4))
+    assert report["gold_score"]["ppo"] == pytest.approx(ppo.mean())
+    assert report["kl_ppo_sft"] == pytest.approx(np.mean([o["logp"] - o["logp_ref"] for r in rows
+                                                          for o in r["kl_samples"]["ppo||sft"]]))
+    agree = pairs = 0
+    for r in rows:  # reward model against the noiseless gold order on the best-of-n samples, ties 1/2
+        a, p = _agree([o["rm"] for o in r["samples"]], [-o["gold"]["total"] for o in r["samples"]])
+        agree, pairs = agree + a, pairs + p
+    assert report["rm_accuracy"] == pytest.approx(agree / pairs) and report["rm_accuracy_pairs"] == pairs
+    assert "policy_logprob" in report["rm_accuracy_breakdown"]  # every sample carries its "logp"
+    assert report["rm_accuracy_heldout_labels"] == pytest.approx(expected["rm_heldout_labels"][0][0])
+    assert report["labeler_ceiling_heldout_labels"] == pytest.approx(expected["rm_heldout_labels"][0][3])
+    # calibration: both orientations of every separated pair, 10 equal bins, raw RM differences
+    gain = json.loads((workdir / "eval" / "DONE.json").read_text())["heldout_labels"]["rm_gain"]
+    p, y = [], []
+    for r in held:
+        for i, j in itertools.combinations(range(len(r["ranks"])), 2):
+            if r["ranks"][i] != r["ranks"][j]:
+                q = 1 / (1 + math.exp(-(r["rm"][i] - r["rm"][j]) / gain))
+                p += [q, 1 - q]
+                y += [float(r["ranks"][i] < r["ranks"][j]), float(r["ranks"][i] > r["ranks"][j])]
+    p, y = np.array(p), np.array(y)
+    which = np.minimum((p * 10).astype(int), 9)
+    ece = sum(np.sum(which == b) / len(p) * abs(y[which == b].mean() - p[which == b].mean()) for b in set(which))
+    assert report["rm_ece"] == pytest.approx(ece)
+    # the most repeated responses, counted here
+    top = collections.Counter(r["responses"]["ppo"]["text"].strip() for r in rows).most_common(1)[0]
+    assert report["repeated_responses"]["ppo"]["top"][0]["prompts"] == top[1]
+    assert report["truncated_prompts"] == sum(r["prompt_truncated"] for r in rows) == 0  # the CI prompts all fit
 
 
 def _rm_ceiling(workdir, tmp_path, *args) -> dict:
@@ -168,6 +297,9 @@ def test_eval_command_on_the_pipeline_checkpoints(ci_run, tmp_path):
     assert summary["policies"]["sft"]["total"] == pytest.approx(report["gold_score"]["sft"])
     assert summary["win_rates"]["ppo_vs_sft"]["win_rate"] == pytest.approx(report["win_rate_ppo_vs_sft"])
     assert "best_of_n" in summary and "kl" in summary
+    # tau = 1 samples drawn with the pipeline's keys: the same paired win rate; truncation counted and printed
+    assert summary["tau1"]["win_rates"]["ppo_vs_sft"]["win_rate"] == pytest.approx(report["win_rate_tau1"])
+    assert summary["truncated_prompts"] == 0 and "0 prompts longer than the prompt length" in proc.stdout
 
 
 def test_pipeline_validation_names_the_field():
@@ -185,6 +317,16 @@ def test_pipeline_validation_names_the_field():
             validate_pipeline(bad)
         assert e.value.field == field
     validate_pipeline(cfg)
+    for bad in ("pipeline.tau1_samples=2", "pipeline.tau1_samples=-1"):
+        with pytest.raises(ConfigError) as e:
+            validate_pipeline(apply_overrides(load_experiment(EXPERIMENT + ":ci"), [bad]))
+        assert e.value.field == "pipeline.tau1_samples"
+    validate_pipeline(apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["pipeline.tau1_samples=0"]))  # off
+    for bad, field in (("pipeline.format_fraction=0.6", "pipeline.format_fraction"),
+                       ("pipeline.demo_follow=1.5", "pipeline.demo_follow")):
+        with pytest.raises(ConfigError) as e:
+            validate_pipeline(apply_overrides(load_experiment(EXPERIMENT + ":ci"), [bad]))
+        assert e.value.field == field
     paths = Paths("/tmp/x", cfg.data.vocab_size)
     ppo = stage_config(cfg, "ppo", paths)
     assert ppo.train.init_from == "/tmp/x/sft" and ppo.ppo.reward_model == "/tmp/x/rm"

@@ -34,7 +34,7 @@ def cli(command, workdir, *extra):
            "--set", *OVERRIDES, *extra]
     result = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,15 @@ def test_normalization_is_stored_everywhere_and_centres_the_reference_set(traine
 def test_score_cli_matches_the_python_api(trained, tmp_path):
     rows = [{"prompt": "Describe the weather.", "response": "good kind rain and the wind"},
             {"prompt": [{"role": "user", "content": "Describe the weather."}], "response": "vile sad rain of it day"},
-            {"prompt": "\n\nHuman: Say something.\n\nAssistant:", "response": "the sea is cold and it"}]
+            {"prompt": "\n\nHuman: Say something.\n\nAssistant:", "response": "the sea is cold and it"},
+            {"prompt": "Describe the weather. " * 20, "response": "good kind rain"}]  # longer than train.seq_len=48
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cli("score", trained, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
+    proc = cli("score", trained, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
     out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
-    assert [{k: v for k, v in r.items() if k != "score"} for r in out] == rows
+    assert [{k: v for k, v in r.items() if k not in ("score", "truncated")} for r in out] == rows
+    # The cut prompt is counted, not silent: a field per row and a line on stderr.
+    assert [r["truncated"] for r in out] == [False, False, False, True]
+    assert "score: 1 of 4 (prompt, response) pairs longer than train.seq_len=48" in proc.stderr
     expected = RewardScorer(config(), str(trained)).score([(r["prompt"], r["response"]) for r in rows])
     np.testing.assert_allclose([r["score"] for r in out], expected, rtol=1e-5, atol=1e-5)
 

@@ -89,6 +89,10 @@ class PolicyRunner:
             lengths[i] = len(ids)
         return tokens, lengths
 
+    def truncated(self, prompts: Sequence[Sequence[dict]]) -> np.ndarray:
+        """[P] bool: which chat-rendered prompts exceed prompt_len, so that `encode` keeps only their end."""
+        return np.array([len(self.template.render_prompt(list(m))) > self.prompt_len for m in prompts], bool)
+
     def _batches(self, n: int):
         """(start, stop) row ranges of at most batch_size rows."""
         return [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]

@@ -12,7 +12,9 @@ export):
   response cut off before its end-of-turn gets one appended before scoring;
 * Python: `RewardScorer(cfg, "runs/hh-rm").score([(prompt, response), ...]) -> np.ndarray`;
 * the shell: `python -m instruct_jax score --experiment experiments/hh_rm.py:cpu --workdir runs/hh-rm
-  --input pairs.jsonl [--output scored.jsonl]`, rows {"prompt": ..., "response": ...}.
+  --input pairs.jsonl [--output scored.jsonl]`, rows {"prompt": ..., "response": ...}; each comes back with
+  "score" and "truncated" (prompt + response longer than train.seq_len: the start of the prompt was cut),
+  and the number cut is printed to stderr.
 
 A prompt is a string (one user turn, or an HH-RLHF dialogue "\\n\\nHuman: ...\\n\\nAssistant:"),
 or a list of {"role", "content"} messages ending with the user's turn.
@@ -209,6 +211,7 @@ class RewardScorer:
         self.tokenizer = build_tokenizer(cfg.data, workdir)
         self.template = build_chat_template(cfg.data, self.tokenizer)
         self.stats = DataStats(name="scored")  # truncations are counted here
+        self.last_truncated = np.zeros(0, bool)  # which pairs of the latest score() call were cut
 
     def encode(self, prompt: Any, response: str) -> np.ndarray:
         """prompt + response + end-of-turn token ids, as the reward model was trained on them."""
@@ -217,8 +220,13 @@ class RewardScorer:
         return example.responses[0].ids
 
     def score(self, pairs: Iterable[tuple[Any, str]]) -> np.ndarray:
-        """Normalized scores [N] (float32) of (prompt, response) pairs."""
-        sequences = [self.encode(p, r) for p, r in pairs]
+        """Normalized scores [N] (float32) of (prompt, response) pairs; `last_truncated` [N] says which were cut."""
+        sequences, cut = [], []
+        for p, r in pairs:
+            before = self.stats.truncated
+            sequences.append(self.encode(p, r))
+            cut.append(self.stats.truncated > before)
+        self.last_truncated = np.array(cut, bool)
         return score_token_sequences(self.score_step, self.params, self.norm, sequences,
                                      seq_len=self.cfg.train.seq_len, batch_size=score_batch_size(self.cfg, self.mesh),
                                      mesh=self.mesh, rules=self.rules)
@@ -240,11 +248,14 @@ def read_pairs(path: str) -> list[dict]:
 def main(cfg: Config, workdir: str, input_path: str, output_path: Optional[str] = None) -> int:
     """The `score` command: each input row comes back with a "score" field (stdout or output_path)."""
     rows = read_pairs(input_path)
-    scores = RewardScorer(cfg, workdir).score([(r["prompt"], r["response"]) for r in rows])
+    scorer = RewardScorer(cfg, workdir)
+    scores = scorer.score([(r["prompt"], r["response"]) for r in rows])
+    print(f"score: {int(scorer.last_truncated.sum())} of {len(rows)} (prompt, response) pairs longer than "
+          f"train.seq_len={cfg.train.seq_len} tokens: the start of their prompt was cut", file=sys.stderr)
     out = open(output_path, "w") if output_path else sys.stdout
     try:
-        for row, s in zip(rows, scores):
-            out.write(json.dumps({**row, "score": float(s)}) + "\n")
+        for row, s, cut in zip(rows, scores, scorer.last_truncated):
+            out.write(json.dumps({**row, "score": float(s), "truncated": bool(cut)}) + "\n")
     finally:
         if output_path:
             out.close()

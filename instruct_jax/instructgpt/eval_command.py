@@ -8,8 +8,11 @@ Prompts: `--prompts FILE` (jsonl rows {"prompt": str | messages, "spec"?: the bu
 else the built-in task's held-out prompts for the config's seed. With specs the gold judge scores
 every response and win rates are by gold totals; without, by reward-model score. Decoding follows
 cfg.pipeline (decode_temperature, max_new_tokens); best-of-n (cfg.pipeline.best_of) samples from
-`--best-of-from` (default: the policy named "sft", if any). Writes <workdir>/eval_samples.jsonl (every
-response with its scores) and <workdir>/eval_summary.json, and prints a table.
+`--best-of-from` (default: the policy named "sft", if any); cfg.pipeline.tau1_samples temperature-1
+samples per prompt of every policy give the tau = 1 win rates of the `--win` pairs. Prompts longer than
+the prompt length keep their end; they are counted ("truncated_prompts" in the summary, and a line
+printed). Writes <workdir>/eval_samples.jsonl (every response with its scores) and
+<workdir>/eval_summary.json, and prints a table.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def main(cfg: Config, workdir: str, args) -> int:
     from instruct_jax.data.build import build_chat_template, build_tokenizer
     from instruct_jax.data.config import TRAIN_SENTENCEPIECE
     from instruct_jax.inference.runner import PolicyRunner
-    from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate
+    from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate, tau1_policy_count
     from instruct_jax.instructgpt.gold import GoldJudge
     from instruct_jax.instructgpt.pipeline import prompt_len, validate_pipeline
     from instruct_jax.instructgpt.task import Task
@@ -106,7 +109,8 @@ def main(cfg: Config, workdir: str, args) -> int:
         temperature=cfg.pipeline.decode_temperature, max_new_tokens=cfg.pipeline.max_new_tokens,
         best_of=tuple(cfg.pipeline.best_of) if best_from and args.reward_model else (), best_of_policy=best_from,
         kl_pairs=_pairs(args.kl_pairs, names, "kl"), kl_samples=cfg.pipeline.kl_samples,
-        win_pairs=_pairs(args.win_pairs, names, "win") or tuple((n, names[0]) for n in names[1:]), seed=cfg.seed)
+        win_pairs=_pairs(args.win_pairs, names, "win") or tuple((n, names[0]) for n in names[1:]),
+        tau1_samples=cfg.pipeline.tau1_samples, tau1_policies=tuple(names), seed=cfg.seed)
 
     tokenizer = build_tokenizer(cfg.data)
     runner = PolicyRunner(cfg, tokenizer, build_chat_template(cfg.data, tokenizer), prompt_len(cfg))
@@ -119,11 +123,12 @@ def main(cfg: Config, workdir: str, args) -> int:
         scorer = RewardScorer(rm_cfg, args.reward_model)
     judge = GoldJudge() if all(p.spec is not None for p in prompts) else None
     params = {name: runner.load(path) for name, path in policies.items()}
-    bar = progress(len(params) + 1 + len(settings.kl_pairs), desc="eval")
+    bar = progress(len(params) + 1 + tau1_policy_count(params, settings) + len(settings.kl_pairs), desc="eval")
     rows, summary = evaluate(runner, params, prompts, settings, scorer=scorer, judge=judge, progress=bar.update)
     bar.close()
     summary["checkpoints"] = policies
     summary["gold_calls"] = judge.calls if judge else 0
+    summary["rm_truncated_sequences"] = scorer.stats.truncated if scorer else 0
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "eval_samples.jsonl"), "w") as f:
         for r in rows:
@@ -136,13 +141,18 @@ def main(cfg: Config, workdir: str, args) -> int:
 
 def table(summary: dict) -> str:
     """The summary as a small plain-text table."""
-    lines = [f"{summary['prompts']} prompts, judged by {summary['judged_by']}; decoding {summary['decoding']}"]
+    lines = [f"{summary['prompts']} prompts, judged by {summary['judged_by']}; decoding {summary['decoding']}",
+             f"  {summary['truncated_prompts']} prompts longer than the prompt length (kept their end); "
+             f"{summary.get('rm_truncated_sequences', 0)} reward-model inputs cut to its sequence length"]
     for name, m in summary["policies"].items():
         lines.append(f"  {name:12s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
     for n, b in summary.get("best_of_n", {}).items():
-        lines.append(f"  best-of-{n:<4s} " + "  ".join(f"{k} {v:.3f}" for k, v in b.items()))
+        lines.append(f"  best-of-{n:<4s} " + "  ".join(f"{k} {v:.3f}" for k, v in b.items() if isinstance(v, float)))
     for pair, h in summary.get("win_rates", {}).items():
         lines.append(f"  {pair}: win rate {h['win_rate']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}]")
+    for pair, h in summary.get("tau1", {}).get("win_rates", {}).items():
+        lines.append(f"  {pair} at tau = 1 ({summary['tau1']['samples_per_prompt']} paired samples per prompt): "
+                     f"win rate {h['win_rate']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}]")
     if "rm_accuracy" in summary:
         lines.append(f"  reward-model accuracy vs gold: {summary['rm_accuracy']:.3f} ({summary['rm_accuracy_pairs']} pairs)")
     for pair, k in summary.get("kl", {}).items():

@@ -58,6 +58,8 @@ def validate_pipeline(cfg: Config) -> None:
     for name in ("demo_chatty", "demo_slip", "held_out_fraction", "labeler_flip_rate", "demo_follow"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             raise ConfigError(f"pipeline.{name}", f"must be in [0, 1], got {getattr(p, name)}")
+    if p.tau1_samples != 0 and p.tau1_samples < 4:
+        raise ConfigError("pipeline.tau1_samples", f"must be 0 (off) or >= 4 samples per prompt, got {p.tau1_samples}")
     if not 0.0 <= p.format_fraction <= 0.5:
         raise ConfigError("pipeline.format_fraction", f"must be in [0, 0.5] (at least half of the eval prompts stay "
                           f"plain requests), got {p.format_fraction}")
@@ -309,7 +311,12 @@ def _runner(cfg: Config, paths: Paths, c: Config):
 
 
 def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
-    """K samples per label prompt from the SFT policy (pipeline.sample_temperature), ranked by the labeler."""
+    """K samples per label prompt from the SFT policy (pipeline.sample_temperature), ranked by the labeler.
+
+    rankings.jsonl is what the reward model trains on; ranking_gold.jsonl (row i for ranking i) keeps, for
+    the evaluation only, the noiseless gold totals the labeler ranked from (no extra judge call) and each
+    response's summed SFT log-prob at temperature 1.
+    """
     from instruct_jax.metrics import progress
 
     p = cfg.pipeline
@@ -319,15 +326,16 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     prompts = [TaskPrompt.from_row(r) for r in read_jsonl(paths.file("label_prompts.jsonl"))]
     messages = [list(t.messages) for t in prompts]
     bar = progress(p.responses_per_prompt, desc="label: sample")
-    samples = []
+    samples, logps = [], []
     for k in range(p.responses_per_prompt):
-        samples.append(runner.generate(params, messages, temperature=p.sample_temperature,
-                                       max_new_tokens=cfg.ppo.response_len,
-                                       seed=cfg.seed * 7919 + k).texts)
+        gen = runner.generate(params, messages, temperature=p.sample_temperature, max_new_tokens=cfg.ppo.response_len,
+                              seed=cfg.seed * 7919 + k)
+        samples.append(gen.texts)
+        logps.append(gen.logprob if p.sample_temperature == 1.0 else runner.logprob(params, gen, temperature=1.0))
         bar.update(1)
     bar.close()
     labeler = Labeler(judge, p.labeler_temperature, p.labeler_flip_rate, p.max_comparisons, seed=cfg.seed)
-    rows, counts, empty, budget_left = [], [], 0, True
+    rows, gold_rows, counts, empty, budget_left = [], [], [], 0, True
     for i, prompt in enumerate(prompts):
         responses = [samples[k][i] for k in range(p.responses_per_prompt)]
         if any(not r.strip() for r in responses):
@@ -343,8 +351,11 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
         counts.append(ranking_agreement(ranking.ranks, labeler.last_totals))
         rows.append({"prompt": prompt.text, "responses": list(ranking.responses), "ranks": list(ranking.ranks),
                      "spec": prompt.spec.to_dict()})
+        gold_rows.append({"gold": [float(t) for t in labeler.last_totals],
+                          "sft_logp": [float(logps[k][i]) for k in range(p.responses_per_prompt)]})
     os.makedirs(paths.stage("label"), exist_ok=True)
     _write_jsonl(os.path.join(paths.stage("label"), "rankings.jsonl"), rows)
+    _write_jsonl(os.path.join(paths.stage("label"), "ranking_gold.jsonl"), gold_rows)
     distinct = float(np.mean([len(set(r["responses"])) for r in rows])) if rows else 0.0
     result = {"rankings": len(rows), "labeler_agreement": agreement_rate(counts),
               "agreement_pairs": int(sum(c[1] for c in counts)), "skipped_all_tied": labeler.all_tied,
@@ -357,9 +368,11 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
 
 
 def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
-    """Decode base / SFT / PPO (+ best-of-n, KL, snapshots) on held-out prompts; write the report."""
+    """Decode base / SFT / PPO (+ tau = 1 samples, best-of-n, KL, snapshots) on held-out prompts; score the
+    reward model on the labeler's held-out rankings; write eval_samples.jsonl and eval_label_rankings.jsonl."""
     from instruct_jax.inference.scorer import RewardScorer
-    from instruct_jax.instructgpt.evaluate import EvalPrompt, EvalSettings, evaluate, generate_scored
+    from instruct_jax.instructgpt.evaluate import (EvalPrompt, EvalSettings, evaluate, generate_scored,
+                                                   heldout_label_summary, heldout_rankings, tau1_policy_count)
     from instruct_jax.metrics import progress
 
     p = cfg.pipeline
@@ -373,9 +386,9 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
                             best_of_policy="sft", best_of_temperature=p.sample_temperature,
                             kl_pairs=(("ppo", "sft"),), kl_samples=p.kl_samples,
                             win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base"), ("oracle", "sft")),
-                            seed=cfg.seed)
+                            tau1_samples=p.tau1_samples, tau1_policies=("base", "sft", "ppo"), seed=cfg.seed)
     snapshots = _snapshot_dirs(paths)
-    bar = progress(len(policies) + 2 + len(snapshots), desc="eval")
+    bar = progress(len(policies) + 2 + tau1_policy_count(policies, settings) + len(snapshots), desc="eval")
     calls_before = judge.calls
     rows, summary = evaluate(runner, policies, prompts, settings, scorer=scorer, judge=judge, progress=bar.update)
     # Gold vs proxy as KL grows: temperature-1 samples of each PPO snapshot on the held-out prompts.
@@ -393,8 +406,21 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     bar.close()
     summary["overoptimization"] = curve
     summary["gold_calls_eval"] = judge.calls - calls_before
+    # The reward model on the labeler's rankings of its own held-out split (gold totals from the label stage).
+    rm_cfg = stage_config(cfg, "rm", paths)
+    extras = os.path.join(paths.stage("label"), "ranking_gold.jsonl")
+    held = heldout_rankings(read_jsonl(os.path.join(paths.stage("label"), "rankings.jsonl")), read_jsonl(extras),
+                            rm_cfg.data, cfg.seed) if os.path.isfile(extras) else []
+    scores = iter(scorer.score([(r["messages"], t) for r in held for t in r["responses"]]))
+    for r in held:
+        r["rm"] = [float(next(scores)) for _ in r["responses"]]
+    summary["heldout_labels"] = heldout_label_summary(held, scorer.norm["gain"]) if held else None
+    summary["rm_truncated_sequences"] = scorer.stats.truncated
+    log(f"eval: {summary['truncated_prompts']} of {len(prompts)} prompts longer than {runner.prompt_len} tokens "
+        f"(kept their end); {scorer.stats.truncated} reward-model inputs cut to {rm_cfg.train.seq_len} tokens")
     os.makedirs(paths.stage("eval"), exist_ok=True)
     _write_jsonl(os.path.join(paths.root, "eval_samples.jsonl"), rows)
+    _write_jsonl(os.path.join(paths.root, "eval_label_rankings.jsonl"), held)
     return summary
 
 

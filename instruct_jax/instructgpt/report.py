@@ -1,14 +1,25 @@
 """The pipeline's report: report.json (numbers), report.md (tables + plots), a one-screen console summary.
 
 `build_report(cfg, results)` reads the stages' results (their DONE.json contents) and adds the
-acceptance checks, each with its threshold, so a reader sees at once whether RLHF helped:
+acceptance checks of issue 25, one per acceptance line, each with its value and threshold, so a reader
+sees at once whether RLHF helped (CIs: 95% bootstrap over prompts; gold gains are per-prompt gold totals):
 
-    ppo_beats_sft           win rate of PPO over SFT by the gold judge >= 0.65 and its CI low > 0.5
-    correctness_gain        CI low of PPO's per-prompt correctness gain over SFT > 0
-    ppo_beats_best_of_4     PPO's gold total > best-of-4's (reward-model pick of 4 SFT samples)
-    rm_accuracy             reward model vs the noiseless gold order >= 0.80 and > the labeler's agreement
-    labeler_agreement       the labeler's agreement with gold in [0.70, 0.85]
-    kl_budget               KL(PPO || SFT) <= pipeline.kl_budget (when set)
+    ppo_beats_sft_greedy       PPO vs SFT, greedy, gold judge, ties 1/2: win rate >= 0.60 and CI low > 0.5
+    original_kinds_gold_gain   on the original seven kinds alone (task.ORIGINAL_KINDS): greedy gold gain CI low > -0.02
+    tau1_gold_gain             at tau = 1 (pipeline.tau1_samples per prompt): PPO's gold gain over SFT, CI low > 0
+    ppo_tau1_vs_best_of_n      PPO's tau = 1 gold >= best-of-16 from SFT (the largest n sampled), same decoding
+    correctness_gain           greedy correctness gain CI low > -0.02
+    no_kind_worse              no instruction kind whose greedy gold gain has CI high < 0
+    max_response_share         <= 0.05 (PPO greedy: one response given to prompts it is wrong for)
+    rm_heldout_labels          on the labeler's held-out rankings: RM accuracy above the SFT log-prob and
+                               longer-answer baselines, and >= the labeler ceiling - 0.08
+    best_of_n_beats_best_of_1  best-of-16 (the largest n) minus best-of-1 by gold, paired CI low > 0
+    wall_time                  the stages' seconds <= 900
+    kl_budget                  KL(PPO || SFT) <= pipeline.kl_budget (only when set; not an acceptance line)
+
+`oracle_win_rate` is the oracle (gold-reward PPO, `pipeline.oracle`) run's greedy win rate over SFT, which the
+eval stage measures beside the others: results["eval"]["win_rates"]["oracle_vs_sft"]["win_rate"]; None when the
+pipeline ran no oracle.
 """
 
 from __future__ import annotations
@@ -20,6 +31,11 @@ from typing import Sequence
 import numpy as np
 
 from instruct_jax.config import Config
+
+CHECKS = ("ppo_beats_sft_greedy", "original_kinds_gold_gain", "tau1_gold_gain", "ppo_tau1_vs_best_of_n",
+          "correctness_gain", "no_kind_worse", "max_response_share", "rm_heldout_labels", "best_of_n_beats_best_of_1",
+          "wall_time")
+WALL_TIME_LIMIT = 900.0  # seconds per seed (issue 25)
 
 POLICY_ORDER = ("base", "sft", "best_of_4", "best_of_16", "ppo")
 
@@ -52,8 +68,9 @@ def build_report(cfg: Config, results: dict) -> dict:
         "kl_ppo_sft": kl, "kl_budget": cfg.pipeline.kl_budget,
         "best_of_n": ev.get("best_of_n", {}),
         "overoptimization": ev.get("overoptimization", []),
-        "gold_calls": label["gold_calls"] + ev["gold_calls_eval"],
-        "gold_calls_by_stage": {"label": label["gold_calls"], "eval": ev["gold_calls_eval"]},
+        "gold_calls": label["gold_calls"] + ev["gold_calls_eval"] + oracle_calls(results),
+        "gold_calls_by_stage": {"label": label["gold_calls"], "eval": ev["gold_calls_eval"],
+                                "oracle": oracle_calls(results)},
         "eval_prompts": ev["prompts"], "eval_held_out_templates": ev["held_out_prompts"],
         "decoding": ev["decoding"],
         "labeling": {k: label[k] for k in ("rankings", "comparisons", "skipped_all_tied", "skipped_empty_sample",
@@ -62,29 +79,107 @@ def build_report(cfg: Config, results: dict) -> dict:
         "seconds": {stage: r.get("seconds", 0.0) for stage, r in results.items()},
     }
     report["seconds"]["total"] = float(sum(report["seconds"].values()))
+    report.update(new_fields(ev, results))
     report["checks"] = checks(report)
     return report
 
 
-def checks(r: dict) -> dict:
-    """Each acceptance criterion: the measured value(s), the threshold, and whether it passed."""
-    c = {
-        "ppo_beats_sft": {"value": [r["win_rate_ppo_vs_sft"], r["win_rate_ci_low"]], "threshold": "win >= 0.65, CI low > 0.5",
-                          "passed": r["win_rate_ppo_vs_sft"] >= 0.65 and r["win_rate_ci_low"] > 0.5},
-        "correctness_gain": {"value": r["correctness_gain_ci_low"], "threshold": "CI low > 0",
-                             "passed": r["correctness_gain_ci_low"] > 0},
-        "rm_accuracy": {"value": [r["rm_accuracy"], r["labeler_agreement"]], "threshold": ">= 0.80 and > labeler",
-                        "passed": r["rm_accuracy"] >= 0.80 and r["rm_accuracy"] > r["labeler_agreement"]},
-        "labeler_agreement": {"value": r["labeler_agreement"], "threshold": "in [0.70, 0.85]",
-                              "passed": 0.70 <= r["labeler_agreement"] <= 0.85},
+def _get(tree, *keys):
+    """tree[k0][k1]... or None where a level is missing."""
+    for k in keys:
+        if not isinstance(tree, dict) or tree.get(k) is None:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def oracle_calls(results: dict) -> int:
+    """Gold calls of the oracle run (its reward and its scale); 0 without one. Not the labeler's budget."""
+    o = results.get("oracle") or {}
+    return int(o.get("gold_calls_oracle", 0)) + int(o.get("gold_calls_standardize", 0))
+
+
+def oracle_win_rate(results: dict):
+    """The oracle PPO run's win rate over SFT, if the pipeline produced one (see the module docstring)."""
+    return _get(results.get("eval"), "win_rates", "oracle_vs_sft", "win_rate")
+
+
+def new_fields(ev: dict, results: dict) -> dict:
+    """Issue 25's report fields, read from the eval summary (None where not measured)."""
+    h = ev["win_rates"]["ppo_vs_sft"]
+    t1 = _get(ev, "tau1", "win_rates", "ppo_vs_sft") or {}
+    bon = ev.get("best_of_n", {})
+    top = max((int(n) for n in bon), default=1)
+    held = ev.get("heldout_labels") or {}
+    share = _get(ev, "max_response_share", "ppo") or {}
+    return {
+        "win_rate_tau1": t1.get("win_rate"), "win_rate_tau1_ci_low": t1.get("ci_low"),
+        "win_rate_tau1_ci_high": t1.get("ci_high"),
+        "gold_gain_tau1": _get(t1, "gold_gain", "mean"), "gold_gain_tau1_ci_low": _get(t1, "gold_gain", "ci_low"),
+        "gold_gain_tau1_ci_high": _get(t1, "gold_gain", "ci_high"),
+        "tau1_samples_per_prompt": _get(ev, "tau1", "samples_per_prompt"),
+        "gold_tau1": {name: m["total"] for name, m in (_get(ev, "tau1", "policies") or {}).items()},
+        "best_of_n_decoding": ev.get("best_of_n_decoding"),
+        "gold_gain": h["gold_gain"]["mean"], "gold_gain_ci_low": h["gold_gain"]["ci_low"],
+        "gold_gain_original_kinds": _get(h, "original_kinds", "gold_gain"),
+        "win_rate_original_kinds": _get(h, "original_kinds", "win_rate"),
+        "gold_gain_by_kind": {k: v["gold_gain"] for k, v in h["by_kind"].items()},
+        "win_rate_by_kind": {k: v["win_rate"] for k, v in h["by_kind"].items()},
+        "gold_gain_format_instructions": _get(h, "format_instructions", "gold_gain"),
+        "win_rate_format_instructions": _get(h, "format_instructions", "win_rate"),
+        "win_rate_by_format": {k: v["win_rate"] for k, v in (_get(h, "by_format") or {}).items()},
+        "max_response_share": share.get("share"), "max_response_text": share.get("text"),
+        "best_of_n_top": top,
+        "best_of_n_gain_vs_1": _get(bon, str(top), "gold_gain_vs_1"),
+        "rm_accuracy_heldout_labels": held.get("rm"), "labeler_ceiling_heldout_labels": held.get("labeler_ceiling"),
+        "sft_logprob_heldout_labels": held.get("sft_logprob"), "longer_answer_heldout_labels": held.get("longer_answer"),
+        "heldout_label_pairs": held.get("pairs"), "heldout_label_rankings": held.get("rankings"),
+        "rm_ece": held.get("rm_ece"), "rm_reliability": held.get("reliability"),
+        "truncated_prompts": ev.get("truncated_prompts"), "rm_truncated_sequences": ev.get("rm_truncated_sequences"),
+        "oracle_win_rate": oracle_win_rate(results),
     }
-    if "best_of_4" in r["gold_score"]:
-        c["ppo_beats_best_of_4"] = {"value": [r["gold_score"]["ppo"], r["gold_score"]["best_of_4"]],
-                                    "threshold": "ppo > best_of_4",
-                                    "passed": r["gold_score"]["ppo"] > r["gold_score"]["best_of_4"]}
+
+
+def _check(value, threshold: str, passed) -> dict:
+    """One check; a value that was not measured (None) fails, and says so."""
+    missing = value is None or (isinstance(value, list) and any(v is None for v in value))
+    return {"value": value, "threshold": threshold + (" (not measured)" if missing else ""),
+            "passed": bool(not missing and passed())}
+
+
+def checks(r: dict) -> dict:
+    """Each acceptance line of issue 25: the measured value(s), the threshold, and whether it passed."""
+    n = r["best_of_n_top"]
+    bon = r["gold_score"].get(f"best_of_{n}") if n > 1 else None
+    same = (r["best_of_n_decoding"] or {}).get("temperature") == 1.0  # PPO's tau = 1 samples vs SFT's best-of-n
+    orig = r["gold_gain_original_kinds"] or {}
+    worse = sorted(k for k, g in r["gold_gain_by_kind"].items() if g["ci_high"] < 0)
+    held = [r["rm_accuracy_heldout_labels"], r["sft_logprob_heldout_labels"], r["longer_answer_heldout_labels"],
+            r["labeler_ceiling_heldout_labels"]]
+    gain_n = r["best_of_n_gain_vs_1"] or {}
+    c = {
+        "ppo_beats_sft_greedy": _check([r["win_rate_ppo_vs_sft"], r["win_rate_ci_low"]], "win >= 0.60, CI low > 0.5",
+                                       lambda: r["win_rate_ppo_vs_sft"] >= 0.60 and r["win_rate_ci_low"] > 0.5),
+        "original_kinds_gold_gain": _check(orig.get("ci_low"), "greedy gold gain on the original seven kinds, CI low > -0.02",
+                                           lambda: orig["ci_low"] > -0.02),
+        "tau1_gold_gain": _check(r["gold_gain_tau1_ci_low"], "PPO - SFT gold at tau = 1, CI low > 0",
+                                 lambda: r["gold_gain_tau1_ci_low"] > 0),
+        "ppo_tau1_vs_best_of_n": _check([r["gold_tau1"].get("ppo"), bon] if same else None,
+                                        f"PPO tau = 1 gold >= best-of-{n} (SFT, tau = 1; the issue asks n = 16)",
+                                        lambda: r["gold_tau1"]["ppo"] >= bon),
+        "correctness_gain": _check(r["correctness_gain_ci_low"], "CI low > -0.02",
+                                   lambda: r["correctness_gain_ci_low"] > -0.02),
+        "no_kind_worse": _check(worse, "no kind with gold gain CI high < 0", lambda: not worse),
+        "max_response_share": _check(r["max_response_share"], "<= 0.05", lambda: r["max_response_share"] <= 0.05),
+        "rm_heldout_labels": _check(held, "RM > SFT log-prob and > longer answer, RM >= labeler ceiling - 0.08",
+                                    lambda: held[0] > held[1] and held[0] > held[2] and held[0] >= held[3] - 0.08),
+        "best_of_n_beats_best_of_1": _check(gain_n.get("ci_low") if n > 1 else None,
+                                            f"best-of-{n} - best-of-1 gold, paired CI low > 0 (the issue asks n = 16)",
+                                            lambda: gain_n["ci_low"] > 0),
+        "wall_time": _check(r["seconds"]["total"], f"<= {WALL_TIME_LIMIT:.0f} s", lambda: r["seconds"]["total"] <= WALL_TIME_LIMIT),
+    }
     if r["kl_budget"] > 0:
-        c["kl_budget"] = {"value": r["kl_ppo_sft"], "threshold": f"<= {r['kl_budget']}",
-                          "passed": r["kl_ppo_sft"] <= r["kl_budget"]}
+        c["kl_budget"] = _check(r["kl_ppo_sft"], f"<= {r['kl_budget']}", lambda: r["kl_ppo_sft"] <= r["kl_budget"])
     return c
 
 
@@ -119,7 +214,7 @@ def _plots(report: dict, results: dict, root: str) -> list[str]:
             if bon:
                 ns = sorted(bon, key=int)
                 ax[i].plot([bon[n]["kl"] for n in ns], [bon[n]["total" if key == "gold" else "rm"] for n in ns], "s--",
-                           label="best-of-n (analytic KL)")
+                           label="best-of-n (measured KL)")
             ax[i].set_xlabel("KL from SFT (nats)"), ax[i].set_title(title)
         ax[0].legend(fontsize=7)
         fig.tight_layout(), fig.savefig(os.path.join(root, "gold_vs_proxy.png"), dpi=100), plt.close(fig)
@@ -136,6 +231,18 @@ def _plots(report: dict, results: dict, root: str) -> list[str]:
     ax.set_title("gold score per stage (held-out prompts)")
     fig.tight_layout(), fig.savefig(os.path.join(root, "scores.png"), dpi=100), plt.close(fig)
     made.append("scores.png")
+    if report["rm_reliability"]:
+        bins = report["rm_reliability"]
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot([0, 1], [0, 1], ":", color="gray", label="calibrated")
+        ax.plot([b["mean_predicted"] for b in bins], [b["frequency"] for b in bins], "o-",
+                label=f"reward model (ECE {report['rm_ece']:.3f})")
+        for b in bins:
+            ax.annotate(str(b["count"]), (b["mean_predicted"], b["frequency"]), fontsize=6)
+        ax.set_xlabel("σ(r_A − r_B)"), ax.set_ylabel("labeler prefers A (fraction)"), ax.legend(fontsize=7)
+        ax.set_title("reward model on held-out label pairs")
+        fig.tight_layout(), fig.savefig(os.path.join(root, "rm_calibration.png"), dpi=100), plt.close(fig)
+        made.append("rm_calibration.png")
     sft_rows = [r for r in _read_metrics(os.path.join(root, "sft", "metrics.jsonl")) if "eval_loss" in r]
     if sft_rows:
         fig, ax = plt.subplots(figsize=(4.5, 3))
@@ -158,18 +265,38 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _shown(v) -> str:
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v) or "none"
+    return _fmt(v)
+
+
+def _ci(g) -> str:
+    """"+0.012 [-0.010, +0.034]" for a mean_with_ci dict; "—" when not measured."""
+    return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" if g else "—"
+
+
 def markdown(report: dict, plots: Sequence[str]) -> str:
     r = report
     lines = [f"# InstructGPT pipeline on the built-in task (seed {r['seed']})", "",
              f"{r['eval_prompts']} held-out prompts ({r['eval_held_out_templates']} with paraphrase templates never "
-             f"trained on); every policy decoded at temperature {r['decoding']['temperature']} "
-             f"(0 = greedy), up to {r['decoding']['max_new_tokens']} tokens. Gold judge calls: {r['gold_calls']} "
-             f"(labeler {r['gold_calls_by_stage']['label']}, evaluation {r['gold_calls_by_stage']['eval']}).", "",
+             f"trained on, {r['truncated_prompts']} cut to the prompt length); every policy decoded at temperature "
+             f"{r['decoding']['temperature']} (0 = greedy), up to {r['decoding']['max_new_tokens']} tokens, and with "
+             f"{r['tau1_samples_per_prompt'] or 0} temperature-1 samples per prompt. Gold judge calls: {r['gold_calls']} "
+             f"(labeler {r['gold_calls_by_stage']['label']}, evaluation {r['gold_calls_by_stage']['eval']}, "
+             f"oracle run {r['gold_calls_by_stage'].get('oracle', 0)}).", "",
              "## Checks", "", "| check | measured | threshold | passed |", "|---|---|---|---|"]
     for name, c in r["checks"].items():
-        v = c["value"]
-        shown = ", ".join(_fmt(x) for x in v) if isinstance(v, list) else _fmt(v)
-        lines.append(f"| {name} | {shown} | {c['threshold']} | {'yes' if c['passed'] else '**no**'} |")
+        lines.append(f"| {name} | {_shown(c['value'])} | {c['threshold']} | {'pass' if c['passed'] else '**fail**'} |")
+    lines += ["", "## Oracle headroom", "",
+              (f"PPO against the gold judge itself (the upper reference, never the headline): win rate over SFT "
+               f"{r['oracle_win_rate']:.3f}, against {r['win_rate_ppo_vs_sft']:.3f} for PPO on the reward model."
+               if r["oracle_win_rate"] is not None else "No oracle run in this pipeline.")]
+    lines += ["", "## Most repeated responses", "",
+              "One answer given to many prompts, of several kinds, is how a policy that found a blind spot of the "
+              f"reward model looks. Largest share of prompts given one PPO response that is wrong for them: "
+              f"{_fmt(r['max_response_share'])} (`{r['max_response_text'] or ''}`).", ""]
+    lines += repetition_table(r["repeated_responses"], r["eval_prompts"])
     lines += ["", "## Gold score per policy", "",
               "| policy | total | correctness | format | verbosity | RM score | tokens |", "|---|---|---|---|---|---|---|"]
     for name in POLICY_ORDER:
@@ -177,15 +304,40 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
             m = r["gold_components"][name]
             lines.append(f"| {name} | {m['total']:.3f} | {m['correctness']:.3f} | {m['format']:.3f} | "
                          f"{m['verbosity']:.3f} | {m.get('rm', float('nan')):.3f} | {m['tokens']:.1f} |")
+    for name, total in r["gold_tau1"].items():
+        lines.append(f"| {name} (τ = 1, mean of samples) | {total:.3f} | | | | | |")
     lines += ["", "## Head to head (gold judge, ties count 1/2, 95% bootstrap CI over prompts)", "",
-              "| pair | win rate | CI | wins / ties / losses | correctness gain [CI] |", "|---|---|---|---|---|"]
+              "| pair | win rate | CI | wins / ties / losses | gold gain [CI] | correctness gain [CI] |",
+              "|---|---|---|---|---|---|"]
     for pair, h in r["win_rates"].items():
         lines.append(f"| {pair.replace('_vs_', ' vs ')} | {h['win_rate']:.3f} | [{h['ci_low']:.3f}, {h['ci_high']:.3f}] | "
-                     f"{h['wins']} / {h['ties']} / {h['losses']} | {h['correctness_gain']:+.3f} "
+                     f"{h['wins']} / {h['ties']} / {h['losses']} | {_ci(h.get('gold_gain'))} | {h['correctness_gain']:+.3f} "
                      f"[{h['correctness_gain_ci_low']:+.3f}, {h['correctness_gain_ci_high']:+.3f}] |")
-    lines += ["", "## Reward model and labeler", "",
-              f"- reward-model accuracy against the noiseless gold order: **{r['rm_accuracy']:.3f}** on "
-              f"{r['rm_accuracy_pairs']} non-tied pairs of SFT samples for held-out prompts "
+    if r["win_rate_tau1"] is not None:
+        lines.append(f"| ppo vs sft at τ = 1 ({r['tau1_samples_per_prompt']} paired samples per prompt) | "
+                     f"{r['win_rate_tau1']:.3f} | [{r['win_rate_tau1_ci_low']:.3f}, {r['win_rate_tau1_ci_high']:.3f}] | | "
+                     f"{r['gold_gain_tau1']:+.3f} [{r['gold_gain_tau1_ci_low']:+.3f}, {r['gold_gain_tau1_ci_high']:+.3f}] | |")
+    lines += ["", "PPO vs SFT (greedy) by instruction kind:", "", "| kinds | win rate | gold gain [CI] |", "|---|---|---|"]
+    if r["win_rate_original_kinds"] is not None:
+        lines.append(f"| the original seven, plain requests | {r['win_rate_original_kinds']:.3f} | "
+                     f"{_ci(r['gold_gain_original_kinds'])} |")
+    if r.get("win_rate_format_instructions") is not None:
+        lines.append(f"| with a format instruction (new) | {r['win_rate_format_instructions']:.3f} | "
+                     f"{_ci(r['gold_gain_format_instructions'])} |")
+    lines += [f"| {k} | {r['win_rate_by_kind'][k]:.3f} | {_ci(g)} |" for k, g in r["gold_gain_by_kind"].items()]
+    lines += ["", "## Reward model and labeler", ""]
+    if r["rm_accuracy_heldout_labels"] is not None:
+        lines += [f"On the labeler's rankings of the reward model's held-out label prompts ({r['heldout_label_rankings']} "
+                  f"rankings, {r['heldout_label_pairs']} pairs the labeler separates; ties count 1/2):", "",
+                  "| scorer | agreement with the labeler |", "|---|---|",
+                  f"| reward model | **{r['rm_accuracy_heldout_labels']:.3f}** |",
+                  f"| labeler ceiling (noiseless gold order) | {r['labeler_ceiling_heldout_labels']:.3f} |",
+                  f"| SFT policy's summed log-prob | {r['sft_logprob_heldout_labels']:.3f} |",
+                  f"| longer answer (characters) | {r['longer_answer_heldout_labels']:.3f} |", "",
+                  f"Calibration of σ(r_A − r_B) (raw reward-model scores) against the labeler's preference, each pair "
+                  f"in both orientations, 10 bins: expected calibration error **{r['rm_ece']:.3f}** (rm_calibration.png).", ""]
+    lines += [f"- reward-model accuracy against the noiseless gold order: **{r['rm_accuracy']:.3f}** on "
+              f"{r['rm_accuracy_pairs']} non-tied pairs of SFT samples for held-out eval prompts "
               f"(its own eval split of labeler rankings: {_fmt(r['rm_accuracy_own_eval'])})",
               f"- labeler agreement with gold: **{r['labeler_agreement']:.3f}** on {r['labeler_pairs']} non-tied pairs "
               f"({r['labeling']['rankings']} rankings, {r['labeling']['comparisons']} comparisons; skipped "
@@ -193,15 +345,16 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
               ""] + breakdown_table(r["rm_accuracy_breakdown"]) + [
               "", "## KL and over-optimization", "",
               f"KL(PPO ‖ SFT) = **{r['kl_ppo_sft']:.3f}** nats per response (sum of k1 over τ = 1 samples)"
-              + (f"; budget {r['kl_budget']}" if r["kl_budget"] else "") + ".", "",
-              "| point | KL | gold total | RM score |", "|---|---|---|---|"]
+              + (f"; budget {r['kl_budget']}" if r["kl_budget"] else "") + ". Best-of-n's KL is measured per prompt: "
+              "the exact KL of best-of-n over the distinct samples drawn (their SFT log-probs, renormalized), "
+              "next to the bound log n − (n − 1)/n that holds for samples that never repeat.", "",
+              "| point | KL | KL bound | gold total | gold gain over best-of-1 [paired CI] | RM score |",
+              "|---|---|---|---|---|---|"]
     for n, b in sorted(r["best_of_n"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| best-of-{n} (SFT samples) | {b['kl']:.3f} | {b['total']:.3f} | {b['rm']:.3f} |")
+        lines.append(f"| best-of-{n} (SFT samples) | {b['kl']:.3f} | {b.get('kl_bound', float('nan')):.3f} | "
+                     f"{b['total']:.3f} | {_ci(b.get('gold_gain_vs_1'))} | {b['rm']:.3f} |")
     for p in r["overoptimization"]:
-        lines.append(f"| PPO iteration {p['step']} (τ = 1) | {p['kl']:.3f} | {p['gold']:.3f} | {p['rm']:.3f} |")
-    lines += ["", "## Most repeated responses", "",
-              "One answer given to many prompts, of several kinds, is how a policy that found a blind spot of the "
-              "reward model looks.", ""] + repetition_table(r["repeated_responses"], r["eval_prompts"])
+        lines.append(f"| PPO iteration {p['step']} (τ = 1) | {p['kl']:.3f} | | {p['gold']:.3f} | | {p['rm']:.3f} |")
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["seconds"].items()]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -248,7 +401,12 @@ def console_summary(r: dict) -> str:
              f"{r['win_rate_ci_high']:.3f}]  (W/T/L {'/'.join(map(str, r['wins_ties_losses']))})",
              f"correctness     gain {r['correctness_gain']:+.3f} [{r['correctness_gain_ci_low']:+.3f}, "
              f"{r['correctness_gain_ci_high']:+.3f}]",
+             f"PPO vs SFT τ=1  win rate {_fmt(r['win_rate_tau1'])} (CI low {_fmt(r['win_rate_tau1_ci_low'])}); "
+             f"gold gain CI low {_fmt(r['gold_gain_tau1_ci_low'])}",
              f"reward model    accuracy vs gold {r['rm_accuracy']:.3f}; labeler agreement {r['labeler_agreement']:.3f}",
+             f"held-out labels RM {_fmt(r['rm_accuracy_heldout_labels'])}, labeler ceiling "
+             f"{_fmt(r['labeler_ceiling_heldout_labels'])}, SFT log-prob {_fmt(r['sft_logprob_heldout_labels'])}, "
+             f"longer {_fmt(r['longer_answer_heldout_labels'])}; ECE {_fmt(r['rm_ece'])}",
              f"KL(PPO||SFT)    {r['kl_ppo_sft']:.3f} nats; gold calls {r['gold_calls']}", "-" * 72]
     lines += [f"{'PASS' if c['passed'] else 'FAIL'}  {name}  ({c['threshold']})" for name, c in r["checks"].items()]
     lines.append("=" * 72)
@@ -256,17 +414,22 @@ def console_summary(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- several seeds
-HEADLINE = ("win_rate_ppo_vs_sft", "win_rate_ci_low", "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement",
-            "kl_ppo_sft", "gold_calls")
+HEADLINE = ("win_rate_ppo_vs_sft", "win_rate_ci_low", "correctness_gain_ci_low", "win_rate_tau1",
+            "win_rate_tau1_ci_low", "gold_gain_tau1_ci_low", "max_response_share", "rm_accuracy",
+            "rm_accuracy_heldout_labels", "labeler_ceiling_heldout_labels", "rm_ece", "labeler_agreement",
+            "oracle_win_rate", "kl_ppo_sft", "gold_calls")
 
 
 def aggregate_seeds(reports: Sequence[dict]) -> dict:
-    """Mean and std over seeds of the headline numbers and each policy's gold total."""
+    """Mean and std over seeds of the headline numbers (nan where a seed did not measure one) and each
+    policy's gold total; every seed's checks."""
     out = {"seeds": [r["seed"] for r in reports], "mean": {}, "std": {}}
     keys = list(HEADLINE) + [f"gold_score.{k}" for k in reports[0]["gold_score"]]
     for k in keys:
-        vals = [r["gold_score"][k.split(".", 1)[1]] if k.startswith("gold_score.") else r[k] for r in reports]
+        vals = [r["gold_score"][k.split(".", 1)[1]] if k.startswith("gold_score.") else r.get(k) for r in reports]
+        vals = [float("nan") if v is None else v for v in vals]
         out["mean"][k], out["std"][k] = float(np.mean(vals)), float(np.std(vals))
+    out["checks"] = {r["seed"]: {name: c["passed"] for name, c in r["checks"].items()} for r in reports}
     out["checks_passed"] = {r["seed"]: all(c["passed"] for c in r["checks"].values()) for r in reports}
     return out
 
@@ -274,10 +437,15 @@ def aggregate_seeds(reports: Sequence[dict]) -> dict:
 def write_seed_report(combined: dict, reports: Sequence[dict], root: str) -> None:
     with open(os.path.join(root, "report.json"), "w") as f:
         json.dump({**combined, "per_seed": list(reports)}, f, indent=2)
-    lines = [f"# InstructGPT pipeline over seeds {combined['seeds']}", "", "| metric | mean ± std | per seed |",
-             "|---|---|---|"]
+    seeds = list(combined["checks"])
+    lines = [f"# InstructGPT pipeline over seeds {combined['seeds']}", "", "## Checks per seed", "",
+             "| check | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for name in combined["checks"][seeds[0]]:
+        lines.append(f"| {name} | " + " | ".join("pass" if combined["checks"][s].get(name) else "**fail**"
+                                                for s in seeds) + " |")
+    lines += ["", "## Headline numbers", "", "| metric | mean ± std | per seed |", "|---|---|---|"]
     for k in combined["mean"]:
-        per = ", ".join(_fmt(r["gold_score"][k.split('.', 1)[1]] if k.startswith("gold_score.") else r[k])
+        per = ", ".join(_fmt(r["gold_score"][k.split('.', 1)[1]] if k.startswith("gold_score.") else r.get(k))
                         for r in reports)
         lines.append(f"| {k} | {combined['mean'][k]:.3f} ± {combined['std'][k]:.3f} | {per} |")
     lines += ["", "All checks passed per seed: " + ", ".join(f"{s}: {'yes' if ok else 'no'}"

@@ -1,5 +1,7 @@
-"""Evaluation arithmetic: pairwise agreement with a gold order, head-to-head win rate with a bootstrap
-confidence interval over prompts, and the analytic KL of best-of-n sampling.
+"""Evaluation arithmetic: pairwise agreement with a gold order, head-to-head win rates (greedy, and paired
+temperature-1 samples) with bootstrap confidence intervals over prompts, the KL of best-of-n sampling (the
+analytic bound and the exact value over the distinct samples drawn), the largest share of prompts given
+one wrong response, and the calibration of predicted probabilities (reliability bins, ECE).
 
 Scores are "higher is better" everywhere; pass `-ranks` for a ranking (rank 1 = best).
 """
@@ -85,3 +87,86 @@ def best_of_n_kl(n: int) -> float:
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_kl_exact(logp: Sequence[float], reward: Sequence[float], n: int) -> float:
+    """KL(best-of-n || base) when the base draws only from the given distinct responses.
+
+    The base q is their probabilities exp(logp) renormalized over the set; best-of-n draws n times from
+    q and keeps the highest reward (responses with equal rewards act as one). With the responses sorted
+    by reward and F_k the base's CDF up to the k-th, best-of-n gives the k-th F_k^n - F_(k-1)^n, so
+    KL = sum_k P_k log(P_k / q_k). Two equally likely responses, n = 2: P = (1/4, 3/4), KL =
+    3/4 log 3/2 + 1/4 log 1/2 = 0.1308 (the continuous bound log 2 - 1/2 = 0.1931 holds only for a
+    base that never repeats). One distinct response: 0.
+    """
+    lp, r = np.asarray(logp, float), np.asarray(reward, float)
+    if lp.shape != r.shape or lp.ndim != 1 or lp.size == 0:
+        raise ValueError(f"need one log-prob and one reward per distinct response, got {lp.shape} and {r.shape}")
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    levels, group = np.unique(r, return_inverse=True)  # ascending rewards; ties merged into one outcome
+    q = np.zeros(levels.size)
+    np.add.at(q, group, np.exp(lp - lp.max()))
+    q /= q.sum()
+    cdf = np.minimum(np.cumsum(q), 1.0)
+    p = cdf ** n - np.concatenate([[0.0], cdf[:-1]]) ** n
+    keep = p > 0
+    return max(0.0, float(np.sum(p[keep] * np.log(p[keep] / q[keep]))))  # >= 0; rounding can dip below
+
+
+def paired_sample_outcomes(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per-prompt win rate of A's i-th sample against B's i-th (ties 1/2), averaged over the m pairs.
+
+    a, b: [prompts, m] scores. paired_sample_outcomes([[1, 0], [0.5, 0.5]], [[0, 0], [0.5, 1]]) = [0.75, 0.25].
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"need [prompts, m] scores with m >= 1 for both sides, got {a.shape} and {b.shape}")
+    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0)).mean(axis=1)
+
+
+def mean_with_ci(values: Sequence[float], seed: int = 0) -> dict:
+    """{"mean", "ci_low", "ci_high", "prompts"}: the mean of per-prompt values with a bootstrap CI over prompts."""
+    lo, hi = bootstrap_ci(values, seed=seed)
+    return {"mean": float(np.mean(values)), "ci_low": lo, "ci_high": hi, "prompts": int(np.size(values))}
+
+
+def max_response_share(texts: Sequence[str], correct: Sequence[bool]) -> tuple[float, str]:
+    """(share, text): the largest fraction of prompts given one identical response that is wrong for them.
+
+    A response counts against the prompts it is not a correct answer for, so "1." given to every prompt
+    whose answer is 1 does not count. Texts compare whitespace-stripped.
+    max_response_share(["1.", "1.", " 1.", "8", "8"], [True, True, False, False, False]) = (0.4, "8").
+    """
+    if len(texts) != len(correct) or not texts:
+        raise ValueError(f"need one correctness flag per response, got {len(texts)} texts and {len(correct)}")
+    wrong: dict = {}
+    for t, ok in zip(texts, correct):
+        if not ok:
+            wrong[t.strip()] = wrong.get(t.strip(), 0) + 1
+    if not wrong:
+        return 0.0, ""
+    text = min(wrong, key=lambda k: (-wrong[k], k))
+    return wrong[text] / len(texts), text
+
+
+def calibration(p: Sequence[float], y: Sequence[float], bins: int = 10) -> tuple[float, list[dict]]:
+    """(expected calibration error, reliability bins) of predicted probabilities p against outcomes y in {0, 1}.
+
+    Equal-width bins on [0, 1] (the last one closed); ECE = sum over bins of (count / N) |mean y - mean p|.
+    calibration([0.1, 0.3, 0.8, 0.9], [0, 1, 1, 1], bins=2)[0]
+      = 2/4 |1/2 - 0.2| + 2/4 |1 - 0.85| = 0.225.
+    """
+    p, y = np.asarray(p, float), np.asarray(y, float)
+    if p.shape != y.shape or p.ndim != 1 or p.size == 0:
+        raise ValueError(f"need one outcome per prediction, got {p.shape} and {y.shape}")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            row = {"low": b / bins, "high": (b + 1) / bins, "count": int(sel.sum()),
+                   "mean_predicted": float(p[sel].mean()), "frequency": float(y[sel].mean())}
+            ece += row["count"] / p.size * abs(row["frequency"] - row["mean_predicted"])
+            table.append(row)
+    return float(ece), table
