@@ -273,7 +273,7 @@ def gains(rows: Sequence[dict], a: str, b: str, seed: int = 0) -> dict:
     def part(sel) -> dict:
         return {"win_rate": float(outcomes(ga[sel], gb[sel]).mean()), "gold_gain": mean_with_ci(ga[sel] - gb[sel], seed)}
 
-    formats = np.array([r["spec"]["params"].get("format") or "" for r in rows])
+    formats = np.array([(r["spec"].get("params") or {}).get("format") or "" for r in rows])
     out = {"gold_gain": mean_with_ci(ga - gb, seed), "by_kind": {k: part(kinds == k) for k in sorted(set(kinds))}}
     # "today's seven kinds": their plain requests; a format instruction (task.FORMATS) makes a new kind of prompt
     original = np.isin(kinds, ORIGINAL_KINDS) & (formats == "")
