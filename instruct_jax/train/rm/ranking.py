@@ -49,6 +49,10 @@ def pair_credit(diff):
     The one tie rule of the codebase (instructgpt/statistics.py `pair_agreement` and the win rates count a
     tie 1/2 too): a scorer that gives every answer the same reward gets 0.5, chance, not 0.
     pair_credit([0.3, 0.0, -2.0]) = [1.0, 0.5, 0.0].
+
+    (The jitted step counts the same credit as integer sums, `ranking_loss_sum`: with the float form inside the
+    sharded step, a run resumed with its program from the persistent compilation cache deadlocked in an XLA CPU
+    collective rendezvous, tests/test_reward_resume.py.)
     """
     return (diff > 0) * 1.0 + (diff == 0) * 0.5
 
@@ -84,7 +88,8 @@ def ranking_loss_sum(rewards: jax.Array, ranks: jax.Array, margin: float = 0.0):
     n = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)  # [B] non-tied pairs per prompt
     per_prompt = jnp.sum(jnp.where(pairs, nll, 0.0), axis=(1, 2)) / jnp.maximum(n, 1.0)
     has_pair = n > 0
-    stats = {"correct": jnp.sum(jnp.where(pairs, pair_credit(diff), 0.0)), "pairs": jnp.sum(n)}
+    credit = jnp.sum(pairs & (diff > 0)) + 0.5 * jnp.sum(pairs & (diff == 0))
+    stats = {"correct": credit.astype(jnp.float32), "pairs": jnp.sum(n)}
     return jnp.sum(jnp.where(has_pair, per_prompt, 0.0)), jnp.sum(has_pair).astype(jnp.float32), stats
 
 
