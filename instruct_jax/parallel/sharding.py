@@ -87,8 +87,8 @@ def check_divisible(abstract: Any, shardings: Any) -> None:
 
 
 def batch_sharding(mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, length, ...] input array."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "length") + (None,) * (ndim - 2), rules))
+    """Sharding of a [batch, length, ...] input array (ndim 1: a [batch] vector, e.g. per-row scores)."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length")[:ndim] + (None,) * max(ndim - 2, 0), rules))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
 
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
@@ -42,13 +41,13 @@ from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.errors import ConfigError
 from instruct_jax.inference.sampling import SamplingConfig
-from instruct_jax.inference.scorer import put_global
+from instruct_jax.inference.scorer import fold_normalization, put_global
 from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
-from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, unbox
+from instruct_jax.parallel.sharding import batch_sharding, unbox
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
 from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
 from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, host_scores_reward,
@@ -257,7 +256,7 @@ def load_reward(cfg: Config, tokenizer: Tokenizer, mesh, rules) -> tuple[RewardF
     if cfg.ppo.reward == "count":
         return token_count_reward(count_token_id(cfg, tokenizer)), {}, {}
     if cfg.ppo.reward == "host":
-        return host_scores_reward(), {}, {"scores": NamedSharding(mesh, logical_to_spec(("batch",), rules))}
+        return host_scores_reward(), {}, {"scores": batch_sharding(mesh, rules, ndim=1)}
     from instruct_jax.inference.scorer import load_reward_model
 
     params, norm = load_reward_model(cfg.ppo.reward_model, cfg.model, mesh, rules)
@@ -321,8 +320,6 @@ def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
     else:
         policy = setup.fresh_policy_params()
     if cfg.ppo.reward == "model":
-        from instruct_jax.inference.scorer import fold_normalization
-
         rm = reward_params["params"]
         with mesh_and_rules(setup.mesh, setup.rules):  # the head alone: the trunk is not copied
             head = jax.jit(fold_normalization, out_shardings=setup.shardings.value.params["head"])(
