@@ -229,6 +229,10 @@ class PipelineConfig:
     # ---- comparisons (InstructGPT step 2)
     label_prompts: int = 600  # training prompts whose SFT samples the labeler ranks
     responses_per_prompt: int = 4  # K, 4..9 in InstructGPT
+    # Design (a) of issue 25, de-confounded comparisons: each ranking also holds this many "twins" of its first
+    # sample (task.phrase_twins, in order: its chat phrase stripped or added, the reference in its phrasing, a
+    # near miss in its phrasing), ranked with the K samples; 0..3, K + twins <= 9. Each costs one gold call.
+    twins: int = 0
     # Temperature of the SFT samples the labeler ranks; best-of-n and the reward-model accuracy pairs
     # sample at the same temperature, so the reward model is judged on the distribution it learned from.
     sample_temperature: float = 1.0

@@ -215,3 +215,34 @@ def test_demonstrators_follow_format_instructions_half_the_time_whatever_their_s
     same = [d == e for p, d, e in zip(prompts, demos, base) if p.spec.params.get("format") is None]
     assert np.mean(same) > 0.99 and len(same) > 500
     assert unformatted(prompts[0].spec).params.get("format") is None
+
+
+def test_phrase_twins_vary_the_phrase_and_the_correctness_of_a_sample_independently():
+    """Design (a) of issue 25, judged by the gold judge: the phrase twin keeps the sample's correctness and
+    flips its format (the chat phrase stripped or added); the reference and the near miss keep the sample's
+    phrasing, the reference fully correct and the near miss not. (On the `constrained` kind a phrase can
+    break the word limit or the capitals, so there the phrase is part of correctness.)"""
+    from instruct_jax.instructgpt.gold import GoldJudge
+    from instruct_jax.instructgpt.task import (DEMO_TAILS, DEMO_WRAPPERS, near_miss, phrase_twins, split_phrase,
+                                               unformatted)
+
+    judge, rng, misses = GoldJudge(), np.random.default_rng(0), 0
+    prompts = Task(seed=3, format_fraction=0.3).train_prompts(150)
+    for phrases in (DEMO_WRAPPERS, DEMO_TAILS):
+        for i, p in enumerate(prompts):
+            core = near_miss(unformatted(p.spec), rng) if i % 3 == 0 else p.spec.reference
+            sample = phrases[i % 2].format(core) if i % 2 == 0 else core
+            twin, ref, near = phrase_twins(p.spec, sample, phrases, rng)
+            s, t = judge.score(p.spec, sample), judge.score(p.spec, twin)
+            assert split_phrase(ref, phrases)[1] == split_phrase(near, phrases)[1] == split_phrase(sample, phrases)[1]
+            assert (split_phrase(twin, phrases)[1] is None) == (split_phrase(sample, phrases)[1] is not None)
+            if p.spec.kind == "constrained":
+                continue
+            assert t.correctness == pytest.approx(s.correctness), (sample, twin)
+            assert judge.score(p.spec, ref).correctness == 1.0, (p.text, ref)
+            misses += judge.score(p.spec, near).correctness < 1.0
+            if s.correctness > 0:  # a phrase costs format: plain 1, answer inside other text 1/2
+                assert (t.format > s.format) == (split_phrase(sample, phrases)[1] is not None), (sample, twin)
+    assert misses >= 0.95 * 2 * sum(p.spec.kind != "constrained" for p in prompts)
+    assert split_phrase("The answer is 5.", DEMO_WRAPPERS) == ("5", "The answer is {}.")
+    assert split_phrase("5", DEMO_WRAPPERS) == ("5", None)

@@ -281,6 +281,51 @@ def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tm
     assert "stage 'rm' needs ['task', 'label', 'sft'] finished first" in proc.stderr
 
 
+def test_label_stage_with_twins_ranks_them_beside_the_samples_and_the_reward_model_trains_on_them(ci_run, tmp_path):
+    """pipeline.twins (design (a)): each ranking holds K SFT samples then the twins of the first one; the gold
+    calls are K + twins per ranking; the held-out label metric keeps the samples only; the reward model trains
+    on the longer rankings."""
+    import shutil
+
+    from instruct_jax.instructgpt.evaluate import heldout_rankings
+    from instruct_jax.instructgpt.task import split_phrase
+
+    workdir, _ = ci_run
+    run = tmp_path / "run"
+    for stage in ("task", "sft"):
+        shutil.copytree(workdir / stage, run / stage)
+    sets = ["--set", "pipeline.twins=3"]
+    for stage in ("label", "rm"):
+        proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(run), "--stage", stage, *sets],
+                    run)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    label = json.loads((run / "label" / "DONE.json").read_text())
+    assert label["twins"] == 3 and label["gold_calls"] == 7 * (label["rankings"] + label["skipped_all_tied"])
+    rankings = [json.loads(line) for line in (run / "label" / "rankings.jsonl").read_text().splitlines()]
+    extras = [json.loads(line) for line in (run / "label" / "ranking_gold.jsonl").read_text().splitlines()]
+    judge = GoldJudge()
+    for r, e in zip(rankings, extras):
+        spec, (first, twin, ref, near) = TaskSpec.from_dict(r["spec"]), (r["responses"][i] for i in (0, 4, 5, 6))
+        assert len(r["responses"]) == len(e["gold"]) == len(e["sft_logp"]) == 7 and e["sampled"] == 4
+        assert e["gold"] == pytest.approx([judge.score(spec, t).total for t in r["responses"]])
+        assert all(lp < 0 for lp in e["sft_logp"])
+        assert (split_phrase(twin, DEMO_WRAPPERS)[1] is None) == (split_phrase(first, DEMO_WRAPPERS)[1] is not None)
+        assert split_phrase(ref, DEMO_WRAPPERS)[1] == split_phrase(near, DEMO_WRAPPERS)[1] == split_phrase(
+            first, DEMO_WRAPPERS)[1]
+        if spec.kind != "constrained":
+            assert judge.score(spec, ref).correctness == 1.0
+    cfg = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["pipeline.twins=3"])
+    rm_data = stage_config(cfg, "rm", Paths(str(run), cfg.data.vocab_size)).data
+    assert rm_data.max_responses == 7
+    held = heldout_rankings(rankings, extras, rm_data, cfg.seed)
+    assert held and all(len(h["responses"]) == len(h["ranks"]) == len(h["gold"]) == len(h["sft_logp"]) == 4
+                        for h in held)
+    rm = json.loads((run / "rm" / "DONE.json").read_text())
+    metrics = [json.loads(line) for line in (run / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == cfg.pipeline.rm.steps and all(math.isfinite(m["loss"]) for m in metrics
+                                                                 if "loss" in m), rm
+
+
 def test_eval_command_on_the_pipeline_checkpoints(ci_run, tmp_path):
     workdir, _ = ci_run
     cfg = load_experiment(EXPERIMENT + ":ci")
@@ -311,12 +356,18 @@ def test_pipeline_validation_names_the_field():
                             ("pipeline.kinds=pick,pick", "pipeline.kinds"),
                             ("pipeline.sft.steps=0", "pipeline.sft.steps"),
                             ("pipeline.best_of=four", "pipeline.best_of"),
-                            ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens")):
+                            ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens"),
+                            ("pipeline.twins=4", "pipeline.twins"),
+                            ("pipeline.twins=-1", "pipeline.twins")):
         bad = apply_overrides(load_experiment(EXPERIMENT + ":ci"), [override])
         with pytest.raises(ConfigError) as e:
             validate_pipeline(bad)
         assert e.value.field == field
     validate_pipeline(cfg)
+    with pytest.raises(ConfigError, match="responses_per_prompt \\+ twins <= 9") as e:
+        validate_pipeline(apply_overrides(load_experiment(EXPERIMENT + ":ci"),
+                                          ["pipeline.responses_per_prompt=8", "pipeline.twins=2"]))
+    assert e.value.field == "pipeline.twins"
     for bad in ("pipeline.tau1_samples=2", "pipeline.tau1_samples=-1"):
         with pytest.raises(ConfigError) as e:
             validate_pipeline(apply_overrides(load_experiment(EXPERIMENT + ":ci"), [bad]))
@@ -455,6 +506,24 @@ def test_runner_logprob_equals_the_samplers_own(tmp_path):
         gen = runner.generate(params, prompts, temperature=tau, max_new_tokens=8, seed=1)
         again = runner.logprob(params, gen, temperature=tau)
         np.testing.assert_allclose(again, gen.logprob, rtol=1e-4, atol=1e-4, err_msg=f"tau {tau}")
+    # Given texts, against a naive reference: one unpadded forward over prompt + text + end of turn per row.
+    from instruct_jax.data.chat import load_chat_template as _template
+    from instruct_jax.model.transformer import ModelInput, Transformer
+
+    texts = [p.spec.reference for p in Task(0).train_prompts(20)][:6] + ["", "one two three four five six seven"]
+    got = runner.logprob_texts(params, prompts[:8], texts, max_new_tokens=8)
+    model, template = Transformer(cfg.model), _template("builtin", tok)
+    for i, text in enumerate(texts):
+        prompt = template.render_prompt(prompts[i])
+        response = (tok.encode(text) + [tok.eot_id])[:8]
+        ids = np.asarray([prompt + response], np.int32)
+        logits = np.asarray(model.apply({"params": params}, ModelInput.unpacked(ids)).logits[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+        want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(response))
+        assert got[i] == pytest.approx(want, rel=1e-3), (i, text)  # an off-by-one position costs nats
+    with pytest.raises(ValueError, match="2 prompts but 1 texts"):
+        runner.logprob_texts(params, prompts[:2], ["a"], max_new_tokens=8)
     greedy = runner.generate(params, prompts, temperature=0.0, max_new_tokens=8, seed=5)
     assert greedy.texts == runner.generate(params, prompts, temperature=0.0, max_new_tokens=8, seed=6).texts
     assert jax.device_count() == 8

@@ -157,6 +157,24 @@ class PolicyRunner:
             out.append(np.asarray(fn(params, inputs, sample.tokens, jnp.asarray(self._pad(mask[a:b]))))[:b - a])
         return np.concatenate(out).astype(np.float32)
 
+    def logprob_texts(self, params, prompts: Sequence[Sequence[dict]], texts: Sequence[str], max_new_tokens: int,
+                      temperature: float = 1.0) -> np.ndarray:
+        """[P] sum of log-probs of given responses under `params`: each text tokenized and followed by the
+        end-of-turn token (the sampler's stop), cut at `max_new_tokens` tokens, as the answer to prompt i."""
+        if len(prompts) != len(texts):
+            raise ValueError(f"{len(prompts)} prompts but {len(texts)} texts")
+        prompt_tokens, prompt_lengths = self.encode(prompts)
+        tokens = np.full((len(texts), max_new_tokens), self.tokenizer.pad_id, np.int32)
+        lengths, done = np.zeros(len(texts), np.int32), np.zeros(len(texts), bool)
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
+            done[i] = len(ids) <= max_new_tokens
+            ids = ids[:max_new_tokens]
+            tokens[i, :len(ids)], lengths[i] = ids, len(ids)
+        gen = Generation(prompt_tokens, prompt_lengths, tokens, lengths, done, np.zeros(len(texts), np.float32),
+                         list(texts))
+        return self.logprob(params, gen, temperature)
+
 
 @dataclasses.dataclass
 class _SampleLike:

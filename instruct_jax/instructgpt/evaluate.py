@@ -379,15 +379,20 @@ def summarize(rows: Sequence[dict], settings: EvalSettings) -> dict:
 def heldout_rankings(rankings: Sequence[dict], gold_rows: Sequence[dict], data_cfg: DataConfig, seed: int) -> list[dict]:
     """The label stage's rankings on the reward model's held-out side (the `rm` phase's own seeded split by
     prompt, data.eval_fraction), each merged with its ranking_gold.jsonl row ("gold", "sft_logp") and
-    carrying its chat "messages"."""
+    carrying its chat "messages". Only the SFT samples are kept (the first `"sampled"` responses of a ranking;
+    `pipeline.twins` adds constructed responses after them): the reward model is judged on the policy's
+    own distribution, whatever it trained on, so designs with and without twins compare on the same kind of
+    pairs."""
     if len(rankings) != len(gold_rows):
         raise ValueError(f"rankings.jsonl has {len(rankings)} rows but ranking_gold.jsonl {len(gold_rows)}")
     out = []
     for row, extra in zip(rankings, gold_rows):
         record = row_to_record(row, data_cfg)
         if is_eval(record, data_cfg.eval_fraction, seed):
+            k = int(extra.get("sampled", len(row["responses"])))
             out.append({"prompt": row["prompt"], "messages": list(record.prompt), "spec": row.get("spec"),
-                        "responses": list(row["responses"]), "ranks": list(row["ranks"]), **extra})
+                        "responses": list(row["responses"])[:k], "ranks": list(row["ranks"])[:k],
+                        "gold": list(extra["gold"])[:k], "sft_logp": list(extra["sft_logp"])[:k]})
     return out
 
 

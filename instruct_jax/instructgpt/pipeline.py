@@ -39,7 +39,7 @@ from instruct_jax.data.config import DataConfig
 from instruct_jax.errors import ConfigError
 from instruct_jax.instructgpt.gold import GoldJudge, Labeler
 from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
-from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt
+from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt, phrase_twins
 from instruct_jax.metrics import log
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 
@@ -71,6 +71,9 @@ def validate_pipeline(cfg: Config) -> None:
         raise ConfigError("pipeline.demo_phrase", f"expected one of {list(DEMO_PHRASES)}, got {p.demo_phrase!r}")
     if not 2 <= p.responses_per_prompt <= 9:
         raise ConfigError("pipeline.responses_per_prompt", f"K must be in 2..9, got {p.responses_per_prompt}")
+    if not 0 <= p.twins <= 3 or p.responses_per_prompt + p.twins > 9:
+        raise ConfigError("pipeline.twins", f"must be in 0..3 with responses_per_prompt + twins <= 9, got {p.twins} "
+                          f"(K = {p.responses_per_prompt})")
     if p.sample_temperature <= 0:
         raise ConfigError("pipeline.sample_temperature", f"must be > 0 (the labeler ranks distinct samples), "
                           f"got {p.sample_temperature}")
@@ -168,7 +171,8 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.train.init_from = paths.stage("pretrain")
     elif stage == "rm":
         c.data = DataConfig(source=os.path.join(paths.stage("label"), "rankings.jsonl"), format="ranking",
-                            eval_fraction=0.1, max_responses=cfg.pipeline.responses_per_prompt, **common)
+                            eval_fraction=0.1, max_responses=cfg.pipeline.responses_per_prompt + cfg.pipeline.twins,
+                            **common)
         c.reward.synthetic = 0
         c.reward.reference = DataConfig(format="sft")  # source "": the best-ranked training responses
         c.train.init_from = paths.stage("sft")
@@ -334,10 +338,14 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
         logps.append(gen.logprob if p.sample_temperature == 1.0 else runner.logprob(params, gen, temperature=1.0))
         bar.update(1)
     bar.close()
+    twins = _twins(cfg, runner, params, prompts, samples[0]) if p.twins else None
     labeler = Labeler(judge, p.labeler_temperature, p.labeler_flip_rate, p.max_comparisons, seed=cfg.seed)
     rows, gold_rows, counts, empty, budget_left = [], [], [], 0, True
     for i, prompt in enumerate(prompts):
         responses = [samples[k][i] for k in range(p.responses_per_prompt)]
+        sft_logp = [float(logps[k][i]) for k in range(p.responses_per_prompt)]
+        if twins:
+            responses, sft_logp = responses + twins[0][i], sft_logp + twins[1][i]
         if any(not r.strip() for r in responses):
             # An empty sample can't be shown to a labeler (nor stored as a ranking row); count and skip.
             empty += 1
@@ -351,8 +359,8 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
         counts.append(ranking_agreement(ranking.ranks, labeler.last_totals))
         rows.append({"prompt": prompt.text, "responses": list(ranking.responses), "ranks": list(ranking.ranks),
                      "spec": prompt.spec.to_dict()})
-        gold_rows.append({"gold": [float(t) for t in labeler.last_totals],
-                          "sft_logp": [float(logps[k][i]) for k in range(p.responses_per_prompt)]})
+        gold_rows.append({"gold": [float(t) for t in labeler.last_totals], "sft_logp": sft_logp,
+                          "sampled": p.responses_per_prompt})
     os.makedirs(paths.stage("label"), exist_ok=True)
     _write_jsonl(os.path.join(paths.stage("label"), "rankings.jsonl"), rows)
     _write_jsonl(os.path.join(paths.stage("label"), "ranking_gold.jsonl"), gold_rows)
@@ -360,11 +368,24 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     result = {"rankings": len(rows), "labeler_agreement": agreement_rate(counts),
               "agreement_pairs": int(sum(c[1] for c in counts)), "skipped_all_tied": labeler.all_tied,
               "skipped_empty_sample": empty, "budget_exhausted": not budget_left,
-              "comparisons": labeler.comparisons, "gold_calls": judge.calls, "mean_distinct_responses": distinct}
-    log(f"label: {len(rows)} rankings of K={p.responses_per_prompt}; labeler agrees with gold on "
+              "comparisons": labeler.comparisons, "gold_calls": judge.calls, "mean_distinct_responses": distinct,
+              "twins": p.twins}
+    log(f"label: {len(rows)} rankings of K={p.responses_per_prompt}"
+        f"{f' samples + {p.twins} twins' if p.twins else ''}; labeler agrees with gold on "
         f"{result['labeler_agreement']:.3f} of {result['agreement_pairs']} non-tied pairs; skipped "
         f"{labeler.all_tied} all-tied and {empty} with an empty sample; {judge.calls} gold calls")
     return result
+
+
+def _twins(cfg: Config, runner, params, prompts: Sequence[TaskPrompt], first: Sequence[str]):
+    """Design (a): `pipeline.twins` twins of each prompt's first sample (task.phrase_twins, a side random stream)
+    and their summed SFT log-probs at temperature 1: ([P][twins] texts, [P][twins] log-probs)."""
+    p = cfg.pipeline
+    rng = np.random.default_rng([cfg.seed, 25])
+    texts = [phrase_twins(t.spec, s, DEMO_PHRASES[p.demo_phrase], rng)[:p.twins] for t, s in zip(prompts, first)]
+    messages = [list(t.messages) for t in prompts for _ in range(p.twins)]
+    logp = runner.logprob_texts(params, messages, [x for row in texts for x in row], cfg.ppo.response_len)
+    return texts, [[float(x) for x in logp[i * p.twins:(i + 1) * p.twins]] for i in range(len(prompts))]
 
 
 def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:

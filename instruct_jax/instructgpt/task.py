@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -511,6 +511,33 @@ CHAT_WRAPPERS = ("The answer is {}.", "Sure! {}. I hope this helps you today.", 
 def chat_wrap(answer: str, rng: np.random.Generator, wrappers: Sequence[str] = CHAT_WRAPPERS) -> str:
     """The answer inside a chat phrase: readable (format 1/2), longer (verbosity), never all caps."""
     return _pick(rng, wrappers).format(answer)
+
+
+def split_phrase(response: str, phrases: Sequence[str]) -> tuple[str, Optional[str]]:
+    """(core, phrase): the answer inside one of the chat `phrases` ("The answer is {}.") and that phrase, or
+    (response, None) when the response is not in one of them."""
+    for phrase in phrases:
+        head, tail = phrase.split("{}")
+        if len(response) > len(head) + len(tail) and response.startswith(head) and response.endswith(tail):
+            return response[len(head):len(response) - len(tail)], phrase
+    return response, None
+
+
+def phrase_twins(spec: TaskSpec, sample: str, phrases: Sequence[str], rng: np.random.Generator) -> list[str]:
+    """Design (a) of issue 25: three responses that vary the chat phrase and the correctness of `sample`
+    independently, for the labeler to rank beside it:
+
+        [the sample with its chat phrase stripped (or, without one, put in one of `phrases`),
+         the reference in the sample's phrasing, a near miss of the reference in the sample's phrasing]
+
+    The reference and near miss are the request's (a format instruction is left to the judge). On the
+    `constrained` kind a phrase can break the constraint (the word limit, the capitals): there the judge
+    counts the phrase in correctness, and the twins say so in their gold totals."""
+    core, phrase = split_phrase(sample, phrases)
+    twin = core if phrase is not None else _pick(rng, phrases).format(sample)
+    spec = unformatted(spec)
+    dress = (lambda answer: phrase.format(answer)) if phrase is not None else (lambda answer: answer)
+    return [twin, dress(spec.reference), dress(near_miss(spec, rng))]
 
 
 def near_miss(spec: TaskSpec, rng: np.random.Generator) -> str:
