@@ -112,6 +112,28 @@ def test_sharded_iterator_matches_global_batch(kind):
     _equal(loader.device_batch(9, sharding), loader.global_batch(9))
 
 
+def test_any_device_order_gets_its_own_rows_and_a_missing_row_is_named():
+    """Each device's shard is its own rows, whatever the mesh's device order (real pods interleave hosts along
+    the batch axis: tests/test_topology_loader.py); a shard asking for rows this process did not build fails."""
+    from instruct_jax.data.loader import process_rows, shard_of
+
+    order = np.random.default_rng(1).permutation(8)
+    mesh = Mesh(np.array(jax.devices())[order].reshape(2, 4), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    loader = _loaders()["rankings"]
+    batch = loader.device_batch(3, sharding)
+    _equal(batch, loader.global_batch(3))
+    want = loader.global_batch(3)["tokens"]
+    for shard in batch["tokens"].addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
+    assert process_rows(sharding, B).tolist() == list(range(B))
+    rows = np.array([0, 1, 4, 5])
+    local = loader.rows_at(3, rows)["tokens"]
+    np.testing.assert_array_equal(shard_of(local, rows, (slice(4, 6),), B), want[4:6])
+    with pytest.raises(ValueError, match=r"batch rows \[2, 3\] asked for, but this process built \[0, 1, 4, 5\]"):
+        shard_of(local, rows, (slice(2, 4),), B)
+
+
 def test_prefetch_thread_errors_reach_the_caller():
     loader = _loaders()["packed"]
     loader._build_row = lambda ids: 1 / 0

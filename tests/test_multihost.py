@@ -208,7 +208,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instruct_jax.checkpoint import CheckpointManager, MANIFEST_NAME
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
-from instruct_jax.data.loader import Loader, make_batch, process_row_range
+from instruct_jax.data.loader import Loader, make_batch, process_rows
 from instruct_jax.metrics import MetricsWriter
 from instruct_jax.parallel.mesh import hybrid_device_grid, make_mesh
 from instruct_jax.parallel.sharding import batch_sharding
@@ -237,8 +237,8 @@ out["rows"], out["batches_equal"] = {}, {}
 for mesh_name, mesh in meshes.items():
     sharding = batch_sharding(mesh, rules)
     for name, loader in loaders.items():
-        rows = process_row_range(sharding, loader.global_batch_size)
-        out["rows"][f"{mesh_name}/{name}"] = list(rows)
+        rows = process_rows(sharding, loader.global_batch_size)
+        out["rows"][f"{mesh_name}/{name}"] = [int(r) for r in rows]
         for step in (0, 5):
             batch = make_batch(loader, sharding, rows, step)
             gathered = multihost_utils.process_allgather(batch, tiled=True)
@@ -283,8 +283,8 @@ def test_two_processes_loader_checkpoint_and_writers(tmp_path):
     assert (p0["process"], p1["process"]) == (0, 1)
     assert not set(p0["local_ids"]) & set(p1["local_ids"])
     # Per-host data loading: each process builds its half of the batch; together they are the global batch.
-    for key, (start, stop) in p0["rows"].items():
-        assert (start, stop) == (0, 8) and p1["rows"][key] == [8, 16], key
+    for key, rows in p0["rows"].items():
+        assert rows == list(range(8)) and p1["rows"][key] == list(range(8, 16)), key
     assert all(p0["batches_equal"].values()) and all(p1["batches_equal"].values()), (p0, p1)
     # Processes as slices: the across-slice data axis is the process boundary.
     assert p0["slice_grid_processes"] == [[0, 0, 0, 0], [1, 1, 1, 1]]

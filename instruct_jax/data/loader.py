@@ -6,8 +6,8 @@ and, for LM examples with packing on, greedily packs them in that order into row
 rows [s * B, (s + 1) * B) of it (a batch may straddle two epochs). Nothing depends on the number
 of hosts or devices, on earlier iterator calls, or on wall-clock, so
 
-  * every host computes the same plan and builds only the rows its devices hold
-    (`jax.make_array_from_process_local_data`);
+  * every host computes the same plan and builds only the rows its devices hold, wherever the mesh
+    puts them (`process_rows`, `jax.make_array_from_callback`);
   * resuming needs only the step: `loader.iterate(s, sharding)` continues the exact sequence.
 
     loader = Loader(examples, global_batch_size=8, seq_len=128, seed=0, pad_id=tok.pad_id)
@@ -113,15 +113,20 @@ class Loader:
 
     def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the global batch at `step`, stacked."""
+        return self.rows_at(step, range(start, stop))
+
+    def rows_at(self, step: int, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Rows `indices` (positions in the global batch at `step`, in that order), stacked."""
         first = step * self.global_batch_size
-        return stack_rows([self._build_row(self._row(first + r)) for r in range(start, stop)])
+        return stack_rows([self._build_row(self._row(first + int(r))) for r in indices])
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         """The whole batch at `step`: dict of numpy arrays with leading axis global_batch_size."""
         return self.rows(step, 0, self.global_batch_size)
 
     def host_batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
-        """The contiguous block of rows host `process_index` of `process_count` owns (batch axis split evenly)."""
+        """The contiguous block of rows host `process_index` of `process_count` would own if the batch axis
+        were split evenly in process order (a reference for tests; real runs build `process_rows`)."""
         if self.global_batch_size % process_count:
             raise ValueError(f"global batch {self.global_batch_size} does not split over {process_count} hosts")
         per_host = self.global_batch_size // process_count
@@ -136,7 +141,7 @@ class Loader:
 
     def device_batch(self, step: int, sharding) -> dict:
         """One step's batch as jax.Arrays, built without a thread (evaluation reads a few fixed steps)."""
-        return make_batch(self, sharding, process_row_range(sharding, self.global_batch_size), step)
+        return make_batch(self, sharding, process_rows(sharding, self.global_batch_size), step)
 
 
 # ----------------------------------------------------------------------------- sharded iteration
@@ -148,34 +153,60 @@ def _leading_axes_sharding(sharding, ndim: int):
     return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
-def process_row_range(sharding, global_batch_size: int) -> tuple[int, int]:
-    """[start, stop) of the batch rows this process's devices hold under `sharding`."""
+def device_rows(sharding, global_batch_size: int, process_index: Optional[int] = None) -> dict:
+    """{device: global batch rows it holds (a range)} for the devices of process `process_index` (default:
+    this process) under `sharding`'s first axis. Reads only the devices' `process_index`, so it also works
+    for devices of a described TPU topology (tests simulate every host of a pod this way)."""
+    import jax
+
     one_axis = _leading_axes_sharding(sharding, 1)
-    ranges = set()
-    for index in one_axis.addressable_devices_indices_map((global_batch_size,)).values():
-        start, stop, _ = index[0].indices(global_batch_size)
-        ranges.add((start, stop))
-    ranges = sorted(ranges)
-    for (_, stop), (start, _) in zip(ranges, ranges[1:]):
-        if start > stop:
-            raise ValueError(f"this process's batch rows {ranges} are not contiguous; order the mesh so each "
-                             "host's devices hold one block of the batch axis")
-    return ranges[0][0], max(stop for _, stop in ranges)
+    if process_index is None:
+        process_index = jax.process_index()
+    return {device: range(*index[0].indices(global_batch_size))
+            for device, index in one_axis.devices_indices_map((global_batch_size,)).items()
+            if device.process_index == process_index}
 
 
-def make_batch(loader: Loader, sharding, rows: tuple[int, int], step: int) -> dict:
-    """Rows [start, stop) of step's global batch; as jax.Arrays of the global shape when sharding is given."""
-    local = loader.rows(step, *rows)
+def process_rows(sharding, global_batch_size: int, process_index: Optional[int] = None) -> np.ndarray:
+    """The sorted global batch rows the devices of a process hold under `sharding`, whatever the mesh's
+    device order: on a real pod a host's devices need not hold one block (`jax.make_mesh` on v5p:4x4x4
+    gives host 0 rows 0-1, 8-9, 32-33, 40-41 of 64), and each host builds exactly these rows."""
+    rows = set()
+    for held in device_rows(sharding, global_batch_size, process_index).values():
+        rows.update(held)
+    return np.asarray(sorted(rows), np.int64)
+
+
+def shard_of(local: np.ndarray, rows: np.ndarray, index: tuple, global_batch_size: int) -> np.ndarray:
+    """A device's shard (`index`: its slices of the global array) cut from `local`, the stacked global
+    batch rows `rows` (sorted) that this process built."""
+    wanted = np.arange(*index[0].indices(global_batch_size))
+    at = np.searchsorted(rows, wanted)
+    if at.size and (at[-1] >= rows.size or not np.array_equal(rows[at], wanted)):
+        raise ValueError(f"batch rows {wanted.tolist()} asked for, but this process built {rows.tolist()}")
+    return local[(at,) + tuple(index[1:])]
+
+
+def make_batch(loader: Loader, sharding, rows: np.ndarray, step: int) -> dict:
+    """The rows `rows` of step's global batch (numpy, in that order) when sharding is None; else jax.Arrays
+    of the global shape whose addressable shards are cut from those rows (`jax.make_array_from_callback`:
+    each local device gets its slice, wherever its rows sit in the batch)."""
+    local = loader.rows_at(step, rows)
     if sharding is None:
         return local
     import jax
 
-    return {key: jax.make_array_from_process_local_data(_leading_axes_sharding(sharding, value.ndim), value,
-                                                        (loader.global_batch_size,) + value.shape[1:])
-            for key, value in local.items()}
+    rows = np.asarray(rows)
+
+    def array(value: np.ndarray):
+        return jax.make_array_from_callback((loader.global_batch_size,) + value.shape[1:],
+                                            _leading_axes_sharding(sharding, value.ndim),
+                                            lambda index: shard_of(value, rows, index, loader.global_batch_size))
+
+    return {key: array(value) for key, value in local.items()}
 
 
-def _produce(loader: Loader, sharding, rows: tuple[int, int], step: int, out: queue.Queue,
+def _produce(loader: Loader, sharding, rows: np.ndarray, step: int, out: queue.Queue,
              stop: threading.Event) -> None:
     """The prefetch thread: put (step, batch) for step, step + 1, ... until `stop` or the main thread ends.
 
@@ -211,8 +242,8 @@ class LoaderIterator:
         self._queue: Optional[queue.Queue] = None
         self.loader, self.sharding = loader, sharding
         self._next_step = start_step
-        self._rows = (0, loader.global_batch_size) if sharding is None else \
-            process_row_range(sharding, loader.global_batch_size)
+        self._rows = np.arange(loader.global_batch_size) if sharding is None else \
+            process_rows(sharding, loader.global_batch_size)
         if prefetch > 0:
             self._queue = queue.Queue(maxsize=prefetch)
             self._thread = threading.Thread(

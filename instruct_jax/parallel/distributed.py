@@ -5,8 +5,8 @@ host, all running the same command. After `initialize()` each process sees every
 the job in `jax.devices()` (its own in `jax.local_devices()`), the mesh spans all of them, and
 every jitted step is one SPMD program over the whole mesh. What changes for the code around it:
 
-  * data: each process builds only the batch rows its devices hold (data/loader.py:
-    `process_row_range` + `jax.make_array_from_process_local_data`); the batch order is a pure
+  * data: each process builds only the batch rows its devices hold, wherever the mesh puts them
+    (data/loader.py: `process_rows` + `jax.make_array_from_callback`); the batch order is a pure
     function of (seed, step), so hosts agree without talking to each other;
   * checkpoints: every process calls save / restore, orbax writes each host's shards, process
     0 writes the manifest (checkpoint.py);

@@ -163,6 +163,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
         return jax.make_mesh([shape[a] for a in MESH_AXES], MESH_AXES, axis_types=auto, devices=devices)
     ici = _fill(cfg.ici_shape(), len(devices) // len(slices), "", "per-slice")
     dcn = {a: shape[a] // ici[a] for a in MESH_AXES}
+    if devices[0].platform == "tpu":
+        # Several slices: each slice topology-aware (as above), the slices outer along the dcn axes.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES],
+                                                    devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     return Mesh(hybrid_device_grid(devices, ici, dcn), MESH_AXES, axis_types=auto)
 
 
