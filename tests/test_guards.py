@@ -118,6 +118,10 @@ def test_lm_step_skips_a_nan_batch_bitwise_and_the_run_continues_as_without_it()
     assert last["skipped_nonfinite"] == 1 and last["nonfinite_in_a_row"] == 0
     # Adam's count and the schedule only saw applied updates: the same params as never seeing the bad batch.
     assert_trees_equal(run["with_bad"][0].params, run["without"][0].params)
+    # The logged learning rate is the one each applied update used (the schedule's count, not the step):
+    # after the skipped batch it is the without-run's second rate, not the schedule's value at step 2.
+    lrs = [r[2]["lr"] for r in run["with_bad"][1]]
+    assert lrs[2] == lrs[1] == run["without"][1][1][2]["lr"] != setup.schedule(2)
 
 
 def test_reward_step_skips_non_finite_params():

@@ -33,6 +33,17 @@ def weight_decay_mask(params, no_decay: tuple[str, ...]):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def applied_updates(opt_state) -> jax.Array:
+    """How many updates the optimizer has applied: the schedule's own count (a guarded step that skips its
+    update advances the train step but not this), so `schedule(applied_updates(opt_state))` is the learning
+    rate the next applied update uses."""
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState)]
+    if not counts:
+        raise ValueError("the optimizer state has no learning-rate schedule count (optax.ScaleByScheduleState)")
+    return counts[0]
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []

@@ -20,6 +20,7 @@ from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
 from instruct_jax.train.guards import GuardConfig, guard_decision, guard_metrics, guarded_apply
 from instruct_jax.train.losses import fused_masked_loss_sum, masked_loss_sum
+from instruct_jax.train.optimizer import applied_updates
 from instruct_jax.train.state import TrainState
 
 Batch = dict  # tokens, targets, loss_mask, positions, segment_ids: each [B, T]
@@ -95,7 +96,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         loss, grads, count = lm_loss_and_grads(model, state.params, batch, num_micro, rules,
                                                state_shardings.params)
         new, guard_stats = guarded_optimizer_step(tx, state, grads, loss, guard)
-        metrics = {"loss": loss, "lr": schedule(state.step), "target_tokens": count, **guard_stats}
+        metrics = {"loss": loss, "lr": schedule(applied_updates(state.opt_state)), "target_tokens": count,
+                   **guard_stats}
         return new, metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),

@@ -36,6 +36,7 @@ from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.state import TrainState
+from instruct_jax.train.optimizer import applied_updates
 from instruct_jax.train.step import guarded_optimizer_step
 
 RANKING_KEYS = ("tokens", "positions", "segment_ids", "ranks", "lengths")  # what the steps read
@@ -178,7 +179,7 @@ def make_reward_train_step(model: RewardModel, tx: optax.GradientTransformation,
         loss, grads, stats = reward_loss_and_grads(model, state.params, batch, num_micro, rules,
                                                    state_shardings.params, margin)
         new, guard_stats = guarded_optimizer_step(tx, state, grads, loss, guard)
-        metrics = {"loss": loss, "lr": schedule(state.step), **stats, **guard_stats}
+        metrics = {"loss": loss, "lr": schedule(applied_updates(state.opt_state)), **stats, **guard_stats}
         return new, metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, ranking_shardings(mesh, rules)),
