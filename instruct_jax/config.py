@@ -277,7 +277,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    compilation_cache: bool = True  # persistent XLA cache under <workdir>/../.jax_cache or $JAX_CACHE_DIR
+    compilation_cache: bool = True  # persistent XLA cache: $JAX_CACHE_DIR, else ~/.cache/instruct_jax/jax_cache
     reward: RewardConfig = field(default_factory=RewardConfig)  # the reward model phase (`rm`, `score`)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # multi-host runs
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the PPO phase (`ppo`)

@@ -129,6 +129,25 @@ def test_unknown_logical_axis_is_an_error():
         build_lm(Config(mesh=MeshConfig(rules=(("mlp", "model"),))), jax.devices())
 
 
+def test_unknown_logical_axis_of_an_activation_is_an_error_too():
+    """Activation constraints check their names against the active rules (flax alone replicates silently)."""
+    import jax.numpy as jnp
+
+    from instruct_jax.parallel.context import logical_constraint, mesh_and_rules
+    from instruct_jax.parallel.mesh import make_mesh
+
+    cfg = MeshConfig(data=2, fsdp=-1)
+    mesh, rules = make_mesh(cfg), cfg.logical_rules()
+    x = jnp.ones((8, 4))
+    with mesh_and_rules(mesh, rules):
+        y = jax.jit(lambda a: logical_constraint(a * 2, ("batch", "act_embed")))(x)
+        assert y.sharding.spec[0] == ("data", "fsdp")
+        with pytest.raises(ConfigError, match="logical axis 'embd' .* has no rule") as e:
+            jax.jit(lambda a: logical_constraint(a, ("batch", "embd")))(x)
+    assert e.value.field == "mesh.rules"
+    np.testing.assert_array_equal(logical_constraint(x, ("embd",)), x)  # no rules active: flax's no-op
+
+
 def test_indivisible_parameter_names_the_array():
     cfg = tiny_cfg(fsdp=1, tensor=8)  # 4 kv heads cannot split 8 ways
     with pytest.raises(ConfigError, match=r"\['k'\].*cannot be split over mesh axes tensor"):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ from jax.sharding import NamedSharding
 
 from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.transformer import ModelInput, Transformer, compute_dtype_weights, split_layers
-from instruct_jax.parallel.context import in_mesh_context
+from instruct_jax.parallel.context import in_mesh_context, logical_constraint
 from instruct_jax.parallel.sharding import logical_to_shardings, logical_to_spec, replicated
 
 
@@ -183,7 +182,7 @@ class SampleOutput:
 
 def _constrain_rows(tree):
     """Pin [B, ...] arrays to batch sharding: rows of one sequence stay on one device."""
-    return jax.tree.map(lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
+    return jax.tree.map(lambda x: logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
 
 
 def sample(params, model: Transformer, prompt: ModelInput, rng: jax.Array, cfg: SamplingConfig) -> SampleOutput:

@@ -37,11 +37,12 @@ rollouts) passes the same index for every row.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from instruct_jax.parallel.context import logical_constraint
 
 # Logical axis names (mapped to mesh axes by config.DEFAULT_RULES): batch over the batch mesh
 # axes and kv heads over "tensor", like the activations that fill the cache.
@@ -102,11 +103,11 @@ class KVCache:
         """Pin every field to its logical sharding (a no-op outside a logical-rules context)."""
         def kv(x):
             if isinstance(x, (tuple, list)):
-                return tuple(nn.with_logical_constraint(layer, LAYER_KV_AXES) for layer in x)
-            return nn.with_logical_constraint(x, KV_AXES)
+                return tuple(logical_constraint(layer, LAYER_KV_AXES) for layer in x)
+            return logical_constraint(x, KV_AXES)
 
-        return KVCache(kv(self.k), kv(self.v), nn.with_logical_constraint(self.positions, SLOT_AXES),
-                       nn.with_logical_constraint(self.segment_ids, SLOT_AXES))
+        return KVCache(kv(self.k), kv(self.v), logical_constraint(self.positions, SLOT_AXES),
+                       logical_constraint(self.segment_ids, SLOT_AXES))
 
     def write_slots(self, positions: jax.Array, segment_ids: jax.Array, write_index: jax.Array) -> "KVCache":
         """Record the positions / segment ids ([B, T]) of T new tokens at slots write_index[b] + t.

@@ -22,8 +22,9 @@ from instruct_jax.model.attention.dispatch import dot_product_attention
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import LAYER_KV_AXES, CacheSlots, write
 from instruct_jax.model.rope import apply_rope, rope_params
+from instruct_jax.parallel.context import logical_constraint
 
-constrain = nn.with_logical_constraint
+constrain = logical_constraint
 
 
 def _param(module: nn.Module, name: str, shape, axes, init):

@@ -33,3 +33,20 @@ def in_mesh_context(fn: Callable, mesh, rules) -> Callable:
 
     wrapped.lower = lower
     return wrapped
+
+
+def logical_constraint(x, names):
+    """`nn.with_logical_constraint`, except that a logical name the active rules do not know is an error
+    (flax would replicate that dimension silently, as it does for parameters' names: parallel/sharding.py).
+    Outside a rules context (plain eager or unsharded calls) it is flax's no-op."""
+    rules = nn.get_logical_axis_rules()
+    if rules:
+        known = {name for name, _ in rules}
+        unknown = [n for n in names if n is not None and n not in known]
+        if unknown:
+            from instruct_jax.errors import ConfigError
+
+            raise ConfigError("mesh.rules", f"logical axis {unknown[0]!r} (of an activation constrained to "
+                              f"{tuple(names)}) has no rule; known: {sorted(known)}")
+    return nn.with_logical_constraint(x, names)
+

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ from instruct_jax.inference.logprobs import policy_outputs
 from instruct_jax.inference.sampling import SampleOutput, SamplingConfig, make_sampler
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput, Transformer
-from instruct_jax.parallel.context import in_mesh_context
+from instruct_jax.parallel.context import in_mesh_context, logical_constraint
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.rl.advantages import masked_mean
 from instruct_jax.rl.ppo.losses import policy_loss, ptx_loss, value_loss
@@ -62,7 +61,7 @@ class PPOState:
 
 def constrain_rows(x: jax.Array) -> jax.Array:
     """Pin a [B, ...] array's rows to the batch mesh axes (a gathered minibatch stays spread out)."""
-    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+    return logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def ema_update(ema, params, decay: float):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +31,7 @@ from jax.sharding import NamedSharding
 
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput
-from instruct_jax.parallel.context import in_mesh_context
+from instruct_jax.parallel.context import in_mesh_context, logical_constraint
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.state import TrainState
@@ -126,7 +125,7 @@ def ranking_rewards(model: RewardModel, params, batch: dict) -> jax.Array:
     b, k, t = batch["tokens"].shape
 
     def flat(x):  # [B, K, T] -> [B * K, T]; rows stay on the devices holding their prompt
-        return nn.with_logical_constraint(x.reshape(b * k, t), ("batch", "length"))
+        return logical_constraint(x.reshape(b * k, t), ("batch", "length"))
 
     inputs = ModelInput(flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]))
     eos = batch["lengths"].reshape(b * k) - 1  # empty slots give -1, clipped by the head and masked by the loss
