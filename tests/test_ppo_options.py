@@ -48,13 +48,37 @@ def run_once(**ppo):
     return setup, p0, jax.device_get(new), jax.device_get(stats)
 
 
+def naive_nll(setup, params, batch) -> float:
+    """Per-token mean next-token NLL from the full logits, in float64 numpy (the reference)."""
+    logits = np.asarray(setup.policy_model.apply({"params": params}, ModelInput.from_batch(batch)).logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    mask = np.asarray(batch["loss_mask"], np.float64)
+    return float((nll * mask).sum() / max(mask.sum(), 1.0))
+
+
+def test_ptx_with_a_chunked_loss_is_the_same_nll():
+    """model.loss_chunk: the ptx term never holds [B, T, V] logits and is the same per-token NLL."""
+    from ppo_toy import TOY_MODEL
+
+    cfg = toy_config(mesh=MeshConfig(fsdp=-1), batch=B, epochs=1, minibatches=1, ptx_coef=2.0, ptx_batch_size=P)
+    cfg.model = dataclasses.replace(TOY_MODEL, loss_chunk=4)
+    setup, state, ref = toy_setup(cfg, devices=jax.devices()[:1])
+    p0 = jax.device_get(state.policy.params)
+    exp, _ = setup.steps.experience(state.policy.params, ref, state.value.params, {}, random_prompts(B), rollout(),
+                                    np.float32(0.05))
+    _, stats = setup.steps.update(state, exp, jax.random.PRNGKey(1), ptx_batch())
+    np.testing.assert_allclose(jax.device_get(stats)["ptx_loss"][0], naive_nll(setup, p0, ptx_batch()), rtol=1e-5)
+    assert ptx_loss(np.float32(6.0), np.float32(0.0)) == 6.0  # an empty batch divides by 1, not 0
+
+
 def test_ptx_updates_the_policy_only_with_the_exact_nll_and_ema_follows_the_policy():
     setup, p0, with_ptx, stats = run_once(ptx_coef=2.0, ptx_batch_size=P, ema_decay=0.9)
     _, _, without, stats0 = run_once()
     # the ptx term is the per-token mean NLL of the fresh batch under the policy before this step
     batch = ptx_batch()
-    logits = setup.policy_model.apply({"params": p0}, ModelInput.from_batch(batch)).logits
-    np.testing.assert_allclose(stats["ptx_loss"][0], ptx_loss(logits, batch["targets"], batch["loss_mask"]), rtol=1e-5)
+    np.testing.assert_allclose(stats["ptx_loss"][0], naive_nll(setup, p0, batch), rtol=1e-5)
     np.testing.assert_allclose(stats["loss"][0], stats0["loss"][0] + 2.0 * stats["ptx_loss"][0], rtol=1e-5)
     # it moves the policy, never the value model
     jax.tree.map(np.testing.assert_array_equal, with_ptx.value.params, without.value.params)

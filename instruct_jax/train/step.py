@@ -43,16 +43,23 @@ def split_microbatches(batch: Batch, num_micro: int, rules) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def lm_loss_sum(model: nn.Module, params, batch: Batch):
+    """(sum of masked next-token losses, number of target tokens) of an LM batch. With model.loss_chunk the
+    logits are computed a chunk of positions at a time, never [B, T, V] (losses.py); the training step,
+    the evaluation and PPO-ptx all go through here."""
+    if model.cfg.loss_chunk:
+        out = model.apply({"params": params}, ModelInput.from_batch(batch), compute_logits=False)
+        return fused_masked_loss_sum(out.hidden, output_kernel(model.cfg, params), batch["targets"],
+                                     batch["loss_mask"], model.cfg.loss_chunk)
+    out = model.apply({"params": params}, ModelInput.from_batch(batch))
+    return masked_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+
+
 def lm_loss_and_grads(model: nn.Module, params, batch: Batch, num_micro: int, rules, grad_shardings):
     """(loss, grads, token count) with loss = sum of masked token losses / number of target tokens."""
 
     def loss_sum(p, micro):
-        if model.cfg.loss_chunk:  # logits a chunk of positions at a time, never [B, T, V] (losses.py)
-            out = model.apply({"params": p}, ModelInput.from_batch(micro), compute_logits=False)
-            return fused_masked_loss_sum(out.hidden, output_kernel(model.cfg, p), micro["targets"],
-                                         micro["loss_mask"], model.cfg.loss_chunk)
-        out = model.apply({"params": p}, ModelInput.from_batch(micro))
-        return masked_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
+        return lm_loss_sum(model, p, micro)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -109,8 +116,7 @@ def make_eval_step(model: nn.Module, mesh, rules, param_shardings) -> Callable:
     """Returns eval(params, batch) -> {loss_sum, tokens}; callers sum over batches, then divide."""
 
     def evaluate(params, batch: Batch):
-        out = model.apply({"params": params}, ModelInput.from_batch(batch))
-        total, count = masked_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+        total, count = lm_loss_sum(model, params, batch)
         return {"loss_sum": total, "tokens": count}
 
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh, rules)),

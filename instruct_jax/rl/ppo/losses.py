@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from instruct_jax.rl.advantages import masked_mean
-from instruct_jax.train.losses import masked_loss_sum
 
 
 def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array,
@@ -47,7 +46,7 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
     return loss, {"value_clipfrac": masked_mean((loss_clipped > loss_unclipped).astype(jnp.float32), mask)}
 
 
-def ptx_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Per-token mean next-token NLL of a pretraining / SFT batch [B, T, V] (PPO-ptx's extra term)."""
-    total, count = masked_loss_sum(logits, targets, loss_mask)
+def ptx_loss(total: jax.Array, count: jax.Array) -> jax.Array:
+    """Per-token mean next-token NLL of a pretraining / SFT batch (PPO-ptx's extra term) from its summed loss
+    and token count (train/step.py `lm_loss_sum`, chunked when the model's loss_chunk is set)."""
     return total / jnp.maximum(count, 1.0)

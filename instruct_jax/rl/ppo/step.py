@@ -42,6 +42,7 @@ from instruct_jax.parallel.context import in_mesh_context, logical_constraint
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.rl.advantages import masked_mean
 from instruct_jax.rl.ppo.losses import policy_loss, ptx_loss, value_loss
+from instruct_jax.train.step import lm_loss_sum
 from instruct_jax.rl.rewards import RewardFn
 from instruct_jax.rl.rollout import Experience, make_experience, value_outputs
 from instruct_jax.train.guards import GuardConfig, guard_decision, guarded_apply
@@ -88,8 +89,7 @@ def ppo_loss(policy_model: Transformer, value_model: RewardModel, hp: PPOConfig,
     loss = pg_loss + vf_loss - hp.entropy_coef * entropy_mean  # vf_loss reaches the value params only
     stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "update_entropy": entropy_mean, **pg_stats, **vf_stats}
     if ptx is not None:
-        logits = policy_model.apply({"params": policy_params}, ModelInput.from_batch(ptx)).logits
-        ptx_nll = ptx_loss(logits, ptx["targets"], ptx["loss_mask"])
+        ptx_nll = ptx_loss(*lm_loss_sum(policy_model, policy_params, ptx))
         loss = loss + hp.ptx_coef * ptx_nll
         stats["ptx_loss"] = ptx_nll
     stats["loss"] = loss
