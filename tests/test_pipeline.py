@@ -294,13 +294,14 @@ def test_label_stage_with_twins_ranks_them_beside_the_samples_and_the_reward_mod
     run = tmp_path / "run"
     for stage in ("task", "sft"):
         shutil.copytree(workdir / stage, run / stage)
-    sets = ["--set", "pipeline.twins=3"]
+    sets = ["--set", "pipeline.twins=3", "pipeline.label_prompts=40"]  # the first 40 of the task's 64 prompts
     for stage in ("label", "rm"):
         proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(run), "--stage", stage, *sets],
                     run)
         assert proc.returncode == 0, proc.stderr[-3000:]
     label = json.loads((run / "label" / "DONE.json").read_text())
     assert label["twins"] == 3 and label["gold_calls"] == 7 * (label["rankings"] + label["skipped_all_tied"])
+    assert label["rankings"] + label["skipped_all_tied"] + label["skipped_empty_sample"] == 40
     rankings = [json.loads(line) for line in (run / "label" / "rankings.jsonl").read_text().splitlines()]
     extras = [json.loads(line) for line in (run / "label" / "ranking_gold.jsonl").read_text().splitlines()]
     judge = GoldJudge()
@@ -314,7 +315,7 @@ def test_label_stage_with_twins_ranks_them_beside_the_samples_and_the_reward_mod
             first, DEMO_WRAPPERS)[1]
         if spec.kind != "constrained":
             assert judge.score(spec, ref).correctness == 1.0
-    cfg = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["pipeline.twins=3"])
+    cfg = apply_overrides(load_experiment(EXPERIMENT + ":ci"), sets[1:])
     rm_data = stage_config(cfg, "rm", Paths(str(run), cfg.data.vocab_size)).data
     assert rm_data.max_responses == 7
     held = heldout_rankings(rankings, extras, rm_data, cfg.seed)

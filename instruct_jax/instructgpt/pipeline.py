@@ -328,6 +328,12 @@ def stage_label(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     runner = _runner(cfg, paths, c)
     params = runner.load(paths.stage("sft"))
     prompts = [TaskPrompt.from_row(r) for r in read_jsonl(paths.file("label_prompts.jsonl"))]
+    if len(prompts) < p.label_prompts:
+        raise ConfigError("pipeline.label_prompts", f"{p.label_prompts} asked for, but the task stage wrote "
+                          f"{len(prompts)} to {paths.file('label_prompts.jsonl')}")
+    if len(prompts) > p.label_prompts:  # a task stage written for a larger budget (e.g. copied from another run)
+        log(f"label: the first {p.label_prompts} of the task's {len(prompts)} label prompts (pipeline.label_prompts)")
+        prompts = prompts[:p.label_prompts]
     messages = [list(t.messages) for t in prompts]
     bar = progress(p.responses_per_prompt, desc="label: sample")
     samples, logps = [], []
