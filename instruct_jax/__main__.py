@@ -10,6 +10,8 @@ Commands:
   eval       decode and score checkpoints on prompts: gold / reward-model scores, win rates, samples file
   interop    import Hugging Face / GGUF checkpoints (import SOURCE --out DIR), export to Hugging Face (export)
   plan       compile the SFT / reward / PPO steps for a TPU topology (--topology v5p:8x8x8): per-chip memory, FLOPs
+  chat       talk to a model in the terminal (--model PATH: an interop import folder, a workdir, a params export)
+  serve      OpenAI-compatible server + chat page + ranking view (--model [NAME=]PATH ..., --labels FILE)
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     from instruct_jax.interop.cli import add_parser as add_interop_parser
 
     add_interop_parser(sub)  # `interop import|export`: its own arguments, no experiment needed for import
+    from instruct_jax.serve.cli import add_parsers as add_serve_parsers
+
+    add_serve_parsers(sub)  # `chat`, `serve`: a model path instead of an experiment
     from instruct_jax import plan as plan_module
 
     plan_parser = sub.add_parser("plan", help="ahead-of-time per-chip plan for a TPU topology (docs/PLANS.md)",
@@ -99,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from instruct_jax.interop.cli import main as interop_main
 
         return interop_main(args)
+    if args.command in ("chat", "serve"):
+        from instruct_jax.serve.cli import main as serve_main
+
+        return serve_main(args)
     if args.command == "plan":  # compiles in a subprocess; this process never touches a device
         from instruct_jax.plan import cli as plan_cli
 

@@ -384,6 +384,29 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def section_from_dict(cls, data: dict, where: str = "config"):
+    """A config section (a dataclass) from its `to_dict` form, e.g. a run's config.json: nested sections
+    rebuilt, lists turned back into tuples where the field is a tuple; an unknown key is a ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", f"unknown field in a saved {cls.__name__}")
+
+    def tuples(x):
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = section_from_dict(hint, value, f"{where}.{name}")
+        elif hint is tuple or typing.get_origin(hint) is tuple:
+            value = tuples(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
 def save_config(cfg: Config, workdir: str) -> None:
     """Create the run's workdir and record the resolved config there (process 0 writes)."""
     import jax  # local: config loading and validation stay importable without touching devices

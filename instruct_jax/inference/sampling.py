@@ -112,6 +112,50 @@ def sample_token(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tupl
     return token, logprob
 
 
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                top_k: jax.Array) -> jax.Array:
+    """One token per row [B] int32 from logits [B, V], each row with its own settings and random key.
+
+    The server's token choice (requests of one batch differ): keys [B] (typed PRNG keys or [B, 2]
+    uint32), temperature [B] (0 = greedy: argmax), top_p [B] (1 = off), top_k [B] (0 = off). Row b
+    draws exactly what `sample_token` draws for that row alone with the static settings
+    SamplingConfig(temperature[b], top_k[b], top_p[b]) and key keys[b], so a request's text does not
+    depend on what else is in the batch. The sort that top-k / top-p need runs only when some row
+    asks for it (a `lax.cond` over the batch).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]  # [B, V]
+
+    def truncate(scaled):
+        sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+        v = scaled.shape[-1]
+        kth = jnp.take_along_axis(sorted_desc, (jnp.clip(top_k, 1, v) - 1)[:, None], axis=-1)  # [B, 1]
+        scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+        # top-p over what top-k kept, as filtered_logits does: renormalise, keep while the mass before < p
+        sorted_desc = jnp.where((top_k[:, None] > 0) & (sorted_desc < kth), -jnp.inf, sorted_desc)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p[:, None], sorted_desc, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        return jnp.where((top_p[:, None] < 1.0) & (scaled < threshold), -jnp.inf, scaled)
+
+    needs_sort = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+    scaled = jax.lax.cond(needs_sort, truncate, lambda x: x, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, scaled)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def top_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's own log-probabilities (log_softmax of the raw logits: no temperature, no truncation),
+    as an OpenAI-style API reports them: (logprob of tokens [...], top-k ids [..., k], their log-probs [..., k]).
+    logits [..., V], tokens [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(logp, k)
+    return chosen, top_ids.astype(jnp.int32), top_values
+
+
 # ----------------------------------------------------------------------------- model calls
 def prompt_tail(prompt: ModelInput) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per row of a one-segment-per-row prompt [B, T]: (index of the last real token, position

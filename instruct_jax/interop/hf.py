@@ -122,8 +122,16 @@ def export_tokenizer(tokenizer_path: str, out: str, rows: Optional[int] = None) 
             config = json.load(f)
     config.pop("added_tokens_decoder", None)  # transformers rebuilds it from tokenizer.json
     if getattr(tok, "path", "").endswith(".model"):
+        import sentencepiece.sentencepiece_model_pb2 as spm_pb2
+
         shutil.copyfile(tok.path, os.path.join(out, "tokenizer.model"))
         config.setdefault("tokenizer_class", "LlamaTokenizer")
+        # transformers' LlamaTokenizer prepends "▁" to every text unless told otherwise; the models trained here
+        # have no dummy prefix (data/tokenizer.py), so without this key its ids differ from ours by a first token.
+        proto = spm_pb2.ModelProto()
+        with open(tok.path, "rb") as f:
+            proto.ParseFromString(f.read())
+        config["add_prefix_space"] = bool(proto.normalizer_spec.add_dummy_prefix)
     else:
         import tokenizers
 
