@@ -95,10 +95,11 @@ def setup_compilation_cache(workdir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from instruct_jax.parallel.distributed import emulate_cpu_devices
+    from instruct_jax.parallel.distributed import emulate_cpu_devices, skip_absent_tpu
 
     if "jax" not in sys.modules:  # emulated CPU devices get enough XLA threads (see emulate_cpu_devices)
         emulate_cpu_devices(os.environ)
+        skip_absent_tpu(os.environ)  # libtpu installed on a machine without TPUs: no alarming probe error
     args = _parser().parse_args(argv)
     if args.command == "interop":
         from instruct_jax.interop.cli import main as interop_main

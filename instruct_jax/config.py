@@ -286,10 +286,17 @@ class Config:
 
 # ----------------------------------------------------------------------------- loading
 def load_experiment(spec: str) -> Config:
-    """Load `path/to/experiment.py[:arg]` and call its `get_config(arg)`."""
+    """Load `path/to/experiment.py[:arg]` and call its `get_config(arg)`; or a run's saved `config.json`
+    (every phase writes one into its workdir): the exact config of that run, to repeat or vary with --set."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError("experiment", f"no experiment file at {path!r}")
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return section_from_dict(Config, json.load(f), "config")
+        except (ValueError, TypeError) as e:
+            raise ConfigError("experiment", f"{path} is not a saved config: {e}") from e
     module_name = "instruct_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)

@@ -57,14 +57,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(models: dict, labels=None, slots: int = 4, max_context: int = 128, **options):
+def running_server(models: dict, labels=None, slots: int = 4, max_context: int = 128, devices=None, **options):
     """Serve `models` (name -> path, or name -> an already loaded Policy) with uvicorn in a thread; yields the base URL."""
     import uvicorn
 
     from instruct_jax.inference.policy import Policy, load_policy
     from instruct_jax.serve.app import ServeOptions, create_app
 
-    policies = {name: p if isinstance(p, Policy) else load_policy(p, slots=slots, max_context=max_context, name=name)
+    policies = {name: p if isinstance(p, Policy) else load_policy(p, slots=slots, max_context=max_context, name=name,
+                                                                  devices=devices)
                 for name, p in models.items()}
     app = create_app(policies, ServeOptions(labels=str(labels) if labels else None, **options))
     port = free_port()

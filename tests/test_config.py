@@ -133,3 +133,21 @@ def test_impossible_mesh_names_the_axes():
 def test_missing_experiment_file_and_get_config():
     with pytest.raises(ConfigError, match="no experiment file"):
         load_experiment("experiments/nope.py")
+
+
+def test_a_runs_saved_config_json_is_an_experiment(tmp_path):
+    """`--experiment <workdir>/config.json` repeats a run exactly: every experiment file round-trips."""
+    import json
+
+    from instruct_jax.config import ConfigError, load_experiment, to_dict
+
+    for spec in ("tiny_cpu.py", "tiny_cpu.py:sft", "tiny_ppo.py:toy", "llama3_8b_sft_v5p128.py"):
+        cfg = load_experiment(str(REPO / "experiments" / spec))
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(to_dict(cfg), default=str))
+        assert load_experiment(str(path)) == cfg, spec
+    saved = to_dict(cfg)
+    saved["train"]["stepz"] = 3
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_experiment(str(path))

@@ -401,3 +401,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     resumed = sft(tmp_path, 2, 4, f"train.steps={step + 1}", "checkpoint.every_steps=0")
     assert_ok(resumed)
     assert f"resumed from checkpoint at step {step}" in resumed[0].output
+
+
+def test_skip_absent_tpu_only_where_nothing_but_the_cpu_could_run(tmp_path, monkeypatch):
+    from instruct_jax.parallel.distributed import skip_absent_tpu
+
+    pci, dev = tmp_path / "pci", tmp_path / "dev"
+    (pci / "0000:00:01.0").mkdir(parents=True)
+    (pci / "0000:00:01.0" / "vendor").write_text("0x8086\n")
+    dev.mkdir()
+    env = {}
+    assert skip_absent_tpu(env, str(pci), str(dev)) and env == {"JAX_PLATFORMS": "cpu"}
+    env = {"JAX_PLATFORMS": "tpu"}  # the user's choice stands
+    assert not skip_absent_tpu(env, str(pci), str(dev)) and env == {"JAX_PLATFORMS": "tpu"}
+    (dev / "vfio").mkdir()  # v5p / v6e chips appear here
+    assert not skip_absent_tpu({}, str(pci), str(dev))
+    (dev / "vfio").rmdir()
+    (pci / "0000:00:04.0").mkdir()
+    (pci / "0000:00:04.0" / "vendor").write_text("0x1ae0\n")  # any Google device: leave it to JAX
+    assert not skip_absent_tpu({}, str(pci), str(dev))

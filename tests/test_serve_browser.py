@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INSTALL = "apt-get update && apt-get install -y chromium chromium-driver && pip install selenium==4.51.0"
 API_KEY = "browser-test-key"
+MODEL = "smollm2" if os.environ.get("INSTRUCT_JAX_SCREENSHOT_MODEL") else "tiny"
 WAIT_S = 45  # the first request of each kind compiles the tiny model's sampler
 
 
@@ -111,7 +112,11 @@ def test_chat_and_rank_in_browser(browser, tmp_path):
     def models_state():
         return d.find_element(By.TAG_NAME, "body").get_attribute("data-models")
 
-    with running_server({"tiny": tiny_model_dir(tmp_path)}, labels=labels, api_key=API_KEY) as base_url:
+    # INSTRUCT_JAX_SCREENSHOT_MODEL=<model folder> serves that model instead (the docs' screenshots: SmolLM2).
+    model_dir = os.environ.get("INSTRUCT_JAX_SCREENSHOT_MODEL") or tiny_model_dir(tmp_path)
+    real = bool(os.environ.get("INSTRUCT_JAX_SCREENSHOT_MODEL"))  # one device: an 8-way split 135M model is slow here
+    with running_server({MODEL: model_dir}, labels=labels, api_key=API_KEY, max_context=256 if real else 128,
+                        devices=__import__("jax").devices()[:1] if real else None) as base_url:
         # --- the API key: asked for after the first 401, then sent on every request ---------------------------
         d.get(base_url + "/")
         wait.until(lambda _: models_state() in ("ready", "error"))
@@ -122,7 +127,7 @@ def test_chat_and_rank_in_browser(browser, tmp_path):
         wait.until(lambda _: models_state() in ("ready", "error"))
         assert models_state() == "ready", page_report()
         assert not by_id("auth").is_displayed() and not by_id("app-error").is_displayed()
-        assert [o.get_attribute("value") for o in Select(by_id("chat-model")).options] == ["tiny"]
+        assert [o.get_attribute("value") for o in Select(by_id("chat-model")).options] == [MODEL]
         d.execute_script(RECORD_POSTS)
 
         # --- chat: Shift+Enter is a new line, Send streams the reply; a second turn carries the first ---------
@@ -155,7 +160,7 @@ def test_chat_and_rank_in_browser(browser, tmp_path):
             {"role": "assistant", "content": first_reply},
             {"role": "user", "content": "And then?"},
         ]
-        assert chat_posts[1]["stream"] is True and chat_posts[1]["model"] == "tiny"
+        assert chat_posts[1]["stream"] is True and chat_posts[1]["model"] == MODEL
         assert (chat_posts[1]["temperature"], chat_posts[1]["max_tokens"]) == (1, 12)
         d.save_screenshot(str(shots / "serving_chat.png"))
 
@@ -166,7 +171,7 @@ def test_chat_and_rank_in_browser(browser, tmp_path):
         prompt = "Write a haiku about sharding."
         fill("rank-prompt", prompt)
         assert by_id("rank-source-k").is_selected()
-        Select(by_id("rank-model")).select_by_value("tiny")
+        Select(by_id("rank-model")).select_by_value(MODEL)
         fill("rank-k", "3")
         fill("rank-temperature", "1")
         fill("rank-max-tokens", "12")
@@ -219,4 +224,4 @@ def test_chat_and_rank_in_browser(browser, tmp_path):
     assert row["labeler"] == "alice"
     assert sorted(row["responses"]) == sorted(texts)
     assert dict(zip(row["responses"], row["ranks"])) == dict(zip(texts, chosen))
-    assert row["models"] == [["tiny"]] * n  # per response, every model that wrote it (identical answers merged)
+    assert row["models"] == [[MODEL]] * n  # per response, every model that wrote it (identical answers merged)

@@ -13,7 +13,7 @@ What a path may be, and where the model, tokenizer and chat template come from:
 * a phase's workdir (`sft`, `ppo`, `pretrain`, a pipeline stage): `config.json` (model, mesh,
   data.tokenizer, data.chat_template), `params/`; a tokenizer trained by the run is read from its
   `tokenizer/` folder;
-* a params export inside either (`.../params`, a PPO run's `.../policy_ema`): the folder above it says
+* a params export inside either (`.../params`, a PPO run's `.../ema_params`): the folder above it says
   what the model is.
 
 Generation goes through `inference/engine.py` (continuous batching on the one decoding loop): one

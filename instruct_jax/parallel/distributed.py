@@ -200,6 +200,35 @@ def describe() -> str:
 
 
 # ----------------------------------------------------------------------------- local rehearsal
+def skip_absent_tpu(env: MutableMapping[str, str], pci_root: str = "/sys/bus/pci/devices",
+                    dev_root: str = "/dev") -> bool:
+    """Set JAX_PLATFORMS=cpu where libtpu is installed but nothing else could run JAX: no Google PCI device,
+    no /dev/accel* or /dev/vfio (how TPU chips appear), no CUDA / ROCm plugin, JAX_PLATFORMS not already set.
+
+    With the test requirements (libtpu, for the compile-only pod plans) on a CPU machine, JAX's TPU probe
+    otherwise prints an alarming "unexpected worker hostname" error at every start. Any sign of an accelerator
+    leaves the choice to JAX. Returns whether it set the variable.
+    """
+    import importlib.util
+
+    if env.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob(os.path.join(dev_root, "accel*")) or os.path.exists(os.path.join(dev_root, "vfio")):
+        return False
+    for folder in glob.glob(os.path.join(pci_root, "*")):
+        try:
+            with open(os.path.join(folder, "vendor")) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return False
+        except OSError:
+            continue
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin", "jax_plugins")
+    if any(importlib.util.find_spec(m) is not None for m in plugins):
+        return False
+    env["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def emulate_cpu_devices(env: MutableMapping[str, str], devices: Optional[int] = None) -> None:
     """Set `env` (os.environ before jax is imported, or a child process's) up for emulated CPU devices.
 
