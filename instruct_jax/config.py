@@ -70,6 +70,10 @@ class CheckpointConfig:
     keep: int = 3  # keep the last K checkpoints
     keep_every: int = 0  # additionally keep every M-th step forever; 0 = off
     async_save: bool = True  # write in the background while training continues
+    # Multi-process runs: every process agrees whether any got SIGTERM (a collective) at logging and checkpoint
+    # steps and every this many steps; a preemption is noticed at most this many steps late. One process: every
+    # step (a flag read, no device work).
+    preemption_check_every: int = 10
 
 
 @dataclass

@@ -128,14 +128,16 @@ def test_resume_continues_exactly_and_hands_back_the_meta(tmp_path):
     assert result["loss"] == float(np.sum(values))
 
 
-@pytest.mark.parametrize("in_flight, stop_at", [(True, 5), (False, 4)])
-def test_divergence_stops_where_the_verdict_is_read(tmp_path, in_flight, stop_at):
-    # steps 3 and 4 (1-based) are non-finite: the guard reaches the limit 2 after step 4. Read synchronously
-    # the loop stops at 4; read one step late (two steps in flight) at 5.
+@pytest.mark.parametrize("in_flight, log_every, stop_at", [(True, 1, 4), (False, 1, 4), (True, 3, 6), (False, 3, 4)])
+def test_divergence_stops_where_the_verdict_is_read(tmp_path, in_flight, log_every, stop_at):
+    # steps 3 and 4 (1-based) are non-finite: the guard reaches the limit 2 after step 4. A phase that fetches
+    # every step (PPO: in_flight False) reads the verdict every step and stops at 4; one whose metrics stay on
+    # the device reads it at check steps only (logging, evaluation, checkpoint, last): at 4 when every step
+    # logs, at 6 with log_every=3 (the latched guard froze the state meanwhile).
     values = [1.0, 1.0, float("nan"), float("nan"), float("nan"), 1.0, 1.0]
     phase = SumPhase(values, in_flight=in_flight)
     with pytest.raises(TrainingDiverged, match=f"stopped at step {stop_at}"):
-        run_phase(phase, config(7), str(tmp_path), sharded_abstract())
+        run_phase(phase, config(7, log_every=log_every), str(tmp_path), sharded_abstract())
     assert rows(tmp_path)[-1]["step"] == stop_at and rows(tmp_path)[-1]["nonfinite_in_a_row"] == 2.0
     assert ("close",) in phase.calls
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [stop_at]
@@ -159,3 +161,61 @@ def test_early_stop_and_a_stopped_run_started_again_is_done(tmp_path):
     again = SumPhase(values, stop_above=2.5)
     assert run_phase(again, config(6), str(tmp_path), sharded_abstract())["step"] == 3
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+
+
+class QuietSumPhase(SumPhase):
+    """SumPhase without its per-step host read: what an SFT or reward-model step is to the loop."""
+
+    def step(self, state, index):
+        g = state["guard"]
+        return {"x": state["x"] + self.values[index], "guard": g}, {"loss": state["x"] + self.values[index],
+                                                                      "nonfinite_in_a_row": g.nonfinite_in_a_row}
+
+    def meta(self, done):
+        return {"data_step": done}
+
+
+@pytest.fixture
+def no_fetch_between_checks(monkeypatch):
+    """Any read of an array's value on the main thread outside the loop's `fetch_allowed` sections raises.
+    (On CPU `jax.transfer_guard` does not see such reads; every read of a jax.Array - np.asarray, float,
+    item, device_get - goes through ArrayImpl._value.)"""
+    import threading
+
+    from jax._src.array import ArrayImpl
+
+    from instruct_jax.train import loop
+
+    value = ArrayImpl._value
+
+    def guarded(self):
+        if threading.current_thread() is threading.main_thread() and not loop.fetches_allowed_here():
+            raise AssertionError("read from the devices between the loop's check steps")
+        return value.fget(self)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(guarded))
+
+
+def test_nothing_is_fetched_from_the_devices_between_check_steps(tmp_path, no_fetch_between_checks):
+    """The loop reads the devices only at logging, evaluation and checkpoint steps; a phase that reads them
+    every step fails under the same check, so the check is really on."""
+    values = [1.0] * 8
+    result = run_phase(QuietSumPhase(values), config(8, log_every=4, every_steps=4), str(tmp_path / "quiet"),
+                       sharded_abstract())
+    assert [r["step"] for r in rows(tmp_path / "quiet")] == [4, 8] and result["loss"] == 8.0
+    with pytest.raises(AssertionError, match="between the loop's check steps"):
+        run_phase(SumPhase(values), config(8, log_every=4), str(tmp_path / "chatty"), sharded_abstract())
+
+
+def test_an_sft_run_fetches_nothing_between_logging_steps(tmp_path, no_fetch_between_checks):
+    """The real SFT phase (loader, jitted step, checkpoints) under the same check: 8 steps, rows at 4 and 8."""
+    from instruct_jax.config import apply_overrides, load_experiment
+    from instruct_jax.train.lm.trainer import run_lm
+    from conftest import REPO
+
+    cfg = apply_overrides(load_experiment(str(REPO / "experiments" / "tiny_cpu.py") + ":sft"), [
+        "train.steps=8", "logging.log_every=4", "train.eval_every=0", "checkpoint.every_steps=4",
+        "logging.progress_bar=false", "logging.tensorboard=false", "train.seq_len=64", "model.max_seq_len=64",
+        "logging.peak_flops_per_device=1e9"])
+    run_lm(cfg, str(tmp_path), phase="sft")
+    assert [r["step"] for r in rows(tmp_path)] == [4, 8]

@@ -19,9 +19,7 @@ REQUIRED = {"step", "score", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy"
 BASE = ["train.steps=6", "train.init_from=", "train.global_batch_size=16", "checkpoint.every_steps=2",
         "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false", "ppo.synthetic_prompts=64",
         "ppo.response_len=8", "ppo.epochs=2", "ppo.minibatches=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.5",
-        "ppo.kl_horizon=100", "ppo.ema_decay=0.9", "ppo.tf_adam_eps=true",
-        # No persistent XLA cache shared between the runs (a suspect in a rare CPU collective deadlock).
-        "compilation_cache=false"]
+        "ppo.kl_horizon=100", "ppo.ema_decay=0.9", "ppo.tf_adam_eps=true"]
 
 
 def cli(workdir, *overrides, env_extra=None):

@@ -166,6 +166,8 @@ BAD = [
     ("/v1/chat/completions", {"model": "nope", "messages": HELLO}, 404, "nope"),
     ("/v1/chat/completions", {"model": "tiny", "messages": HELLO, "n": 100}, 400, "n must be"),
     ("/v1/chat/completions", {"model": "tiny", "messages": HELLO, "stop": [""]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": HELLO, "stop": ["ab"] * 17}, 400, "at most 16"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": HELLO, "stop": ["a" * 300]}, 400, "characters"),
     ("/v1/chat/completions", {"model": "tiny", "messages": HELLO, "presence_penalty": 1}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"model": "tiny", "messages": HELLO + [{"role": "assistant", "content": "hi"}]}, 400,
      "last message"),
@@ -290,6 +292,8 @@ def test_ranking_round_trip_into_the_reward_model_loader(server, model_dir):
     ranks = {a["id"]: min(i + 1, 2) for i, a in enumerate(answers)}  # a tie at the bottom is allowed
     ok = httpx.post(url + "/v1/rankings", json={"id": sample["id"], "labeler": "ana", "ranks": ranks})
     assert ok.status_code == 200 and ok.json()["ok"]
+    again = httpx.post(url + "/v1/rankings", json={"id": sample["id"], "labeler": "ana", "ranks": ranks})
+    assert again.status_code == 404 and "already ranked" in again.json()["error"]["message"]  # one row only
     rows = [json.loads(line) for line in open(labels)]
     row = rows[ok.json()["row"] - 1]
     assert row["prompt"] == prompt and row["labeler"] == "ana" and row["models"] == [["tiny"]] * len(answers)

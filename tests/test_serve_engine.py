@@ -222,6 +222,24 @@ def test_stop_strings_across_token_boundaries():
     assert stopped and "".join(out) == "a"
 
 
+def test_a_stop_string_completed_by_a_held_back_token_is_cut_at_the_end_too():
+    """The token completing "EN" also starts a character, so push holds it back; the reply then ends (EOS):
+    flush must still cut before the stop string, not hand it out."""
+    out, stopped = stream_text(None, ("EN",), [b"ab", b"E", b"N\xe2"])
+    assert "".join(out) == "ab" and stopped
+
+
+def test_close_finishes_every_live_and_waiting_request(model_params):
+    model, params = model_params
+    e = Engine(model, params, IdTokenizer(), slots=2, max_context=48, buckets=(16,))
+    requests = [e.submit(p, Settings(max_tokens=30, temperature=1.0, seed=0, stop_tokens=())) for p in prompts(6)]
+    e.close()
+    reasons = {tokens_of(r)[1].reason for r in requests}
+    assert reasons <= {"cancelled", "length"} and "cancelled" in reasons
+    with pytest.raises(RuntimeError, match="stopped"):
+        e.submit(prompts(1)[0], Settings(max_tokens=2))
+
+
 def test_engine_stop_string(engine):
     """A stop string made of the model's own greedy text: the reply ends right before it."""
     p = prompts(1, seed=11)[0]

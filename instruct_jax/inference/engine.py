@@ -162,17 +162,25 @@ class TextStream:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
             return ""
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._out(text, min(hits))
+        if self._stop_in(text):
+            return self._out(text, self._cut)
         hold = max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
                     if text.endswith(s[:n])), default=0)
         return self._out(text, len(text) - hold)
 
     def flush(self) -> str:
-        """At the end without a stop string: whatever was held back (a partial character decodes as U+FFFD)."""
-        return "" if self.stopped else self._out(self.decode(self.ids), None)
+        """At the end: whatever was held back (a partial character decodes as U+FFFD), cut before a stop string
+        that the held-back text completes."""
+        if self.stopped:
+            return ""
+        text = self.decode(self.ids)
+        return self._out(text, self._cut if self._stop_in(text) else None)
+
+    def _stop_in(self, text: str) -> bool:
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self._cut = True, min(hits)
+        return bool(hits)
 
     def _out(self, text: str, end: Optional[int]) -> str:
         end = len(text) if end is None else max(end, self.sent)
@@ -194,6 +202,7 @@ class Request:
         self.key = jax.random.key_data(jax.random.PRNGKey(
             settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")))
         self.generated = 0
+        self.version = 0  # the engine's weight version when it was admitted (its text comes from those weights)
         self.pending: list[TokenInfo] = []  # tokens whose text is held back
         self.cancelled = threading.Event()
         self.finished: Optional[Finish] = None
@@ -291,6 +300,7 @@ class Engine:
         self.stats = dict(requests=0, finished=0, cancelled=0, generated_tokens=0, prompt_tokens=0, steps=0,
                           prefills=0)
         self.loader = loader
+        self.failed = ""  # why the loop stopped ("closed" after close()); empty while it runs
         self.multi_process = jax.process_count() > 1
         self._channel = Channel(2 + max(8 + self.buckets[-1], 11 * slots, 4096))
         self._thread = None
@@ -414,6 +424,7 @@ class Engine:
         """Queue a generation; raises ValueError for a request that cannot be served, OverflowError when
         the queue is full."""
         self.check(prompt, settings)
+        self._check_alive()
         if self._waiting.qsize() >= self.max_queue:
             raise OverflowError(f"{self.max_queue} requests already waiting")
         request = Request(prompt, settings, self.tokenizer.decode, on_event)
@@ -439,20 +450,35 @@ class Engine:
     def run_on_engine(self, fn: Callable):
         """Run fn() on the engine thread between two steps; returns its result (or raises its error)."""
         done, box = threading.Event(), {}
-
-        def wrapped():
-            try:
-                box["value"] = fn()
-            except Exception as e:  # noqa: BLE001 - handed back to the caller
-                box["error"] = e
-            done.set()
-
-        self._jobs.put(wrapped)
+        self._check_alive()
+        self._jobs.put((fn, box, done))
         self._wake.set()
-        done.wait()
+        while not done.wait(timeout=1.0):
+            self._check_alive()  # the loop fails its queued jobs when it stops; this is the backstop
         if "error" in box:
             raise box["error"]
         return box["value"]
+
+    def _run_jobs(self, fail: str = "") -> None:
+        while True:
+            try:
+                fn, box, done = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if fail:
+                    raise RuntimeError(f"engine {self.name} stopped: {fail}")
+                box["value"] = fn()
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                box["error"] = e
+            finally:
+                done.set()
+
+    def _check_alive(self) -> None:
+        if self.failed:
+            raise RuntimeError(f"engine {self.name} stopped: {self.failed}")
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError(f"engine {self.name} is not running")
 
     @property
     def active(self) -> int:
@@ -480,15 +506,13 @@ class Engine:
         return self._run(op, payload)
 
     def follow(self) -> None:
-        """Processes other than 0: run the ops process 0 decides, in its order, until it stops."""
+        """Processes other than 0: run the ops process 0 decides, in its order, until it stops. An op that
+        fails here raises (the process exits): its state would no longer match process 0's."""
         while True:
             op, payload = self._channel.receive()
             if op == STOP:
                 return
-            try:
-                self._run(op, payload)
-            except Exception as e:  # noqa: BLE001 - process 0 ran the same op and reports the error
-                print(f"engine {self.name}: op {op} failed on process {jax.process_index()}: {e}", flush=True)
+            self._run(op, payload)
 
     def _run(self, op: int, p: np.ndarray):
         if op == NOOP:
@@ -524,28 +548,48 @@ class Engine:
     # ------------------------------------------------------------------ the loop (process 0)
     def _loop(self) -> None:
         idle_since = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                busy = self._iteration()
-            except Exception as e:  # noqa: BLE001 - fail the live requests, keep serving
-                message = f"{type(e).__name__}: {e}"
-                for slot, request in enumerate(self.rows):
-                    if request is not None:
-                        self._finish(slot, "error", message)
-                self.cache = self._init_cache()
-                busy = False
-            if busy:
-                idle_since = time.monotonic()
-            elif self.multi_process and time.monotonic() - idle_since > HEARTBEAT_S:
-                self._do(NOOP)  # followers wait in a collective: keep it from timing out
-                idle_since = time.monotonic()
-        if self.multi_process:
-            self._channel.send(STOP, np.zeros(0, np.int32))
+        try:
+            while not self._stop.is_set():
+                try:
+                    busy = self._iteration()
+                except Exception as e:  # noqa: BLE001 - fail the live requests, keep serving
+                    message = f"{type(e).__name__}: {e}"
+                    for slot, request in enumerate(self.rows):
+                        if request is not None:
+                            self._finish(slot, "error", message)
+                    if self.multi_process:
+                        # The other processes may hold a cache or weights that no longer match process 0's:
+                        # stop serving rather than compute on diverged state.
+                        self.failed = message
+                        return
+                    self.cache = self._init_cache()
+                    busy = False
+                if busy:
+                    idle_since = time.monotonic()
+                elif self.multi_process and time.monotonic() - idle_since > HEARTBEAT_S:
+                    self._do(NOOP)  # followers wait in a collective: keep it from timing out
+                    idle_since = time.monotonic()
+            if self.multi_process:
+                self._channel.send(STOP, np.zeros(0, np.int32))
+        except Exception as e:  # noqa: BLE001 - recorded; everyone waiting is told below
+            self.failed = f"{type(e).__name__}: {e}"
+        finally:
+            self.failed = self.failed or "closed"
+            reason = "error" if self.failed != "closed" else "cancelled"
+            for slot, request in enumerate(self.rows):
+                if request is not None:
+                    self._finish(slot, reason, self.failed)
+            while True:
+                try:
+                    request = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                request.emit(Finish(reason, 0, len(request.prompt), self.failed))
+            self._run_jobs(fail=self.failed)
 
     def _iteration(self) -> bool:
         """Jobs, admissions, one decode step; False when there was nothing to do (after a short wait)."""
-        while not self._jobs.empty():
-            self._jobs.get()()
+        self._run_jobs()
         self._admit()
         for slot, request in enumerate(self.rows):  # disconnected consumers free their slots
             if request is not None and request.cancelled.is_set():
@@ -567,7 +611,18 @@ class Engine:
             self._deliver(int(slot), int(tokens[slot]), float(chosen[slot]), top_ids[slot], top_lps[slot])
         return True
 
+    def _purge_cancelled(self) -> None:
+        """Waiting requests whose consumer went away leave the queue now, not when a slot frees."""
+        with self._waiting.mutex:
+            gone = [r for r in self._waiting.queue if r.cancelled.is_set()]
+            for r in gone:
+                self._waiting.queue.remove(r)
+        for r in gone:
+            self.stats["cancelled"] += 1
+            r.emit(Finish("cancelled", 0, len(r.prompt)))
+
     def _admit(self) -> None:
+        self._purge_cancelled()
         for slot in range(self.slots):
             if self.rows[slot] is not None:
                 continue
@@ -575,10 +630,6 @@ class Engine:
                 request = self._waiting.get_nowait()
             except queue.Empty:
                 return
-            if request.cancelled.is_set():
-                request.emit(Finish("cancelled", 0, len(request.prompt)))
-                self.stats["cancelled"] += 1
-                continue
             s = request.settings
             n = len(request.prompt)
             bucket = self.bucket(n)
@@ -587,10 +638,11 @@ class Engine:
             payload[4:6] = request.key.view(np.int32)
             payload[6:8] = np.array([s.temperature, s.top_p], np.float32).view(np.int32)
             payload[8:8 + n] = request.prompt
+            self.rows[slot] = request  # from here on the loop's error handling finishes it
+            request.version = self.version
             token, chosen, top_ids, top_lps = self._do(INSERT, payload)
             self.stats["prefills"] += 1
             self.stats["prompt_tokens"] += n
-            self.rows[slot] = request
             self._positions[slot] = n
             self._write[slot] = n
             self._keys[slot] = request.key
@@ -625,15 +677,17 @@ class Engine:
         self._tokens[slot] = self.tokenizer.pad_id
         self._write[slot] = self.max_context - 1  # a free row writes invisible padding into its last slot
         self._positions[slot] = 0
-        if reason in ("length", "stop") and not request.stream.stopped:
-            rest = request.stream.flush()
-            if rest or request.pending:
-                request.emit(TextEvent(rest, request.pending))
-        request.pending = []
-        self.stats["finished"] += 1
-        self.stats["cancelled"] += reason == "cancelled"
-        # The stop token is generated but not shown; completion_tokens counts what the client sees + the stop.
-        request.emit(Finish(reason, request.generated, len(request.prompt), error, stop_token))
+        try:
+            if reason in ("length", "stop") and not request.stream.stopped:
+                rest = request.stream.flush()
+                if rest or request.pending:
+                    request.emit(TextEvent(rest, request.pending))
+        finally:
+            request.pending = []
+            self.stats["finished"] += 1
+            self.stats["cancelled"] += reason == "cancelled"
+            # The stop token is generated, not shown; completion_tokens counts what the client sees + the stop.
+            request.emit(Finish(reason, request.generated, len(request.prompt), error, stop_token))
 
 
 def wait_idle(engine: Engine, timeout: float = 60.0) -> None:

@@ -41,6 +41,7 @@ from instruct_jax.serve.guard import ApiError, Guard
 from instruct_jax.serve.labels import LabelStore, RankingSession, check_ranking
 
 STATIC = pathlib.Path(__file__).with_name("static")
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # lm-eval sends a task's stop list plus the EOS string: more than OpenAI's 4
 
 
 @dataclasses.dataclass
@@ -96,6 +97,9 @@ class Sampling(_Body):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must be non-empty", "stop")
+        # Every token checks every stop string on the engine's one thread: bound the work one request can ask for.
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
         return tuple(stops)
 
 
@@ -109,7 +113,7 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: Optional[int] = Field(16, ge=0)  # null: 16, OpenAI's default
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -277,6 +281,9 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
         except OverflowError as e:
             run.cancel()
             raise ApiError(429, str(e)) from None
+        except RuntimeError as e:  # the engine stopped (closed, or a multi-process failure)
+            run.cancel()
+            raise ApiError(503, str(e)) from None
         finally:
             guard.release(len(jobs) - submitted)
 
@@ -351,10 +358,13 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
                 completion = 0
                 async for j, event in run.events(http):
                     if isinstance(event, TextEvent):
-                        if event.text:
+                        if event.text or (body.logprobs and event.tokens):
                             yield _sse({**head, "choices": [{"index": j, "delta": {"content": event.text},
                                                              "logprobs": logprobs(event.tokens),
                                                              "finish_reason": None}]})
+                    elif event.reason == "error":  # mid-stream: the status is already 200
+                        yield _sse({"error": {"message": f"generation failed: {event.error}",
+                                              "type": "server_error", "param": None, "code": None}})
                     else:
                         completion += event.completion_tokens
                         reason = "stop" if event.reason in ("stop", "cancelled") else event.reason
@@ -380,6 +390,8 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
     async def completions(body: CompletionRequest, http: HTTPRequest):
         name, policy = policy_for(body.model)
         check_n(body)
+        if body.max_tokens is None:
+            body.max_tokens = 16
         tokenizer = policy.tokenizer
         raw = body.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
@@ -425,6 +437,9 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
                         if isinstance(event, TextEvent) and event.text:
                             yield _sse({**head, "choices": [{"index": j, "text": event.text, "logprobs": None,
                                                              "finish_reason": None}]})
+                        elif isinstance(event, Finish) and event.reason == "error":
+                            yield _sse({"error": {"message": f"generation failed: {event.error}",
+                                                  "type": "server_error", "param": None, "code": None}})
                         elif isinstance(event, Finish):
                             completion += event.completion_tokens
                             yield _sse({**head, "choices": [{"index": j, "text": "", "logprobs": None,
@@ -526,7 +541,7 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
         answers = []
         for name, policy, run in runs:
             result = (await run.collect(http))[0]
-            answers.append((result["text"].strip(), name, policy.version))
+            answers.append((result["text"].strip(), name, run.requests[0].version))  # the weights that wrote it
         session = RankingSession.build(messages, answers, sampling)
         if len(session.answers) < 2:
             raise ApiError(409, "every answer came out the same; nothing to rank - try again or raise the "
@@ -539,13 +554,17 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
     @app.post("/v1/rankings")
     async def rank_submit(body: RankSubmitRequest):
         store = need_labels()
-        session = sessions.get(body.id)
+        session = sessions.pop(body.id, None)  # taken at once: a double submit cannot write two rows
         if session is None:
-            raise ApiError(404, f"no answers with id {body.id!r} to rank (expired or never sampled)", "id")
-        ranks = check_ranking(session, body.ranks)
+            raise ApiError(404, f"no answers with id {body.id!r} to rank (expired, already ranked, or never "
+                                "sampled)", "id")
+        try:
+            ranks = check_ranking(session, body.ranks)
+        except ApiError:
+            sessions[body.id] = session  # a ranking to correct, not to lose
+            raise
         row = session.row(ranks, body.labeler.strip())
         number = await asyncio.to_thread(store.append, row)
-        sessions.pop(body.id, None)
         return {"ok": True, "row": number, "path": store.path}
 
     return app

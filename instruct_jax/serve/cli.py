@@ -112,8 +112,11 @@ def run_serve(args) -> int:
         policies[name] = load_policy(path, slots=args.slots, max_context=args.max_context, name=name)
         print(f"serving {name} from {path} ({policies[name].engine.slots} slots, context "
               f"{policies[name].max_context}, prompt buckets {policies[name].engine.buckets})", flush=True)
-    hosts = set(LOOPBACK) | {"[::1]"} | set(args.allowed_host) | ({args.host} if args.host not in ("0.0.0.0", "::")
-                                                                  else set())
+    def bracketed(host: str) -> str:  # an IPv6 literal is written [addr] in a Host header
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+    hosts = {bracketed(h) for h in set(LOOPBACK) | set(args.allowed_host)
+             | ({args.host} if args.host not in ("0.0.0.0", "::") else set())}
     options = ServeOptions(labels=args.labels, api_key=args.api_key, allowed_hosts=tuple(sorted(hosts)),
                            max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent)
     if jax.process_index() != 0:  # run the steps process 0 decides until it stops
@@ -199,6 +202,8 @@ def run_chat(args, stdin=None, stdout=None) -> int:
                     Settings(**{**{k: settings[k] for k in ("temperature", "top_p")}, command: float(value)}).check()
                     settings[command] = float(value)
                 elif command == "max_tokens":
+                    if int(value) < 0:
+                        raise ValueError("max_tokens must be >= 0 (0: until the context is full)")
                     settings["max_tokens"] = chat.max_tokens = int(value)
                 elif command == "settings":
                     print(f"[model {args.model}, system {chat.system!r}, " + ", ".join(

@@ -8,16 +8,25 @@ A phase supplies its state, its step and its rows (a `Phase`); the loop owns eve
               -> checkpoint -> fault injection
     finish (the phase's last work, e.g. the reward model's normalization) -> final checkpoint -> export
 
-Divergence (train/guards.py): a phase whose step leaves its metrics on the device keeps two steps in
-flight and reads the guard's verdict on the previous step (`guard_in_flight`); PPO, which fetches its
-rollout statistics every iteration anyway, reads the current one. A latched guard saves the last good
-state and raises TrainingDiverged. SIGTERM (TPU preemption) saves a checkpoint and returns cleanly.
+Between two logging steps the loop fetches nothing from the devices (a phase whose step leaves its metrics
+there, `guard_in_flight`): it keeps two steps in flight by waiting for the previous step's outputs (a wait, no
+transfer) and reads the guard's verdict (train/guards.py) only at *check* steps: logging, evaluation,
+checkpoint and the last step. That is safe because a latched guard freezes: every update after it is skipped,
+so the state a late check saves is the last good one. PPO, which fetches its rollout statistics every
+iteration anyway, reads the verdict every iteration. A latched guard saves the last good state and raises
+TrainingDiverged. SIGTERM (TPU preemption) saves a checkpoint and returns cleanly; with several processes the
+"did anyone get it" collective runs at check steps and every `checkpoint.preemption_check_every` steps.
+Device-to-host reads belong inside `fetch_allowed()` sections: a run under
+`jax.transfer_guard_device_to_host("disallow")` on an accelerator fails on any other, and on CPU (where the
+guard does not see reads) tests/test_loop.py fails on any array read outside them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 from typing import Any, Optional
 
 import jax
@@ -37,6 +46,36 @@ LAST_ROW = "last_train_row"  # the final checkpoint's meta keeps the last row: a
 def maybe_kill(step: int) -> None:
     if os.environ.get(KILL_AT_STEP_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FETCH = threading.local()  # whether this thread may read from the devices now (see `fetch_allowed`)
+
+
+@contextlib.contextmanager
+def _fetch_policy(allowed: bool):
+    previous = getattr(_FETCH, "allowed", True)
+    _FETCH.allowed = allowed
+    try:
+        with jax.transfer_guard_device_to_host("allow") if allowed else contextlib.nullcontext():
+            yield
+    finally:
+        _FETCH.allowed = previous
+
+
+def fetch_allowed():
+    """Where the loop reads from the devices: rows, verdicts, checkpoints, the preemption collective."""
+    return _fetch_policy(True)
+
+
+def between_checks():
+    """A loop step outside its check sections: nothing should be read from the devices here."""
+    return _fetch_policy(False)
+
+
+def fetches_allowed_here() -> bool:
+    """False inside a step between check sections (tests/test_loop.py turns this into an error on any fetch;
+    on accelerators `jax.transfer_guard_device_to_host("disallow")` around a run does the same)."""
+    return getattr(_FETCH, "allowed", True)
 
 
 def rearm_guards(state: Any, limit: int) -> Any:
@@ -166,55 +205,65 @@ def run_phase(phase: Phase, cfg: Config, workdir: str, abstract_state: Any) -> d
                    enabled=cfg.logging.progress_bar and jax.process_index() == 0)
     phase.begin(start)
     in_flight = None
+    preempt_every = 1 if jax.process_count() == 1 else max(1, cfg.checkpoint.preemption_check_every)
     with PreemptionGuard() as guard:
         for step in range(start, stop_at):
-            profiler.step(step, block_on=state)
-            state, out = phase.step(state, step)
-            done = step + 1
-            # At most two steps in flight: dispatch overlaps host work with the device, and on emulated
-            # CPU devices an unbounded queue of collective programs can exhaust XLA's thread pool and
-            # deadlock in its rendezvous. The verdict on the previous step is read once it is ready anyway
-            # (a latched guard skips this step's update too).
-            if phase.guard_in_flight:
-                diverged = in_flight is not None and phase.nonfinite(in_flight) >= limit
-                in_flight = out
-            else:
-                diverged = phase.nonfinite(out) >= limit
-            timer.add(phase.tokens_per_step)
-            bar.update(1)
-            if done == start + 1:
-                jax.block_until_ready(out)
-                timer.reset()  # the first step includes compilation: keep it out of the timing
-            evaluate = phase.eval_due(done) and not diverged
-            deferred = phase.defer_last and done == total and not diverged
-            if diverged or evaluate or done % cfg.logging.log_every == 0 or done == total:
-                row = phase.row(done, state, out, evaluate)
-                row.update(timing(timer.lap(), phase.flops_per_token))
-                if evaluate:
-                    timer.reset()  # the evaluation is not training time
+            with between_checks():
+                profiler.step(step, block_on=state)
+                state, out = phase.step(state, step)
+                done = step + 1
+                # A check step reads from the devices; between them nothing is fetched (module docstring).
+                check = (done % cfg.logging.log_every == 0 or done == total or phase.eval_due(done)
+                         or ckpt.should_save(done) or not phase.guard_in_flight)
+                # At most two steps in flight: dispatch overlaps host work with the device, and on emulated
+                # CPU devices an unbounded queue of collective programs can exhaust XLA's thread pool and
+                # deadlock in its rendezvous. So wait for the previous step (a wait, not a transfer).
+                if in_flight is not None:
+                    jax.block_until_ready(in_flight)
+                in_flight = out if phase.guard_in_flight else None
+                timer.add(phase.tokens_per_step)
+                bar.update(1)
+                if done == start + 1:
+                    jax.block_until_ready(out)
+                    timer.reset()  # the first step includes compilation: keep it out of the timing
+                with fetch_allowed() if check else contextlib.nullcontext():
+                    diverged = check and phase.nonfinite(out) >= limit
+                    evaluate = phase.eval_due(done) and not diverged
+                    deferred = phase.defer_last and done == total and not diverged
+                    if diverged or evaluate or done % cfg.logging.log_every == 0 or done == total:
+                        row = phase.row(done, state, out, evaluate)
+                        row.update(timing(timer.lap(), phase.flops_per_token))
+                        if evaluate:
+                            timer.reset()  # the evaluation is not training time
+                        if not deferred:
+                            writer.write(done, row)
+                        bar.set_postfix(**phase.postfix(row))
+                        last = {"step": done, **row}
+                    if diverged:
+                        stop_diverged(phase, done, state, phase.meta(done), limit, ckpt, writer)
+                if check or done % preempt_every == 0:
+                    with fetch_allowed():
+                        stop = guard.should_stop()
+                    if stop:
+                        with fetch_allowed():
+                            ckpt.save(done, state, phase.meta(done), force=True)
+                            ckpt.close()
+                        phase.close()
+                        log(f"preemption signal received: saved checkpoint at {phase.unit} {done}, "
+                            "exiting cleanly")
+                        writer.close()
+                        return last
+                message = phase.stop_early()
+                if message:
+                    log(f"early stop at {phase.unit} {done}: {message}")
+                    last["stopped_early"] = 1.0
+                    stop_at = done
+                    break
                 if not deferred:
-                    writer.write(done, row)
-                bar.set_postfix(**phase.postfix(row))
-                last = {"step": done, **row}
-            if diverged:
-                stop_diverged(phase, done, state, phase.meta(done), limit, ckpt, writer)
-            if guard.should_stop():
-                ckpt.save(done, state, phase.meta(done), force=True)
-                ckpt.close()
-                phase.close()
-                log(f"preemption signal received: saved checkpoint at {phase.unit} {done}, exiting cleanly")
-                writer.close()
-                return last
-            message = phase.stop_early()
-            if message:
-                log(f"early stop at {phase.unit} {done}: {message}")
-                last["stopped_early"] = 1.0
-                stop_at = done
-                break
-            if not deferred:
-                ckpt.save(done, state, phase.meta(done))
-                phase.after_save(done, state)
-            maybe_kill(done)
+                    with fetch_allowed() if check else contextlib.nullcontext():  # a save step is a check step
+                        ckpt.save(done, state, phase.meta(done))
+                        phase.after_save(done, state)
+                maybe_kill(done)
     bar.close()
     profiler.stop()
     phase.close()
