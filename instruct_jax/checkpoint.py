@@ -7,8 +7,11 @@ whatever shardings the caller asks for). This module adds what orbax leaves open
 * A manifest. Orbax commits a checkpoint by writing into a tmp directory and renaming it, so a
   save that is killed half-way never looks committed. Nothing protects the files afterwards: a
   truncated copy, a flipped byte or a lost shard is still a committed checkpoint to orbax. After
-  the commit we write `MANIFEST.json` (size and sha256 of every file) into the step directory;
-  a checkpoint without one, or whose files don't match it, is skipped at restore.
+  the commit each process writes `MANIFEST.json.process_<i>` (size and sha256 of the files it
+  wrote: orbax's `ocdbt.process_<i>/` folder and metadata; process 0 also the shared files), and
+  process 0, once every part is there, `MANIFEST.json` naming them. At restore each process checks
+  its own part; a checkpoint without a manifest, or any of whose files don't match, is skipped.
+  No host reads another host's bytes.
 * Our own retention. Only checkpoints with a manifest count towards "keep the last K", so a
   good checkpoint is never deleted to make room for one that is still being written.
 * A `PreemptionGuard` that turns SIGTERM into a flag the trainer polls once per step.
@@ -20,12 +23,13 @@ Layout on disk (docs/CHECKPOINTS.md has the full story):
         state/                      the train-state pytree (OCDBT, each host writes its shards)
         meta/metadata               JSON: data-iterator position, KL controller, ...
         _CHECKPOINT_METADATA, commit_success.txt    orbax bookkeeping
-        MANIFEST.json               ours, written last: {"files": {relpath: {size, sha256}}}
+        MANIFEST.json.process_<i>   ours: {"files": {relpath: {size, sha256}}} of what process i wrote
+        MANIFEST.json               ours, written last: {"parts": [the part files]}
       corrupt/300-20250101T120000/  a checkpoint rejected at restore, moved aside, with REASON.txt
 
-Multi-host: every process calls every method (orbax needs all of them for save and restore);
-only process 0 writes or checks manifests and moves directories, and the others wait for it at
-a barrier or receive its verdict. All processes must see the same filesystem (GCS or NFS).
+Multi-host: every process calls every method (orbax needs all of them for save and restore); each
+writes and checks its own manifest part, every process learns every verdict, only process 0 marks a step
+complete and moves directories. All processes must see the same filesystem (GCS or NFS).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -100,36 +105,64 @@ def _files_under(root: epath.Path) -> dict[str, epath.Path]:
     return dict(sorted(files.items()))
 
 
-def write_manifest(checkpoint_dir: Any) -> None:
-    """Record size and sha256 of every file under a finished checkpoint directory.
+_PROCESS_DIR = re.compile(r"(?:^|/)(?:ocdbt\.process_|array_metadatas/process_)(\d+)(?:/|$)")
+PART_TIMEOUT_S = 600.0  # process 0 waits this long for the other processes' manifest parts
 
-    Written to a tmp name and renamed, so a reader sees either no manifest or a whole one.
-    """
+
+def writer_of(rel: str) -> int:
+    """The process that wrote a checkpoint file: orbax's OCDBT layout gives each process its own
+    `ocdbt.process_<i>/` folder and `array_metadatas/process_<i>` file; the rest is process 0's."""
+    m = _PROCESS_DIR.search(rel)
+    return int(m.group(1)) if m else 0
+
+
+def _part_name(process: int) -> str:
+    return f"{MANIFEST_NAME}.process_{process}"
+
+
+def write_manifest_part(checkpoint_dir: Any, process: Optional[int] = None) -> None:
+    """This process's share of the manifest: size and sha256 of the files it wrote (`writer_of`), as
+    MANIFEST.json.process_<i>. No process reads another's bytes (96 GB on one host for an 8B state before)."""
+    process = jax.process_index() if process is None else process
     root = _absolute(checkpoint_dir)
-    files = {rel: {"size": p.stat().length, "sha256": _sha256(p)} for rel, p in _files_under(root).items()}
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
-    tmp.rename(root / MANIFEST_NAME)
+    deadline = time.monotonic() + PART_TIMEOUT_S
+    while not root.exists():  # another process may still be renaming orbax's tmp folder into place
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{root} did not appear within {PART_TIMEOUT_S:.0f} s")
+        time.sleep(0.2)
+    files = {rel: {"size": p.stat().length, "sha256": _sha256(p)} for rel, p in _files_under(root).items()
+             if writer_of(rel) == process}
+    _write_atomically(root / _part_name(process), {"format": 2, "process": process, "files": files})
 
 
-def check_manifest(checkpoint_dir: Any) -> Optional[str]:
-    """None if every file listed in the manifest is present with its size and checksum.
+def write_manifest(checkpoint_dir: Any, num_processes: Optional[int] = None,
+                   timeout_s: float = PART_TIMEOUT_S) -> None:
+    """Process 0, after its own part: wait for every process's part, then write MANIFEST.json naming them.
 
-    Otherwise a one-line reason, for the warning that names the skipped checkpoint. Files that
-    are not listed are ignored: the manifest vouches for what was there when it was written.
-    Sizes are compared for all files before any is hashed, so truncation is found cheaply.
-    """
+    Its presence marks the checkpoint complete; written to a tmp name and renamed, so a reader sees either
+    no manifest or a whole one. With one process, the part is written here too."""
+    num_processes = jax.process_count() if num_processes is None else num_processes
     root = _absolute(checkpoint_dir)
-    manifest_path = root / MANIFEST_NAME
-    if not root.exists():
-        return f"{root} does not exist"
-    if not manifest_path.exists():
-        return "no manifest: the save never finished (killed or crashed while writing)"
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-        expected = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"unreadable manifest ({type(e).__name__}: {e})"
+    if num_processes == 1:
+        write_manifest_part(root, 0)
+    deadline = time.monotonic() + timeout_s
+    parts = [_part_name(i) for i in range(num_processes)]
+    while not all((root / name).exists() for name in parts):
+        if time.monotonic() > deadline:
+            missing = [name for name in parts if not (root / name).exists()]
+            raise RuntimeError(f"{root}: manifest parts {missing} did not appear within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    _write_atomically(root / MANIFEST_NAME, {"format": 2, "parts": parts})
+
+
+def _write_atomically(path: epath.Path, content: dict) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    tmp.rename(path)
+
+
+def _check_files(root: epath.Path, expected: dict) -> Optional[str]:
+    """Sizes first (truncation is found cheaply), then checksums."""
     for rel, (size, _) in expected.items():
         path = root / rel
         if not path.is_file():
@@ -140,6 +173,48 @@ def check_manifest(checkpoint_dir: Any) -> Optional[str]:
     for rel, (_, sha) in expected.items():
         if _sha256(root / rel) != sha:
             return f"file {rel} does not match its sha256 (bytes changed on disk)"
+    return None
+
+
+def _entries(files: dict) -> dict:
+    return {rel: (int(e["size"]), str(e["sha256"])) for rel, e in files.items()}
+
+
+def check_manifest(checkpoint_dir: Any, process: Optional[int] = None,
+                   num_processes: Optional[int] = None) -> Optional[str]:
+    """None if this process's share of the manifest checks out: the parts p with p % num_processes == process
+    (with the same process count as the save: the files this process wrote). Otherwise a one-line reason.
+
+    Files that are not listed are ignored: the manifest vouches for what was there when it was written. A
+    format-1 manifest (one list of every file, older checkpoints) is checked whole by process 0.
+    """
+    process = jax.process_index() if process is None else process
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    root = _absolute(checkpoint_dir)
+    manifest_path = root / MANIFEST_NAME
+    if not root.exists():
+        return f"{root} does not exist"
+    if not manifest_path.exists():
+        return "no manifest: the save never finished (killed or crashed while writing)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if "files" in manifest:  # format 1
+            return _check_files(root, _entries(manifest["files"])) if process == 0 else None
+        parts = [str(name) for name in manifest["parts"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable manifest ({type(e).__name__}: {e})"
+    for i, name in enumerate(parts):
+        if i % num_processes != process:
+            continue
+        try:
+            files = _entries(json.loads((root / name).read_text())["files"])
+        except FileNotFoundError:
+            return f"manifest part {name} is missing"
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"unreadable manifest part {name} ({type(e).__name__}: {e})"
+        reason = _check_files(root, files)
+        if reason:
+            return reason
     return None
 
 
@@ -224,8 +299,10 @@ class CheckpointManager:
 
     def _write_manifest_after_commit(self, step: int) -> None:
         self._orbax.wait_until_finished()  # orbax's commit (tmp dir renamed) is done after this
+        if jax.process_count() > 1:
+            write_manifest_part(self._step_dir(step))  # each process hashes only what it wrote
         if _is_primary():
-            write_manifest(self._step_dir(step))
+            write_manifest(self._step_dir(step))  # waits for every part, then marks the step complete
 
     def _finish_in_background(self, step: int) -> None:
         try:
@@ -300,9 +377,9 @@ class CheckpointManager:
         rejected: dict[int, str] = {}
         failed_to_restore: list[int] = []
         for step in sorted(self._orbax.all_steps(), reverse=True):
-            reason = check_manifest(self._step_dir(step)) if _is_primary() else None
+            reason = check_manifest(self._step_dir(step))  # each process: its own share
             if not _all_agree(reason is None):
-                rejected[step] = reason or "rejected by process 0's manifest check"
+                rejected[step] = reason or "rejected by another process's manifest check"
                 logger.warning("skipping checkpoint at step %d: %s", step, rejected[step])
                 continue
             restored, error = None, None
@@ -363,6 +440,8 @@ def export_params(path: Any, params: Any) -> None:
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
+    if jax.process_count() > 1:
+        write_manifest_part(path)
     if _is_primary():
         write_manifest(path)
     _sync("instruct_jax_export_params")
@@ -371,9 +450,9 @@ def export_params(path: Any, params: Any) -> None:
 def load_params(path: Any, abstract_params: Any) -> Any:
     """Read a params export onto the shardings carried by `abstract_params` (ShapeDtypeStructs)."""
     path = _absolute(path)
-    reason = check_manifest(path) if _is_primary() else None
+    reason = check_manifest(path)  # each process: the files it wrote
     if not _all_agree(reason is None):
-        raise CorruptCheckpointError(f"params export at {path} is unusable: {reason or 'see process 0'}")
+        raise CorruptCheckpointError(f"params export at {path} is unusable: {reason or 'see the other processes'}")
     checkpointer = ocp.StandardCheckpointer()
     try:
         return checkpointer.restore(path, abstract_params)
