@@ -12,7 +12,7 @@ Adam bias correction) only counts applied updates.
 The decision is a select inside the jitted step, fused into the optimizer update (no host round
 trip, no extra pass over the weights). Its counters live in `TrainState.guard`, so they are checkpointed with the weights and a
 resumed run continues them bit for bit. After `train.max_nonfinite_in_a_row` non-finite steps in a
-row the guard latches: later steps are skipped too, until the trainer notices (one step later),
+row the guard latches: later steps are skipped too, until the trainer notices (at its next check step),
 saves a checkpoint (which therefore holds the last good params and optimizer state) and stops with
 `TrainingDiverged`.
 """

@@ -90,7 +90,7 @@ class Phase:
 
     name = "train"  # progress bar, log lines, the divergence message
     unit = "step"  # what one loop step is called in log lines ("iteration" for PPO)
-    guard_in_flight = True  # read the guard's verdict one step late (metrics stay on the device)
+    guard_in_flight = True  # metrics stay on the device: two steps in flight, the verdict read at check steps
     defer_last = False  # the last step's row and checkpoint come from finish() (the reward model's normalization)
     tokens_per_step = 0  # tokens one step processes over all hosts (0: the row gets the step time only)
     flops_per_token = 0.0  # model FLOPs per token for MFU (0: no tokens/s or MFU)
