@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import socket
 import threading
@@ -86,6 +85,3 @@ def running_server(models: dict, labels=None, slots: int = 4, max_context: int =
             if not isinstance(models[name], Policy):
                 p.close()
 
-
-def environ_without_proxy() -> dict:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

@@ -37,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from instruct_jax.inference.engine import Finish, Settings, TextEvent, TokenInfo
-from instruct_jax.serve.guard import ApiError, Guard
+from instruct_jax.serve.guard import ApiError, Guard, error_body
 from instruct_jax.serve.labels import LabelStore, RankingSession, check_ranking
 
 STATIC = pathlib.Path(__file__).with_name("static")
@@ -150,12 +150,8 @@ class DetokenizeRequest(_Body):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _error(status: int, message: str, param: Optional[str] = None, kind: Optional[str] = None) -> JSONResponse:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
-             429: "rate_limit_error"}
-    return JSONResponse({"error": {"message": message, "type": kind or kinds.get(status, "server_error"),
-                                   "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 def _token_text(tokenizer, token: int) -> str:

@@ -124,11 +124,18 @@ def _replay(body: bytes, receive):
     return replay
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
+               429: "rate_limit_error"}  # OpenAI's error "type" per status; the app and the guard share it
+
+
+def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": None}}
+
+
 async def _send_error(send, status: int, message: str) -> None:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             413: "request_too_large"}
-    payload = json.dumps({"error": {"message": message, "type": kinds.get(status, "invalid_request_error"),
-                                    "param": None, "code": None}}).encode()
+    payload = json.dumps(error_body(status, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})
