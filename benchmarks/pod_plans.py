@@ -47,9 +47,13 @@ def machine() -> dict:
 
 
 def table(results: dict) -> str:
-    """Markdown rows of every recorded plan: one row per compiled step, GiB per device."""
+    """Markdown rows of every recorded plan: one row per compiled step, GiB and GB per device.
+
+    ICI / DCN GB: collective bytes per device per step read from the compiled program; s FLOPs / ICI / DCN: the
+    floors plan.floors computes; MFU<=: model FLOPs at peak over the largest floor. Plans recorded before the
+    compiled program was read (no `ici_bytes`) show '-' there."""
     rows = ["| plan | devices | step | params + opt GiB | temp GiB | total GiB | HBM GiB | fits | TFLOP model | "
-            "s @peak | MFU @peak | compile s |", "|" + "---|" * 12]
+            "ICI GB | DCN GB | s FLOPs | s ICI | s DCN | MFU<= | compile s |", "|" + "---|" * 16]
     for name, r in sorted(results["plans"].items()):
         hbm = r["hbm_bytes_per_device"]
         for ph in r["phases"]:
@@ -57,15 +61,20 @@ def table(results: dict) -> str:
                 why = ("**no**: " + ph["error"].split("RESOURCE_EXHAUSTED: ")[-1] if ph.get("out_of_memory")
                        else "did not compile: " + ph["error"])
                 rows.append(f"| {name} | {r['devices']} | {ph['phase']} | | | | "
-                            f"{r['hbm_bytes_per_device'] / plan.GIB:.0f} | {why} | | | | |")
+                            f"{r['hbm_bytes_per_device'] / plan.GIB:.0f} | {why} | | | | | | | | |")
                 continue
             for p in ph["pieces"]:
                 state = (ph["params_bytes"] + ph["optimizer_bytes"]) / plan.GIB
+                if "ici_bytes" in p:
+                    f = plan.floors(p, r)
+                    comm = (f"{p['ici_bytes'] / 1e9:.1f} | {p['dcn_bytes'] / 1e9:.2f} | {f['flops_s']:.2f} | "
+                            f"{f['ici_s']:.2f} | {f['dcn_s']:.2f} | {f['mfu_bound']:.0%}")
+                else:
+                    comm = (f"- | - | {p['flops_hardware'] / r['peak_flops_per_device']:.2f} | - | - | -")
                 rows.append(f"| {name} | {r['devices']} | {ph['phase']} {p['name']} | {state:.1f} | "
                             f"{p['temp'] / plan.GIB:.1f} | {p['total'] / plan.GIB:.1f} | {hbm / plan.GIB:.0f} | "
                             f"{'yes' if p['total'] <= hbm else '**no**'} | {p['flops_model'] / 1e12:.0f} | "
-                            f"{p['flops_hardware'] / r['peak_flops_per_device']:.2f} | "
-                            f"{p['flops_model'] / p['flops_hardware']:.0%} | {p['compile_s']:.0f} |")
+                            f"{comm} | {p['compile_s']:.0f} |")
     return "\n".join(rows)
 
 

@@ -154,6 +154,10 @@ class PPOConfig:
     synthetic_prompts: int = 0  # > 0: that many numbered prompts (data/synthetic_prefs.py) instead of data.source
     response_len: int = 32  # N: response tokens sampled per prompt (rows stop early at EOS / end-of-turn)
     temperature: float = 1.0  # tau: samples from softmax(logits / tau); every recomputed log-prob uses it too
+    # gathered: the policy's weights are gathered over the batch mesh axes once per rollout (an inference
+    # layout: bf16 weights / tensor per chip) so no decode step re-gathers a weight | sharded: the training
+    # layout, every token re-gathers every weight (for a model whose gathered weights do not fit HBM)
+    rollout_weights: str = "gathered"
     # ---- KL penalty: per-token reward -kl_coef * k_t (Ziegler et al. 2019)
     kl_estimator: str = "k1"  # k1 = logp - logp_ref | k3 = exp(logp_ref - logp) - 1 - (logp_ref - logp) (biased here)
     kl_coef: float = 0.15  # beta (initial value when adaptive_kl)

@@ -27,8 +27,14 @@ the hardware count (model + what remat recomputes: a layer's forward pass for re
 attention matmuls for dots_no_batch), and the compiler's cost_analysis. XLA counts the body of
 every loop ONCE (measured: a 2-layer and an 8-layer scan report the same FLOPs), so with scanned
 layers, microbatches and decode loops its number is a per-iteration figure, printed as a check,
-not used. At the chip's peak a step takes at least hardware FLOPs / peak seconds, and its MFU at
-that speed is model / hardware FLOPs.
+not used.
+
+Communication per device per step, read from the compiled program (parallel/collectives.py): every
+collective with the loops around it (decode loop, loss-chunk loop, layer scan, minibatches) and their
+trip counts, bytes within a slice (ICI) and across slices (DCN), and which ones re-send loop-invariant
+data (a weight or a slice of one) on every iteration. Floors: hardware FLOPs / peak, ICI bytes at the
+chip's ICI bandwidth, DCN bytes at its DCN bandwidth; MFU<= is model FLOPs at peak over the largest floor
+(perfect overlap assumed, HBM bandwidth ignored).
 """
 
 from __future__ import annotations
@@ -54,14 +60,18 @@ class Chip:
     name: str
     hbm_bytes: int  # per chip
     peak_flops: float  # dense bf16 FLOP/s per chip
+    ici_bytes_per_s: float  # bidirectional inter-chip interconnect bandwidth per chip
+    dcn_bytes_per_s: Optional[float]  # data-center network bandwidth per chip (None: not published)
 
 
-# Public Cloud TPU specifications, keyed by jax's device_kind.
+# Public Cloud TPU specifications (cloud.google.com/tpu/docs/<version>), keyed by jax's device_kind. ICI:
+# "bidirectional ICI bandwidth per chip"; v4 publishes none, so it is the pod's all-reduce bandwidth / its
+# chips (1.1 PB/s / 4,096). DCN: v5p 50 Gbps per chip; v5e 2 x 100 Gbps NICs per 8-chip host.
 CHIPS = {
-    "TPU v4": Chip("TPU v4", 32 * GIB, 275e12),
-    "TPU v5 lite": Chip("TPU v5e", 16 * GIB, 197e12),
-    "TPU v5": Chip("TPU v5p", 95 * GIB, 459e12),
-    "TPU v6 lite": Chip("TPU v6e", 32 * GIB, 918e12),
+    "TPU v4": Chip("TPU v4", 32 * GIB, 275e12, 1.1e15 / 4096, None),
+    "TPU v5 lite": Chip("TPU v5e", 16 * GIB, 197e12, 400e9, 25e9 / 8),
+    "TPU v5": Chip("TPU v5p", 95 * GIB, 459e12, 1200e9, 50e9 / 8),
+    "TPU v6 lite": Chip("TPU v6e", 32 * GIB, 918e12, 800e9, None),
 }
 
 
@@ -153,6 +163,10 @@ class Piece:
     flops_model: float
     flops_hardware: float  # model + remat recomputation
     compile_s: float
+    ici_bytes: float = 0.0  # collective bytes per device per step within a slice (parallel/collectives.py)
+    dcn_bytes: float = 0.0  # ... across slices
+    loop_collectives: list = dataclasses.field(default_factory=list)  # collectives inside loops, largest first
+    attention_heads: list = dataclasses.field(default_factory=list)  # query heads per device in Splash calls
 
     @property
     def total(self) -> int:
@@ -168,10 +182,26 @@ def compile_piece(name: str, fn, args: Sequence, flops: tuple[float, float], res
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    comm = communication(compiled, args)
     piece = Piece(name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                   mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, resident_elsewhere,
-                  float((cost or {}).get("flops", 0.0)), *flops, seconds)
+                  float((cost or {}).get("flops", 0.0)), *flops, seconds, comm["ici_bytes"], comm["dcn_bytes"],
+                  comm["in_loops"], comm["attention_heads"])
     return piece, compiled
+
+
+def communication(compiled, args) -> dict:
+    """The compiled program's collectives (parallel/collectives.py summary), each partition placed in its
+    device's slice through the mesh of the (abstract, sharded) arguments it was compiled for."""
+    import jax
+
+    from instruct_jax.parallel.collectives import attention_heads, collectives, summary
+
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(args)]
+    meshes = [s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)]
+    slice_of = [getattr(d, "slice_index", 0) or 0 for d in meshes[0].devices.flat] if meshes else None
+    text = compiled.as_text()
+    return {**summary(collectives(text, slice_of)), "attention_heads": attention_heads(text)}
 
 
 def out_structs(compiled):
@@ -339,7 +369,10 @@ def plan(cfg, topology: str, slices: int = 1, phases: Sequence[str] = PHASES) ->
     chip, per_chip = CHIPS[kind], devices_per_chip(topology, len(devices), slices)
     result = {"experiment": cfg.name, "topology": topology, "slices": slices, "devices": len(devices),
               "chip": chip.name, "devices_per_chip": per_chip, "hbm_bytes_per_device": chip.hbm_bytes // per_chip,
-              "peak_flops_per_device": chip.peak_flops / per_chip, "mesh": mesh_sizes(cfg, len(devices), slices),
+              "peak_flops_per_device": chip.peak_flops / per_chip,
+              "ici_bytes_per_s_per_device": chip.ici_bytes_per_s / per_chip,
+              "dcn_bytes_per_s_per_device": chip.dcn_bytes_per_s / per_chip if chip.dcn_bytes_per_s else None,
+              "mesh": mesh_sizes(cfg, len(devices), slices),
               "model": dataclasses.asdict(cfg.model), "phases": []}
     for phase in phases:
         try:
@@ -362,13 +395,31 @@ def gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
 
 
+def floors(p: dict, result: dict) -> dict:
+    """Lower bounds on a step's time per device: FLOPs at peak, ICI bytes and DCN bytes at their links' bandwidth.
+
+    A ring collective receives and sends its bytes, so a device's bidirectional ICI bandwidth moves
+    bytes at half its rate. The bound assumes perfect overlap (time >= the largest floor) and ignores HBM
+    bandwidth, which bounds decoding more than any of the three. mfu_bound = model FLOPs / peak / bound."""
+    flops_s = p["flops_hardware"] / result["peak_flops_per_device"]
+    ici_s = p.get("ici_bytes", 0.0) / (result.get("ici_bytes_per_s_per_device") or float("inf")) * 2
+    dcn_bw = result.get("dcn_bytes_per_s_per_device")
+    dcn_s = p.get("dcn_bytes", 0.0) / dcn_bw if dcn_bw else 0.0
+    bound = max(flops_s, ici_s, dcn_s)
+    return {"flops_s": flops_s, "ici_s": ici_s, "dcn_s": dcn_s, "bound_s": bound,
+            "mfu_bound": p["flops_model"] / result["peak_flops_per_device"] / bound if bound else float("nan")}
+
+
 def report(result: dict) -> str:
-    """The human-readable plan: one table per phase, then a verdict per compiled step."""
+    """The human-readable plan: one table per phase, then a verdict per compiled step and the loops' collectives."""
     hbm, peak = result["hbm_bytes_per_device"], result["peak_flops_per_device"]
     unit = "chip" if result["devices_per_chip"] == 1 else f"device (1/{result['devices_per_chip']} chip)"
+    dcn_bw = result.get("dcn_bytes_per_s_per_device")
     lines = [f"plan: {result['experiment']} on {result['topology']} x {result['slices']} slice(s) = "
              f"{result['devices']} devices ({result['chip']}); mesh {result['mesh']}",
-             f"per {unit}: HBM {hbm / GIB:.2f} GiB, peak {peak / 1e12:.1f} TFLOP/s (bf16)"]
+             f"per {unit}: HBM {hbm / GIB:.2f} GiB, peak {peak / 1e12:.1f} TFLOP/s (bf16), ICI "
+             f"{result.get('ici_bytes_per_s_per_device', 0) / 1e9:.0f} GB/s (bidirectional), DCN "
+             + (f"{dcn_bw / 1e9:.2f} GB/s" if dcn_bw else "bandwidth not published (its floor is left out)")]
     for ph in result["phases"]:
         lines.append("")
         if ph.get("out_of_memory"):  # the TPU compiler refuses programs that exceed HBM
@@ -382,21 +433,51 @@ def report(result: dict) -> str:
                      f"{ph['optimizer_bytes'] / GIB:.2f} GiB per {unit.split(' ')[0]}")
         lines.append(f"  {'step':<11}{'args GiB':>10}{'out GiB':>9}{'alias GiB':>10}{'temp GiB':>9}"
                      f"{'resident*':>10}{'total GiB':>10}{'of HBM':>8}{'TFLOP model':>12}{'TFLOP hw':>10}"
-                     f"{'TFLOP xla*':>11}{'s @peak':>9}{'MFU':>6}{'compile s':>10}")
+                     f"{'TFLOP xla*':>11}{'ICI GB':>9}{'DCN GB':>9}{'s FLOPs':>9}{'s ICI':>8}{'s DCN':>8}"
+                     f"{'MFU<=':>6}{'compile s':>10}")
         for p in ph["pieces"]:
-            step_s = p["flops_hardware"] / peak
-            mfu = p["flops_model"] / p["flops_hardware"] if p["flops_hardware"] else float("nan")
+            f = floors(p, result)
             lines.append(f"  {p['name']:<11}{gib(p['argument']):>10}{gib(p['output']):>9}{gib(p['alias']):>10}"
                          f"{gib(p['temp']):>9}{gib(p['resident_elsewhere']):>10}{gib(p['total']):>10}"
                          f"{p['total'] / hbm:>7.0%} {p['flops_model'] / 1e12:>11.2f}{p['flops_hardware'] / 1e12:>10.2f}"
-                         f"{p['flops_compiler'] / 1e12:>11.2f}{step_s:>9.3f}{mfu:>6.0%}{p['compile_s']:>10.1f}")
+                         f"{p['flops_compiler'] / 1e12:>11.2f}{p.get('ici_bytes', 0) / 1e9:>9.2f}"
+                         f"{p.get('dcn_bytes', 0) / 1e9:>9.2f}{f['flops_s']:>9.3f}{f['ici_s']:>8.3f}{f['dcn_s']:>8.3f}"
+                         f"{f['mfu_bound']:>6.0%}{p['compile_s']:>10.1f}")
         lines.extend(verdicts(ph, hbm))
+        for p in ph["pieces"]:
+            lines.extend(loop_lines(p))
     lines.append("")
     lines.append("* resident: trees on the chip that the step does not take as arguments (frozen models, optimizer "
                  "states while sampling). TFLOP per device and step; hw = model + remat recompute; xla: the "
                  "compiler's cost_analysis, which counts each loop body (scanned layers, microbatches, decode "
-                 "steps) once. s @peak: hw FLOPs / peak; MFU at that speed: model / hw FLOPs.")
+                 "steps) once. ICI / DCN GB: collective bytes per device per step, read from the compiled program "
+                 "(loop bodies times their trip counts; a decode loop at its bound). s FLOPs / ICI / DCN: each at "
+                 "the chip's peak or link bandwidth; MFU<=: model FLOPs at peak over the largest of the three, an "
+                 "upper bound that assumes perfect overlap and ignores HBM bandwidth.")
     return "\n".join(lines)
+
+
+def loop_lines(p: dict, top: int = 8) -> list[str]:
+    """The step's largest collectives inside loops, grouped by loop, op and shape."""
+    groups: dict[tuple, list] = {}
+    for c in p.get("loop_collectives", []):
+        key = (c["loop"], c["op"], c["shape"], c["group"], c["dcn"], c["invariant"])
+        groups.setdefault(key, [0, 0.0])
+        groups[key][0] += 1
+        groups[key][1] += c["bytes_per_step"]
+    if not groups:
+        return []
+    out = [f"  {p['name']}: collectives inside loops (per device; loop x trips):"]
+    if p.get("attention_heads"):
+        out.insert(0, f"  {p['name']}: attention (Splash) on {', '.join(map(str, p['attention_heads']))} query "
+                      f"heads per device")
+    for (loop, op, shape, n, dcn, invariant), (count, total) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        note = "  (a loop-invariant operand: a weight or a slice of one)" if invariant else ""
+        out.append(f"    {loop}: {count} x {op} {shape} over {n} ({'DCN' if dcn else 'ICI'}), "
+                   f"{total / 1e9:.3f} GB/step{note}")
+    if len(groups) > top:
+        out.append(f"    ... {len(groups) - top} more groups in the JSON (pieces[].loop_collectives)")
+    return out
 
 
 def verdicts(ph: dict, hbm: int) -> list[str]:

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding
 from instruct_jax.model.kv_cache import KVCache
 from instruct_jax.model.transformer import ModelInput, Transformer, compute_dtype_weights, split_layers
 from instruct_jax.parallel.context import in_mesh_context, logical_constraint
+from instruct_jax.parallel.mesh import batch_axes
 from instruct_jax.parallel.sharding import logical_to_shardings, logical_to_spec, replicated
 
 
@@ -229,14 +230,21 @@ def _constrain_rows(tree):
     return jax.tree.map(lambda x: logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
 
 
-def sample(params, model: Transformer, prompt: ModelInput, rng: jax.Array, cfg: SamplingConfig) -> SampleOutput:
-    """Sample up to cfg.max_new_tokens tokens after each prompt row (prompt [B, T], one segment a row)."""
+def sample(params, model: Transformer, prompt: ModelInput, rng: jax.Array, cfg: SamplingConfig,
+           weight_shardings=None) -> SampleOutput:
+    """Sample up to cfg.max_new_tokens tokens after each prompt row (prompt [B, T], one segment a row).
+
+    weight_shardings: the layout the weights take for the whole call (make_sampler's inference layout:
+    gathered over the batch axes once, here, instead of by every decode step inside the loop)."""
     b, t = prompt.tokens.shape
     n = cfg.max_new_tokens
-    # Once per call, outside the loop: weights split per layer and cast to the compute dtype, the
-    # cache held per layer, so every decode step reads each buffer in place and writes only the
-    # new token's keys / values (Transformer.cached_layers; docs/BENCHMARKS.md has the measurement).
-    params = compute_dtype_weights(model.cfg, split_layers(params))
+    # Once per call, outside the loop: weights cast to the compute dtype, moved to the inference
+    # layout and split per layer, the cache held per layer, so every decode step reads each buffer in
+    # place and writes only the new token's keys / values (Transformer.cached_layers; docs/BENCHMARKS.md).
+    params = compute_dtype_weights(model.cfg, params)
+    if weight_shardings is not None:
+        params = jax.lax.with_sharding_constraint(params, weight_shardings)
+    params = split_layers(params)
     # S = T + N: the last loop step feeds token N-1 into slot T + N - 1 (its logits are unused,
     # but a fixed loop body is simpler than skipping it).
     cache = KVCache.init(model.cfg, b, t + n, per_layer=True)
@@ -307,18 +315,45 @@ class Sampler:
     init_cache: Callable
 
 
-def make_sampler(model: Transformer, cfg: SamplingConfig, mesh=None, rules=None, param_shardings=None) -> Sampler:
+WEIGHT_LAYOUTS = ("gathered", "sharded")
+
+
+def inference_shardings(param_shardings, rules):
+    """The params' shardings without the batch mesh axes (data, fsdp): each device holds whole weights
+    (split over tensor only), so a decode step, whose rows are split over the batch axes, needs no weight
+    from another device. Costs weights / tensor bytes per device for the call's duration."""
+    drop = set(batch_axes(rules))
+
+    def strip(sh: NamedSharding) -> NamedSharding:
+        spec = []
+        for entry in sh.spec:
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            kept = tuple(a for a in axes if a not in drop)
+            spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+        return NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree.map(strip, param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def make_sampler(model: Transformer, cfg: SamplingConfig, mesh=None, rules=None, param_shardings=None,
+                 weights: str = "gathered") -> Sampler:
     """Jit prefill / decode_step / sample; with a mesh, with explicit shardings, traced in its context.
 
     With a mesh, rules (the logical rules table) and param_shardings (the params'
     NamedShardings, e.g. TrainState shardings .params) are required. Rows (batch) shard
-    over the batch mesh axes, so B must divide over them.
+    over the batch mesh axes, so B must divide over them. weights (ppo.rollout_weights): "gathered"
+    moves the weights to `inference_shardings` once per `sample` call; "sharded" keeps the training
+    layout, whose decode steps re-gather every weight sharded over the batch axes for every token.
     """
+    if weights not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
+    layout = (inference_shardings(param_shardings, rules)
+              if mesh is not None and weights == "gathered" and param_shardings is not None else None)
     fns = dict(
         prefill=lambda params, prompt, cache: prefill(params, model, prompt, cache),
         decode_step=lambda params, tokens, positions, cache, write_index, segment_ids:
             decode_step(params, model, tokens, positions, cache, write_index, segment_ids),
-        sample=lambda params, prompt, rng: sample(params, model, prompt, rng, cfg),
+        sample=lambda params, prompt, rng: sample(params, model, prompt, rng, cfg, layout),
         init_cache=lambda batch, length: KVCache.init(model.cfg, batch, length))
     if mesh is None:
         return Sampler(prefill=jax.jit(fns["prefill"], donate_argnums=(2,)),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.layers import _param
-from instruct_jax.model.transformer import ModelInput, Transformer
+from instruct_jax.model.transformer import ModelInput, Transformer, for_init
 
 
 def head_init_std(d_model: int) -> float:
@@ -82,4 +82,4 @@ class RewardModel(nn.Module):
 def init_reward_params_boxed(model: RewardModel, rng, seq_len: int = 8):
     """Reward-model params with nn.Partitioned boxes (logical axes), for state.py's sharded init."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(rng, ModelInput.unpacked(tokens), jnp.zeros((1,), jnp.int32))["params"]
+    return for_init(model).init(rng, ModelInput.unpacked(tokens), jnp.zeros((1,), jnp.int32))["params"]

@@ -12,6 +12,8 @@ forward pass, and the parameter tree is the same either way.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -202,7 +204,13 @@ def compute_dtype_weights(cfg: ModelConfig, params):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def for_init(model: nn.Module) -> nn.Module:
+    """The module to initialise params with: attention kernels hold no params, and the init call may run outside
+    the mesh a vendor kernel needs (a TPU plan initialises on the CPU), so it traces the einsum reference."""
+    return model.clone(cfg=dataclasses.replace(model.cfg, attention="reference"))
+
+
 def init_params_boxed(model: nn.Module, rng, seq_len: int = 8):
     """Model params with nn.Partitioned boxes (logical axis metadata)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(rng, ModelInput.unpacked(tokens))["params"]
+    return for_init(model).init(rng, ModelInput.unpacked(tokens))["params"]

@@ -159,11 +159,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
     shape = resolve_mesh_shape(cfg, len(devices), num_slices=len(slices))
     auto = (AxisType.Auto,) * len(MESH_AXES)
     if len(slices) == 1 and devices[0].platform == "tpu":
-        # Let JAX pick a physical-topology-aware order of the chips within the slice.
-        return jax.make_mesh([shape[a] for a in MESH_AXES], MESH_AXES, axis_types=auto, devices=devices)
+        # Let JAX pick a physical-topology-aware order of the chips within the slice. It knows one device per
+        # chip only: a v4 slice whose two TensorCores are separate devices (libtpu's v4 descriptions) falls
+        # back to the id order below.
+        try:
+            return jax.make_mesh([shape[a] for a in MESH_AXES], MESH_AXES, axis_types=auto, devices=devices)
+        except AssertionError as e:
+            if "megacore" not in str(e):
+                raise
     ici = _fill(cfg.ici_shape(), len(devices) // len(slices), "", "per-slice")
     dcn = {a: shape[a] // ici[a] for a in MESH_AXES}
-    if devices[0].platform == "tpu":
+    if devices[0].platform == "tpu" and len(slices) > 1:
         # Several slices: each slice topology-aware (as above), the slices outer along the dcn axes.
         from jax.experimental import mesh_utils
 

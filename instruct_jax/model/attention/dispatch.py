@@ -55,6 +55,13 @@ def select_implementation(requested: str, *, q_len: int, self_attention: bool, b
     return "blockwise"
 
 
+def target_backend() -> str:
+    """The platform the program is traced for: the active mesh's devices (a plan traces for TPU devices that
+    libtpu describes, from a CPU process), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def dot_product_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, implementation: str = "reference",
                           block_q: int = 512, block_kv: int = 512, self_attention: bool = True):
     """The model's one attention entry point.
@@ -65,7 +72,7 @@ def dot_product_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, implementation:
     """
     _, shards = shard_local.sequence_mesh_axes()
     impl = select_implementation(implementation, q_len=q.shape[1], self_attention=self_attention,
-                                 backend=jax.default_backend(), sequence_shards=shards, dtype=q.dtype)
+                                 backend=target_backend(), sequence_shards=shards, dtype=q.dtype)
     if impl == "reference":
         return reference_attention(q, k, v, attention_mask(q_pos, kv_pos, q_seg, kv_seg))
     if impl == "blockwise":

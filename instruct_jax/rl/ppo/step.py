@@ -168,7 +168,7 @@ def make_ppo_steps(policy_model: Transformer, value_model: RewardModel, reward_f
     exp_sh = Experience.shardings(mesh, rules)
     pol, val = shardings.policy.params, shardings.value.params
 
-    sampler = make_sampler(policy_model, sampling, mesh, rules, pol)
+    sampler = make_sampler(policy_model, sampling, mesh, rules, pol, weights=hp.rollout_weights)
 
     def experience(policy_params, ref_params, value_params, reward_params, prompt, sample, kl_coef):
         return make_experience(policy_model, value_model, reward_fn, hp, eot_id, policy_params, ref_params,

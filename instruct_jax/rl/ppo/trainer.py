@@ -40,7 +40,7 @@ from instruct_jax.data.stats import DataStats
 from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.errors import ConfigError
-from instruct_jax.inference.sampling import SamplingConfig
+from instruct_jax.inference.sampling import WEIGHT_LAYOUTS, SamplingConfig
 from instruct_jax.inference.scorer import fold_normalization, put_global
 from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
@@ -74,7 +74,8 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     """The PPO phase's own checks (config.validate knows nothing about them); ConfigError names the field."""
     p = cfg.ppo
     for key, value, allowed in (("ppo.reward", p.reward, REWARDS), ("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
-                                ("ppo.missing_eos", p.missing_eos, MISSING_EOS_MODES)):
+                                ("ppo.missing_eos", p.missing_eos, MISSING_EOS_MODES),
+                                ("ppo.rollout_weights", p.rollout_weights, WEIGHT_LAYOUTS)):
         if value not in allowed:
             raise ConfigError(key, f"expected one of {list(allowed)}, got {value!r}")
     if p.reward == "model" and not p.reward_model:
