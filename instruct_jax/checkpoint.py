@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import signal
 import threading
@@ -49,6 +48,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from instruct_jax import files
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,7 @@ def _all_agree(ok: bool) -> bool:
 
 def _absolute(path: Any) -> epath.Path:
     """Orbax wants absolute paths; bucket URLs (gs://...) already are."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    return files.path(path)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -96,13 +96,8 @@ def _sha256(path: epath.Path) -> str:
 
 def _files_under(root: epath.Path) -> dict[str, epath.Path]:
     """Every regular file below `root` by its relative posix path, except the manifest itself."""
-    files = {}
-    for folder, _, names in root.walk():  # epath has no recursive glob (too many GCS requests)
-        for name in names:
-            rel = (folder / name).relative_to(root).as_posix()
-            if not rel.startswith(MANIFEST_NAME):
-                files[rel] = folder / name
-    return dict(sorted(files.items()))
+    # epath has no recursive glob (too many GCS requests): files.walk_files walks, for buckets too.
+    return {rel: root / rel for rel, _ in files.walk_files(root).items() if not rel.startswith(MANIFEST_NAME)}
 
 
 _PROCESS_DIR = re.compile(r"(?:^|/)(?:ocdbt\.process_|array_metadatas/process_)(\d+)(?:/|$)")
@@ -513,5 +508,5 @@ class PreemptionGuard:
 
 def resolve_params_dir(path: str) -> str:
     """A params export, or the workdir of an earlier phase (its `params/` export)."""
-    candidate = os.path.join(path, "params")
-    return candidate if os.path.isdir(candidate) else path
+    candidate = files.join(path, "params")
+    return candidate if files.isdir(candidate) else path

@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
+from instruct_jax import files
 from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
 from instruct_jax.errors import ConfigError
 from instruct_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES, ROPE_TYPES, ModelConfig
@@ -296,13 +297,14 @@ class Config:
 def load_experiment(spec: str) -> Config:
     """Load `path/to/experiment.py[:arg]` and call its `get_config(arg)`; or a run's saved `config.json`
     (every phase writes one into its workdir): the exact config of that run, to repeat or vary with --set."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
+    scheme, _, rest = spec.rpartition("://")  # a saved config may be in a bucket: gs://bucket/run/config.json
+    path, _, arg = rest.partition(":")
+    path = f"{scheme}://{path}" if scheme else path
+    if not files.isfile(path):
         raise ConfigError("experiment", f"no experiment file at {path!r}")
     if path.endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as f:
-                return section_from_dict(Config, json.load(f), "config")
+            return section_from_dict(Config, json.loads(files.read_text(path)), "config")
         except (ValueError, TypeError) as e:
             raise ConfigError("experiment", f"{path} is not a saved config: {e}") from e
     module_name = "instruct_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
@@ -426,10 +428,9 @@ def save_config(cfg: Config, workdir: str) -> None:
     """Create the run's workdir and record the resolved config there (process 0 writes)."""
     import jax  # local: config loading and validation stay importable without touching devices
 
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2, default=str)
+        files.write_text(files.join(workdir, "config.json"), json.dumps(to_dict(cfg), indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------- validation

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from instruct_jax import files
 from instruct_jax.model.config import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -150,33 +151,42 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: Optional[bool] = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+        self.path = files.join(workdir, METRICS_FILE)
+        self.tensorboard_dir = files.join(workdir, TENSORBOARD_DIR)
         self._use_tensorboard = tensorboard
         self._tensorboard = None  # opened on first write, so truncate_after can set purge_step
         self._purge_step: Optional[int] = None
+        self._tensorboard_mirror: Optional[str] = None  # local copy of a bucket's tensorboard folder
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            files.makedirs(workdir)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step)}
         row.update({key: _plain(key, value) for key, value in metrics.items() if key != "step"})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_text(self.path, json.dumps(row) + "\n")
         if self._use_tensorboard:
             writer = self._tensorboard_writer()
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(key, value, global_step=row["step"])
             writer.flush()
+            if self._tensorboard_mirror:  # a bucket workdir: the events are written locally and uploaded whole
+                files.copy_tree(self._tensorboard_mirror, self.tensorboard_dir)
 
     def _tensorboard_writer(self):
         if self._tensorboard is None:
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
-            self._tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step)
+            local = self.tensorboard_dir
+            if files.is_remote(local):
+                # tensorboardX's own GCS writer streams through resumable uploads (it stalled against the GCS
+                # emulator in tests); the events go to a local folder that `write` uploads after each flush.
+                import tempfile
+
+                self._tensorboard_mirror = local = tempfile.mkdtemp(prefix="instruct_jax_tensorboard_")
+            self._tensorboard = SummaryWriter(local, purge_step=self._purge_step)
         return self._tensorboard
 
     def truncate_after(self, step: int) -> None:
@@ -194,21 +204,17 @@ class MetricsWriter:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-        if not os.path.exists(self.path):
+        if not files.exists(self.path):
             return
         kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)  # atomic: a crash here leaves the old or the new file whole
+        for line in files.read_text(self.path).splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        files.write_text(self.path, "".join(kept))  # atomic: a crash here leaves the old or the new file whole
 
     def close(self) -> None:
         if self._tensorboard is not None:

@@ -199,3 +199,19 @@ def test_attention_computes_heads_over_tensor_query_heads_per_device(heads, kv_h
     (q_local, kv_local), = set(local_shapes)
     assert q_local[2] == heads // tensor  # never every head on every device
     assert kv_local[2] == max(kv_heads // tensor, 1)
+
+
+# ----------------------------------------------------------------------------- data at scale
+def test_a_hub_pretraining_mix_without_a_row_cap_is_refused():
+    from conftest import REPO
+    from instruct_jax.config import apply_overrides, load_experiment
+    from instruct_jax.errors import ConfigError
+    from instruct_jax.rl.ppo.trainer import validate_ppo
+
+    cfg = load_experiment(str(REPO / "experiments" / "llama3_8b_ppo_v5p128.py"))
+    assert cfg.ppo.ptx.max_rows > 0
+    validate_ppo(cfg)
+    with pytest.raises(ConfigError) as e:
+        validate_ppo(apply_overrides(cfg, ["ppo.ptx.max_rows=0"]))
+    assert e.value.field == "ppo.ptx.max_rows"
+    validate_ppo(apply_overrides(cfg, ["ppo.ptx.max_rows=0", f"ppo.ptx.source={REPO / 'data' / 'tinyshakespeare.txt'}"]))

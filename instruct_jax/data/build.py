@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from instruct_jax import files
 from instruct_jax.data.chat import ChatTemplate, load_chat_template
 from instruct_jax.data.config import TRAIN_SENTENCEPIECE, DataConfig, DataConfigError
 from instruct_jax.data.examples import encode_conversation, encode_prompt, encode_ranking, encode_text
@@ -46,22 +47,28 @@ def build_tokenizer(cfg: DataConfig, workdir: Optional[str] = None) -> Tokenizer
     """
     if cfg.tokenizer != TRAIN_SENTENCEPIECE:
         return load_tokenizer(cfg.tokenizer)
-    files = list(cfg.tokenizer_train_files)
-    if not files and cfg.format == "text":
-        files = local_files(cfg.source) or []
-    if not files:
+    texts = list(cfg.tokenizer_train_files)
+    if not texts and cfg.format == "text":
+        texts = local_files(cfg.source) or []
+    if not texts:
         raise DataConfigError("data.tokenizer_train_files", "no text files to train sentencepiece on")
-    folder = os.path.join(workdir, "tokenizer") if workdir else tempfile.mkdtemp(prefix="instruct_jax_tok_")
-    model = os.path.join(folder, f"spm_{cfg.vocab_size}.model")
-    if not os.path.isfile(model):  # else trained by an earlier (or interrupted and resumed) run
+    folder = files.join(workdir, "tokenizer") if workdir else tempfile.mkdtemp(prefix="instruct_jax_tok_")
+    model = files.join(folder, f"spm_{cfg.vocab_size}.model")
+    if not files.isfile(model):  # else trained by an earlier (or interrupted and resumed) run
         # Train beside it and rename: an interrupted run never leaves a half-written model to reuse,
         # and hosts sharing a workdir (training is deterministic) never read each other's partial file.
-        os.makedirs(folder, exist_ok=True)
-        scratch = tempfile.mkdtemp(prefix="training_", dir=folder)
-        train_sentencepiece(files, os.path.join(scratch, "spm"), cfg.vocab_size)
-        os.replace(os.path.join(scratch, "spm.model"), model)
+        # A bucket workdir: train locally, then one upload (an object appears whole).
+        remote = files.is_remote(model)
+        if not remote:
+            os.makedirs(folder, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="training_", dir=None if remote else folder)
+        train_sentencepiece(texts, os.path.join(scratch, "spm"), cfg.vocab_size)
+        if remote:
+            files.copy_tree(os.path.join(scratch, "spm.model"), model)
+        else:
+            os.replace(os.path.join(scratch, "spm.model"), model)
         shutil.rmtree(scratch, ignore_errors=True)
-    return SentencePieceTokenizer(model)
+    return SentencePieceTokenizer(files.local_copy(model))
 
 
 def build_chat_template(cfg: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:

@@ -22,6 +22,7 @@ import lzma
 import os
 from typing import Iterator
 
+from instruct_jax import files
 from instruct_jax.data.stats import MalformedDataError
 
 _DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress, ".lzma": lzma.decompress}
@@ -42,8 +43,7 @@ def file_kind(path: str) -> str:
 
 def read_bytes(path: str) -> bytes:
     """File contents, decompressed according to the extension."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = files.read_bytes(path)
     ext = os.path.splitext(path)[1]
     return _DECOMPRESS[ext](data) if ext in _DECOMPRESS else data
 
@@ -56,28 +56,52 @@ def local_files(source: str) -> list[str] | None:
     known extension or a leading ./ / ~) is an error rather than a Hub lookup that would fail
     later with a confusing network message.
     """
-    files: list[str] = []
+    found_files: list[str] = []
     parts = [p.strip() for p in source.split(",") if p.strip()]
     for part in parts:
         part = os.path.expanduser(part)
+        if files.is_remote(part):  # gs://bucket/...: a glob, a folder or a file in a bucket
+            found_files += _remote_files(part)
+            continue
         if any(c in part for c in "*?["):
             matched = sorted(glob.glob(part, recursive=True))
             if not matched:
                 raise FileNotFoundError(f"data source {part!r} matches no files")
-            files += matched
+            found_files += matched
         elif os.path.isdir(part):
             found = sorted(p for p in glob.glob(os.path.join(part, "**", "*"), recursive=True)
                            if os.path.isfile(p) and _known(p))
             if not found:
                 raise FileNotFoundError(f"data source folder {part!r} holds no jsonl/json/parquet/txt files")
-            files += found
+            found_files += found
         elif os.path.isfile(part):
-            files.append(part)
+            found_files.append(part)
         elif _known(part) or part.startswith((".", "/", "~")) or len(parts) > 1:
             raise FileNotFoundError(f"data source {part!r} does not exist")
         else:
             return None  # a Hub name like "Anthropic/hh-rlhf"
-    return files
+    return found_files
+
+
+def _remote_files(url: str) -> list[str]:
+    """The files a bucket URL names: a glob (in its last parts), a folder (recursively) or one file."""
+    scheme, _, rest = url.partition("://")
+    if any(c in rest for c in "*?["):
+        root = rest.split("/", 1)[0]
+        pattern = rest.split("/", 1)[1] if "/" in rest else ""
+        matched = sorted(f"{scheme}://{root}/{p.relative_to(files.path(f'{scheme}://{root}'))}"
+                         for p in files.path(f"{scheme}://{root}").glob(pattern))
+        if not matched:
+            raise FileNotFoundError(f"data source {url!r} matches no files")
+        return matched
+    if files.isdir(url):
+        found = [full for rel, full in files.walk_files(url).items() if _known(rel)]
+        if not found:
+            raise FileNotFoundError(f"data source folder {url!r} holds no jsonl/json/parquet/txt files")
+        return found
+    if files.isfile(url):
+        return [url]
+    raise FileNotFoundError(f"data source {url!r} does not exist")
 
 
 def _known(path: str) -> bool:
@@ -91,11 +115,11 @@ def _known(path: str) -> bool:
 def iter_rows(source: str, *, split: str = "train", hub_config: str = "", hub_data_dir: str = "",
               text_unit: str = "paragraph", max_rows: int = 0) -> Iterator[tuple[str, object]]:
     """All rows of a source as (where, dict | str | MalformedDataError); at most max_rows if > 0."""
-    files = local_files(source)
-    if files is None:
+    paths = local_files(source)
+    if paths is None:
         streams = [hub_rows(source, split, hub_config, hub_data_dir)]
     else:
-        streams = [file_rows(path, text_unit) for path in files]
+        streams = [file_rows(path, text_unit) for path in paths]
     n = 0
     for stream in streams:
         for item in stream:
@@ -110,7 +134,7 @@ def file_rows(path: str, text_unit: str = "paragraph") -> Iterator[tuple[str, ob
     if kind == "parquet":
         import datasets
 
-        ds = datasets.load_dataset("parquet", data_files=[path], split="train")
+        ds = datasets.load_dataset("parquet", data_files=[files.local_copy(path)], split="train")
         yield from ((f"{path}:row {i}", row) for i, row in enumerate(ds))
         return
     data = read_bytes(path)

@@ -21,6 +21,7 @@ import json
 import os
 from typing import Callable, Iterable, Optional, Sequence
 
+from instruct_jax import files
 from instruct_jax.data.sources import read_bytes
 from instruct_jax.errors import ConfigError
 
@@ -230,7 +231,7 @@ def load_tokenizer(path_or_spec: str, **overrides) -> Tokenizer:
     `chat_template.jinja` file there overrides it). Keyword overrides name specials by their token
     string, e.g. `load_tokenizer(path, eot="<|im_end|>", pad="<|endoftext|>")`.
     """
-    path = os.path.expanduser(path_or_spec)
+    path = os.path.expanduser(_local_tokenizer(path_or_spec))
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
@@ -259,6 +260,22 @@ def load_tokenizer(path_or_spec: str, **overrides) -> Tokenizer:
     if path.endswith(".model"):
         return SentencePieceTokenizer(path, config, **overrides)
     raise ValueError(f"unknown tokenizer file {path!r}: expected a .model (sentencepiece) or tokenizer.json")
+
+
+def _local_tokenizer(spec: str) -> str:
+    """A local path for a tokenizer in a bucket: its folder, or its file with the two config files beside it
+    (sentencepiece and tokenizers open local files only); a local spec as it is."""
+    if not files.is_remote(spec):
+        return spec
+    if files.isdir(spec):
+        return files.local_copy(spec)
+    local = files.local_copy(spec)
+    folder = spec.rstrip("/").rsplit("/", 1)[0]
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        beside = os.path.join(os.path.dirname(local), name)
+        if not os.path.exists(beside) and files.isfile(files.join(folder, name)):
+            files.copy_tree(files.join(folder, name), beside)
+    return local
 
 
 def check_tokenizer_fits(tokenizer, model_cfg) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from instruct_jax import files
 from instruct_jax.checkpoint import load_params, resolve_params_dir
 from instruct_jax.config import Config, validate
 from instruct_jax.data.build import build_chat_template, build_tokenizer
@@ -207,7 +207,7 @@ class RewardScorer:
         self.score_step = make_score_step(model, self.mesh, self.rules, param_shardings)
         self.params, norm = load_reward_model(path, cfg.model, self.mesh, self.rules)
         self.norm = {k: float(v) for k, v in norm.items()}
-        workdir = path if os.path.isdir(os.path.join(path, "params")) else os.path.dirname(os.path.abspath(path))
+        workdir = path if files.isdir(files.join(path, "params")) else str(files.path(path).parent)
         self.tokenizer = build_tokenizer(cfg.data, workdir)
         self.template = build_chat_template(cfg.data, self.tokenizer)
         self.stats = DataStats(name="scored")  # truncations are counted here

@@ -100,15 +100,20 @@ def _linear_ce_chunks(h, w, y, m):
         return None if not axes else axes[0] if len(axes) == 1 else axes
 
     rows = P(entry(length_axes), entry(batch_axes))
-    fn = functools.partial(_local_chunks, vocab_axes=vocab_axes, row_axes=length_axes + batch_axes)
+    row_axes = length_axes + batch_axes
+    # The kernel's gradient leaves reduce-scattered over the row axes on its model dim when that splits
+    # evenly (half an all-reduce's bytes, and the FSDP layout the params take), else all-reduced.
+    scatter = bool(row_axes) and w.shape[1] % size(row_axes) == 0
+    fn = functools.partial(_local_chunks, vocab_axes=vocab_axes, row_axes=row_axes, scatter=scatter)
+    dw_spec = P(entry(vocab_axes), entry(row_axes) if scatter else None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(P(*rows, None, None), P(entry(vocab_axes), None), rows, rows),
-                         out_specs=(P(), (rows, P(*rows, None, None), P(entry(vocab_axes), None))),
-                         check_vma=False)(h, w, y, m)
+                         out_specs=(P(), (rows, P(*rows, None, None), dw_spec)), check_vma=False)(h, w, y, m)
 
 
-def _local_chunks(h, w, y, m, vocab_axes: tuple, row_axes: tuple):
+def _local_chunks(h, w, y, m, vocab_axes: tuple, row_axes: tuple, scatter: bool = False):
     """_linear_ce_chunks on one device's rows and vocabulary shard (vocab_axes: the mesh axes the kernel's
-    rows are split over; row_axes: those the hidden states' rows and chunks are split over)."""
+    rows are split over; row_axes: those the hidden states' rows and chunks are split over; scatter: return the
+    kernel's gradient reduce-scattered over row_axes along its model dim instead of all-reduced)."""
     v_local = w.shape[0]
     offset = jax.lax.axis_index(vocab_axes) * v_local if vocab_axes else 0
 
@@ -135,7 +140,9 @@ def _local_chunks(h, w, y, m, vocab_axes: tuple, row_axes: tuple):
     dw, (nll, dh) = jax.lax.scan(one_chunk, jnp.zeros(w.shape, jnp.float32), (h, y, m))
     total = jnp.sum(nll * m)
     if row_axes:  # once per call: the loss and the kernel's gradient summed over every device's rows
-        total, dw = jax.lax.psum(total, row_axes), jax.lax.psum(dw, row_axes)
+        total = jax.lax.psum(total, row_axes)
+        dw = (jax.lax.psum_scatter(dw, row_axes, scatter_dimension=1, tiled=True) if scatter
+              else jax.lax.psum(dw, row_axes))
     return total, (nll, dh, dw.astype(w.dtype))
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from instruct_jax import files
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
 from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
@@ -36,6 +37,7 @@ from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.config import DataConfigError, validate_data_config
 from instruct_jax.data.examples import encode_prompt
 from instruct_jax.data.loader import Loader
+from instruct_jax.data.sources import local_files
 from instruct_jax.data.stats import DataStats
 from instruct_jax.data.synthetic_prefs import PROMPTS
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
@@ -70,6 +72,13 @@ def prompt_len(cfg: Config) -> int:
     return cfg.data.max_prompt_len or cfg.train.seq_len - cfg.ppo.response_len
 
 
+def _is_hub_source(source: str) -> bool:
+    try:
+        return local_files(source) is None
+    except FileNotFoundError:
+        return False  # a missing local file: the data checks name it
+
+
 def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     """The PPO phase's own checks (config.validate knows nothing about them); ConfigError names the field."""
     p = cfg.ppo
@@ -93,6 +102,11 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     if p.ptx.source and not p.ptx_coef > 0:
         raise ConfigError("ppo.ptx.source", f"{p.ptx.source!r} would be ignored: PPO-ptx is off (ppo.ptx_coef="
                           f"{p.ptx_coef}); set ppo.ptx_coef > 0 or clear ppo.ptx.source")
+    if p.ptx_coef > 0 and p.ptx.source and not p.ptx.max_rows and _is_hub_source(p.ptx.source):
+        raise ConfigError("ppo.ptx.max_rows", f"the pretraining mix {p.ptx.source!r} is a Hub dataset with no row "
+                          "cap: every host would read and tokenise all of it before the first step. Set "
+                          "ppo.ptx.max_rows to what the run consumes (~ steps x ptx_batch_size x epochs x "
+                          "minibatches sequences of train.seq_len tokens)")
     for name in ("response_len", "temperature", "epochs", "minibatches", "kl_target", "kl_horizon", "ptx_batch_size"):
         if getattr(p, name) <= 0:
             raise ConfigError(f"ppo.{name}", f"must be > 0, got {getattr(p, name)}")
@@ -377,19 +391,16 @@ def decoded_samples(tokenizer: Tokenizer, prompt: dict, exp, count: int) -> list
 
 def truncate_samples(path: str, step: int) -> None:
     """Drop samples.jsonl rows with step > `step` (a resumed run writes them again)."""
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0 or not files.exists(path):
         return
     kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    for line in files.read_text(path).splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    files.write_text(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------- the phase
@@ -475,9 +486,8 @@ class PPOPhase(Phase):
                "kl_coef_next": self.kl_ctl.kl_coef}
         samples = decoded_samples(self.tokenizer, out["batch"], out["exp"], self.cfg.ppo.log_samples)
         if jax.process_index() == 0 and samples:
-            with open(os.path.join(self.workdir, SAMPLES_FILE), "a") as f:
-                for s in samples:
-                    f.write(json.dumps({"step": done, **s}) + "\n")
+            files.append_text(os.path.join(self.workdir, SAMPLES_FILE),
+                              "".join(json.dumps({"step": done, **s}) + "\n" for s in samples))
         return row
 
     def postfix(self, row: dict) -> dict:

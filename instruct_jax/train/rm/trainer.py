@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -32,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from instruct_jax import files
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
 from instruct_jax.data.build import (Data, build_chat_template, build_tokenizer, encode_records, is_eval, load_data,
@@ -117,7 +117,7 @@ def build_rm(cfg: Config, devices: Optional[Sequence] = None) -> RMSetup:
 # ----------------------------------------------------------------------------- params in and out
 def export_kind(path: str) -> str:
     """"reward" for a reward-model export ({"params", "norm"}), "lm" for an SFT / pretraining one."""
-    tree = ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata
+    tree = ocp.StandardCheckpointer().metadata(files.path(path)).item_metadata
     return "reward" if set(tree.keys()) == {"params", "norm"} else "lm"
 
 
@@ -143,11 +143,10 @@ def fresh_params(setup: RMSetup):
 
 def export_reward_model(workdir: str, params, norm: dict) -> None:
     """<workdir>/params (orbax, with manifest) and the human-readable <workdir>/reward_norm.json."""
-    export_params(os.path.join(workdir, "params"), {"params": params, "norm": {
+    export_params(files.join(workdir, "params"), {"params": params, "norm": {
         k: np.float32(v) for k, v in norm.items()}})
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, NORM_FILE), "w") as f:
-            json.dump({k: float(v) for k, v in norm.items()}, f, indent=2)
+        files.write_text(files.join(workdir, NORM_FILE), json.dumps({k: float(v) for k, v in norm.items()}, indent=2))
 
 
 def fresh_state(setup: RMSetup) -> TrainState:
@@ -348,9 +347,9 @@ class RMPhase(Phase):
         export_reward_model(self.workdir, state.params, self.norm)
         if jax.process_index() == 0:
             data = self.data.data
-            with open(os.path.join(self.workdir, EVAL_FILE), "w") as f:
-                json.dump({**self.result, "data": {"train": data.train_stats.as_dict(),
-                                                   "eval": data.eval_stats.as_dict()}}, f, indent=2)
+            files.write_text(files.join(self.workdir, EVAL_FILE), json.dumps(
+                {**self.result, "data": {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()}},
+                indent=2))
 
     def summary(self, result: dict) -> None:
         log(self.data.report())
