@@ -33,6 +33,7 @@ PLANS = {
     "8b-ppo-v5p128": (f"{E}/llama3_8b_ppo_v5p128.py", "v5p:4x4x4", 1, ("ppo",), ()),
     "62b-v5p-sft": (f"{E}/palm.py:62b-v5p", "v5p:8x8x8", 1, ("sft",), ()),
     "62b-v4-sft": (f"{E}/palm.py:62b-v4", "v4:8x8x8", 1, ("sft",), ()),
+    "62b-v4-sft-micro2": (f"{E}/palm.py:62b-v4", "v4:8x8x8", 1, ("sft",), ("train.microbatches=2",)),
     "540b-v5p-sft": (f"{E}/palm.py:540b-v5p", "v5p:16x16x24", 1, ("sft",), ()),
     "540b-v4-sft": (f"{E}/palm.py:540b-v4", "v4:16x16x12", 2, ("sft",), ()),
     "540b-v5p-ppo": (f"{E}/palm.py:540b-v5p-ppo", "v5p:16x16x24", 1, ("ppo",), ()),

@@ -138,7 +138,7 @@ def _sampler_case(mesh, rules, weights):
     abstract, shardings = param_shardings_for(init, mesh, rules)
     with mesh_and_rules(mesh, rules):
         params = jax.jit(lambda k: unbox(init(k)), out_shardings=shardings)(jax.random.PRNGKey(0))
-    sampler = make_sampler(model, SamplingConfig(max_new_tokens=6, temperature=0.0), mesh, rules, shardings,
+    sampler = make_sampler(model, SamplingConfig(max_new_tokens=6, temperature=1.0), mesh, rules, shardings,
                            weights=weights)
     return model, params, sampler
 
@@ -156,7 +156,9 @@ def test_decode_loop_gathers_no_weight_and_decodes_the_same_tokens(sizes):
         outs[weights] = sampler.sample(params, prompt, jax.random.PRNGKey(1))
         text = sampler.sample.lower(params, prompt, jax.random.PRNGKey(1)).compile().as_text()
         loops[weights] = [c for c in collectives(text) if any(lp.where == "sampling.py:sample" for lp in c.loops)]
-    np.testing.assert_array_equal(outs["gathered"].tokens, outs["sharded"].tokens)
+    # bit for bit: the same samples and log-probs (PPO's rollouts, and so the CPU pipeline, are unchanged)
+    for field in ("tokens", "logprobs", "lengths"):
+        np.testing.assert_array_equal(getattr(outs["gathered"], field), getattr(outs["sharded"], field))
     weight_gathers = [c for c in loops["gathered"] if c.invariant and c.op in ("all-gather", "collective-permute")]
     assert not weight_gathers, [(c.op, c.shape, c.source) for c in weight_gathers]
     # (The CPU compiler hoists the training layout's weight gathers out of the loop by itself; the TPU compiler
