@@ -241,10 +241,10 @@ def sample(params, model: Transformer, prompt: ModelInput, rng: jax.Array, cfg: 
     # Once per call, outside the loop: weights cast to the compute dtype, moved to the inference
     # layout and split per layer, the cache held per layer, so every decode step reads each buffer in
     # place and writes only the new token's keys / values (Transformer.cached_layers; docs/BENCHMARKS.md).
-    params = compute_dtype_weights(model.cfg, params)
-    if weight_shardings is not None:
-        params = jax.lax.with_sharding_constraint(params, weight_shardings)
-    params = split_layers(params)
+    params = compute_dtype_weights(model.cfg, split_layers(params))
+    if weight_shardings is not None:  # layer by layer: a gathered copy of the whole stack never exists
+        params = jax.lax.with_sharding_constraint(params, _split_layer_shardings(weight_shardings,
+                                                                                 model.cfg.num_layers))
     # S = T + N: the last loop step feeds token N-1 into slot T + N - 1 (its logits are unused,
     # but a fixed loop body is simpler than skipping it).
     cache = KVCache.init(model.cfg, b, t + n, per_layer=True)
@@ -333,6 +333,17 @@ def inference_shardings(param_shardings, rules):
         return NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec))
 
     return jax.tree.map(strip, param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _split_layer_shardings(shardings, num_layers: int):
+    """The shardings of split_layers(params) from those of params: each of the num_layers layers takes its
+    stack's sharding without the leading layers dim."""
+    stacked = shardings["layers"]
+    if isinstance(stacked, (tuple, list)):
+        return shardings
+    one = jax.tree.map(lambda sh: NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*sh.spec[1:])), stacked,
+                       is_leaf=lambda x: isinstance(x, NamedSharding))
+    return {**shardings, "layers": (one,) * num_layers}
 
 
 def make_sampler(model: Transformer, cfg: SamplingConfig, mesh=None, rules=None, param_shardings=None,
