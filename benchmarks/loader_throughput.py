@@ -10,6 +10,11 @@ into jax.Arrays over all local devices. tokens/s counts real (non-padding) token
 fraction of positions that are real tokens (what packing buys). The same run measures the
 tiny model's training tokens/s (experiments/tiny_cpu.py, SFT step): the loader keeps up when its
 tokens/s is well above the model's.
+
+For the formats a tokenised store holds (text, sft, prompt; `data.store`), the same case also runs through
+a store: `store_prepare_s` (tokenise and write, one host), `global_batch` built from the store (examples read
+from memory-mapped files per step), and one host of 4 building its quarter of the rows (every 4th row, as
+interleaved as a pod's), with the share of the store's examples that host read per step.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from instruct_jax.data.build import load_data, make_loader  # noqa: E402
+from instruct_jax.data.build import load_data, load_stored_data, make_loader, prepare_store  # noqa: E402
 from instruct_jax.data.config import DataConfig  # noqa: E402
 from instruct_jax.data.formats import SELF_INSTRUCT_FIELDS  # noqa: E402
 from instruct_jax.data.tokenizer import train_sentencepiece  # noqa: E402
@@ -98,6 +103,21 @@ def tiny_model_tokens_per_s(seconds: float) -> dict:
     return {"global_batch": b, "seq_len": t, "steps": steps, "tokens_per_s": round(steps * b * t / elapsed)}
 
 
+def store_case(cfg, tok, batch: int, seq_len: int, seconds: float, folder: str) -> dict:
+    """The case through a tokenised store: prepare time, batches from it, and one host of 4's share."""
+    t0 = time.perf_counter()
+    prepare_store(cfg, tok, seq_len=seq_len, seed=0, folder=folder)
+    prepare_s = time.perf_counter() - t0
+    store = load_stored_data(cfg, tok, seq_len=seq_len, seed=0, folder=folder).train
+    loader = make_loader(store, cfg, tok, global_batch_size=batch, seq_len=seq_len, seed=0)
+    whole = measure(loader.global_batch, seconds)
+    rows = np.arange(0, batch, 4)  # host 0 of 4, rows interleaved
+    store.reads = 0
+    host = measure(lambda step: loader.rows_at(step, rows), seconds)
+    return {"prepare_s": round(prepare_s, 2), "numpy": whole, "host_0_of_4": host,
+            "host_0_of_4_reads_per_step": round(store.reads / host["steps"], 1), "store_examples": len(store)}
+
+
 def run(seconds: float, shared: str) -> dict:
     workdir = tempfile.mkdtemp(prefix="loader_bench_")
     tok = train_sentencepiece([f"{shared}/tinyshakespeare.txt"], f"{workdir}/spm", vocab_size=1024)
@@ -113,9 +133,12 @@ def run(seconds: float, shared: str) -> dict:
         numpy_stats = measure(loader.global_batch, seconds)
         with loader.iterate(0, sharding, prefetch=4) as it:
             jax_stats = measure(lambda _: jax.block_until_ready(next(it)), seconds)
-        results.append({"case": case["name"], "format": cfg.format, "packing": loader.packing,
-                        "global_batch": batch, "seq_len": seq_len, "examples": len(data.train),
-                        "prepare_s": round(prepare_s, 2), "numpy": numpy_stats, "sharded_prefetch": jax_stats})
+        row = {"case": case["name"], "format": cfg.format, "packing": loader.packing,
+               "global_batch": batch, "seq_len": seq_len, "examples": len(data.train),
+               "prepare_s": round(prepare_s, 2), "numpy": numpy_stats, "sharded_prefetch": jax_stats}
+        if cfg.format in ("text", "sft", "prompt"):
+            row["store"] = store_case(cfg, tok, batch, seq_len, seconds, tempfile.mkdtemp(dir=workdir))
+        results.append(row)
     return {"benchmark": "loader_throughput", "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "jax_devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "tokenizer": repr(tok),
             "seconds_per_case": seconds, "results": results,
@@ -129,6 +152,15 @@ def table(report: dict) -> str:
         shape = f"{r['global_batch']}x{r['seq_len']}"
         lines.append(f"{r['case']:34} {shape:>10} {r['numpy']['fill']:>5.2f} {r['numpy']['tokens_per_s']:>12,} "
                      f"{r['sharded_prefetch']['tokens_per_s']:>14,} {r['prepare_s']:>7.2f}")
+    lines.append("")
+    head = f"{'through a store':34} {'prep s':>7} {'numpy tok/s':>12} {'1 of 4 hosts tok/s':>19} {'read/step':>10}"
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        if "store" in r:
+            st = r["store"]
+            lines.append(f"{r['case']:34} {st['prepare_s']:>7.2f} {st['numpy']['tokens_per_s']:>12,} "
+                         f"{st['host_0_of_4']['tokens_per_s']:>19,} "
+                         f"{st['host_0_of_4_reads_per_step']:>5.1f}/{st['store_examples']}")
     m = report["tiny_model_train"]
     lines.append(f"tiny_cpu.py SFT train step ({m['global_batch']}x{m['seq_len']}): {m['tokens_per_s']:,} tokens/s "
                  f"-- the loader must stay well above this")

@@ -23,6 +23,7 @@ import sys
 from instruct_jax.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, ConfigError
 
 COMMANDS = {
+    "prepare": "tokenise the data once into data.store (and ppo.ptx.store), each process its share (docs/DATA.md)",
     "pretrain": "next-token pretraining on plain text (every real token is a target)",
     "sft": "supervised fine-tuning on demonstrations (only assistant tokens are targets)",
     "rm": "reward model on pairwise / K-wise comparisons (data.format=pairwise|ranking), evaluated and normalized",
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, cfg, workdir: str):
     """Dispatch to the phase's entry point (imported lazily: each pulls in only what it needs)."""
-    if args.command in ("pretrain", "sft"):
+    if args.command == "prepare":
+        from instruct_jax.data.build import prepare_command
+
+        prepare_command(cfg, workdir)
+    elif args.command in ("pretrain", "sft"):
         from instruct_jax.train.lm.trainer import run_lm
 
         run_lm(cfg, workdir, phase=args.command)

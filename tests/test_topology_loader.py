@@ -21,12 +21,14 @@ from conftest import REPO
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) missing")
 
 SCRIPT = r"""
-import json, sys
+import json, sys, tempfile
 import numpy as np
 from jax.experimental import topologies
 
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
 from instruct_jax.data.loader import Loader, device_rows, process_rows, shard_of
+from instruct_jax.data.stats import DataStats
+from instruct_jax.data.store import ExampleStore, write_part
 from instruct_jax.parallel.mesh import MeshConfig, make_mesh
 from instruct_jax.parallel.sharding import batch_sharding
 
@@ -39,6 +41,9 @@ CASES = {  # label: topology, slices, mesh config
 rng = np.random.default_rng(0)
 lm = [LMExample(rng.integers(1, 500, n).astype(np.int32), rng.integers(0, 2, n).astype(np.float32))
       for n in rng.integers(3, 34, 301)]
+folder = tempfile.mkdtemp()  # the same LM examples in a tokenised store: each host reads only its rows' examples
+write_part(folder + "/part-00000-of-00001", lm, DataStats(), "key")
+stored = ExampleStore([folder + "/part-00000-of-00001"])
 out = []
 for label, (name, slices, mesh_cfg) in CASES.items():
     topo = topologies.get_topology_desc(topology_name=name, platform="tpu",
@@ -51,7 +56,8 @@ for label, (name, slices, mesh_cfg) in CASES.items():
                "prompts": Loader([PromptExample(np.arange(1, 2 + i % 9, dtype=np.int32)) for i in range(41)], batch,
                                  32, seed=3, pad_id=0, prompt_len=12, prefetch=0),
                "rankings": Loader([RankingExample((lm[i], lm[i + 1]), (1, 2)) for i in range(29)], batch, 33, seed=3,
-                                  pad_id=0, prefetch=0)}
+                                  pad_id=0, prefetch=0),
+               "stored": Loader(stored, batch, 32, seed=3, pad_id=0, prefetch=0)}
     case = {"case": label, "hosts": len(hosts), "exact": True, "rows_built": 0,
             "covered": set(), "one_block": []}
     for h in hosts:
@@ -61,9 +67,14 @@ for label, (name, slices, mesh_cfg) in CASES.items():
         case["one_block"].append(bool(rows[-1] - rows[0] + 1 == len(rows)))
         if h == 0:
             case["host0_rows"] = rows.tolist()
-        for loader in loaders.values():
+        for name, loader in loaders.items():
             for step in (0, 7):
-                local, full = loader.rows_at(step, rows), loader.global_batch(step)
+                stored.reads = 0
+                local = loader.rows_at(step, rows)
+                if name == "stored":  # exactly the examples packed into this host's rows were read
+                    wanted = {i for r in rows for i in loader._row(step * batch + int(r))}
+                    case["exact"] &= stored.reads == len(wanted)
+                full = loader.global_batch(step)
                 for key, value in local.items():
                     whole = full[key]
                     for device, held in device_rows(sharding, batch, h).items():

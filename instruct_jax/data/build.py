@@ -21,6 +21,7 @@ as a skip under its reason; filtered rows (formats.FilteredRow) are always count
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ from instruct_jax.data.formats import Ranking, prompt_key, row_to_record, self_i
 from instruct_jax.data.loader import Loader
 from instruct_jax.data.sources import iter_rows, local_files
 from instruct_jax.data.stats import DataStats, FilteredRow, MalformedDataError
+from instruct_jax.data.store import complete_parts, open_store, part_done, part_name, write_part
 from instruct_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 
 
@@ -77,12 +79,13 @@ def build_chat_template(cfg: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:
 
 # ----------------------------------------------------------------------------- rows -> records
 def read_records(source: str, cfg: DataConfig, stats: Optional[DataStats] = None,
-                 split: Optional[str] = None) -> tuple[list[tuple[str, object]], DataStats]:
-    """Parse every row of `source` with cfg's format and field mapping: [(where, record)], stats."""
+                 split: Optional[str] = None, shard: tuple[int, int] = (0, 1)) -> tuple[list[tuple[str, object]], DataStats]:
+    """Parse every row of `source` (or host shard[0]'s share of shard[1], see `iter_rows`) with cfg's format
+    and field mapping: [(where, record)], stats."""
     stats = stats if stats is not None else DataStats(name=source)
     records = []
     rows = iter_rows(source, split=split or cfg.split, hub_config=cfg.hub_config, hub_data_dir=cfg.hub_data_dir,
-                     text_unit=cfg.text_unit, max_rows=cfg.max_rows)
+                     text_unit=cfg.text_unit, max_rows=cfg.max_rows, shard=shard)
     for where, row in rows:
         try:
             if isinstance(row, MalformedDataError):
@@ -144,8 +147,8 @@ class Data:
 
     tokenizer: Tokenizer
     template: ChatTemplate
-    train: list
-    eval: list
+    train: Sequence  # examples: a list, or an ExampleStore (data.store)
+    eval: Sequence
     train_stats: DataStats
     eval_stats: DataStats = field(default_factory=lambda: DataStats(name="eval"))
 
@@ -154,15 +157,18 @@ class Data:
 
 
 def load_data(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemplate] = None, *,
-              seq_len: int, seed: int = 0) -> Data:
-    """Read cfg.source (and eval_source), split off eval by prompt, and tokenize both sides."""
+              seq_len: int, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> Data:
+    """Read cfg.source (and eval_source), split off eval by prompt, and tokenize both sides.
+
+    shard = (i, n): only host i's share of n (`iter_rows`), as `prepare_store` writes it."""
     if not cfg.source:
         raise DataConfigError("data.source", "empty; name a Hub dataset or local files")
     template = template or build_chat_template(cfg, tokenizer)
     train_stats, eval_stats = DataStats(name="train"), DataStats(name="eval")
-    records, _ = read_records(cfg.source, cfg, train_stats)
+    records, _ = read_records(cfg.source, cfg, train_stats, shard=shard)
     if cfg.eval_source:
-        eval_records, _ = read_records(cfg.eval_source, cfg, eval_stats, split=cfg.eval_split or cfg.split)
+        eval_records, _ = read_records(cfg.eval_source, cfg, eval_stats, split=cfg.eval_split or cfg.split,
+                                       shard=shard)
     else:
         held_out = [is_eval(r, cfg.eval_fraction, seed) for _, r in records]
         eval_records = [r for r, out in zip(records, held_out) if out]
@@ -171,6 +177,86 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemp
     train = encode_records(records, cfg, tokenizer, template, seq_len, train_stats)
     held = encode_records(eval_records, cfg, tokenizer, template, seq_len, eval_stats)
     return Data(tokenizer, template, train, held, train_stats, eval_stats)
+
+
+# ----------------------------------------------------------------------------- a tokenised store
+_KEY_FIELDS = ("source", "format", "split", "hub_config", "hub_data_dir", "eval_source", "eval_split", "eval_fraction",
+               "max_rows", "text_field", "messages_field", "prompt_field", "input_field", "response_field",
+               "transcript", "text_unit", "tokenizer", "vocab_size", "chat_template", "on_malformed", "on_overlength",
+               "max_prompt_len")
+_PROBE = "The quick brown fox: 12,345 jumps?\nÜber naïve café — 東京 🙂"
+
+
+def store_key(cfg: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seq_len: int, seed: int) -> str:
+    """What a store's examples depend on: the data fields that shape them, the sequence length, the seed when it
+    picks the eval split, and the tokenizer and template (by what they make of a probe)."""
+    parts = {name: getattr(cfg, name) for name in _KEY_FIELDS}
+    parts.update(seq_len=seq_len, seed=seed if cfg.eval_fraction else None, vocab=tokenizer.vocab_size,
+                 probe=tokenizer.encode(_PROBE),
+                 rendered=template.render([{"role": "user", "content": _PROBE}, {"role": "assistant", "content": "ok"}]))
+    text = json.dumps(parts, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else list(v))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def prepare_store(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemplate] = None, *, seq_len: int,
+                  seed: int = 0, folder: Optional[str] = None, shard: tuple[int, int] = (0, 1)) -> bool:
+    """Tokenise host shard[0]'s share of cfg's data into part shard[0] of shard[1] of the store at `folder`
+    (default cfg.store): train and eval sides. Returns False when a complete store (any number of parts) or
+    this part is there already. Tokenising on n hosts takes 1/n of the time; the `prepare` command runs it
+    ahead of a job, on any machine."""
+    folder = folder or cfg.store
+    template = template or build_chat_template(cfg, tokenizer)
+    key = store_key(cfg, tokenizer, template, seq_len, seed)
+    sides = ("train", "eval")
+    part = part_name(*shard)
+    if all(complete_parts(files.join(folder, side), key) for side in sides) or \
+            all(part_done(files.join(folder, side, part), key) for side in sides):
+        return False
+    data = load_data(cfg, tokenizer, template, seq_len=seq_len, seed=seed, shard=shard)
+    write_part(files.join(folder, "eval", part), data.eval, data.eval_stats, key)
+    write_part(files.join(folder, "train", part), data.train, data.train_stats, key)
+    return True
+
+
+def load_stored_data(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemplate] = None, *,
+                     seq_len: int, seed: int = 0, folder: Optional[str] = None) -> Data:
+    """`load_data` through the store at `folder` (default cfg.store): prepared here first if needed (each
+    process its share, then all wait for each other), then opened: `Data.train` / `Data.eval` are
+    ExampleStores (index only; tokens read per step) and the stats are those of every part."""
+    import jax
+
+    folder = folder or cfg.store
+    template = template or build_chat_template(cfg, tokenizer)
+    key = store_key(cfg, tokenizer, template, seq_len, seed)
+    if not all(complete_parts(files.join(folder, side), key) for side in ("train", "eval")):
+        prepare_store(cfg, tokenizer, template, seq_len=seq_len, seed=seed, folder=folder,
+                      shard=(jax.process_index(), jax.process_count()))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"instruct_jax data store {folder}")
+    train, held = (open_store(files.join(folder, side), key) for side in ("train", "eval"))
+    if train is None or held is None:
+        raise DataConfigError("data.store", f"{folder}: the store is incomplete after preparing it (a part written "
+                                            "by another host is missing)")
+    train.stats.name, held.stats.name = "train", "eval"
+    return Data(tokenizer, template, train, held, train.stats, held.stats)
+
+
+def prepare_command(cfg, workdir: Optional[str] = None) -> None:
+    """`python -m instruct_jax prepare`: the stores a run of this experiment reads (data.store and, with PPO-ptx,
+    ppo.ptx.store), prepared by every process of the job, each its share; a complete store is left as it is."""
+    import jax
+
+    wanted = [(name, d) for name, d in (("data", cfg.data), ("ppo.ptx", cfg.ppo.ptx)) if d.store]
+    if not wanted:
+        raise DataConfigError("data.store", "empty (and ppo.ptx.store too): name the folder to prepare the data in")
+    tokenizer = build_tokenizer(cfg.data, workdir)
+    for name, d in wanted:
+        data = load_stored_data(d, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        if jax.process_index() == 0:
+            print(f"{name}.store {d.store}: {len(data.train)} training and {len(data.eval)} held-out examples "
+                  f"in {len(data.train.parts)} part(s)\n{data.report()}", flush=True)
 
 
 def make_loader(examples: Sequence, cfg: DataConfig, tokenizer: Tokenizer, *, global_batch_size: int,
@@ -206,7 +292,8 @@ def build_lm_data(cfg, workdir: Optional[str] = None) -> LMData:
     if d.format not in ("sft", "text"):
         raise DataConfigError("data.format", f"next-token training reads 'sft' or 'text', got {d.format!r}")
     tokenizer = build_tokenizer(d, workdir)
-    data = load_data(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed)
+    load = load_stored_data if d.store else load_data
+    data = load(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed)
     common = dict(global_batch_size=t.global_batch_size, seq_len=t.seq_len, seed=cfg.seed)
     train = make_loader(data.train, d, tokenizer, **common)
     held_out = make_loader(data.eval, d, tokenizer, shuffle=False, **common) if data.eval else None

@@ -52,6 +52,8 @@ class DataConfig:
     on_overlength: str = "truncate"  # truncate | drop examples longer than the sequence
     max_prompt_len: int = 0  # prompt format: tokens per left-padded prompt; 0 = half of train.seq_len
     max_responses: int = 0  # pairwise / ranking: response slots K per batch element; 0 = largest K in the data
+    # ---- a tokenised store (data/store.py, docs/DATA.md)
+    store: str = ""  # "" = tokenise in memory on every host; a folder (or gs://) = each host tokenises its share once
     # ---- batching
     packing: bool = True  # greedy-pack sft/text examples into rows (else pad one example per row)
     prefetch: int = 2  # batches built ahead in a background thread (0 = build on demand)
@@ -112,6 +114,9 @@ def validate_data_config(cfg) -> None:
                                   "(only 'text' trains on its source)")
     elif not d.tokenizer:
         raise DataConfigError("data.tokenizer", f"must be a path or {TRAIN_SENTENCEPIECE!r}")
+    if d.store and d.format not in ("sft", "text", "prompt"):
+        raise DataConfigError("data.store", f"stores hold sft, text and prompt examples; format {d.format!r} "
+                                            "(rankings, read by the reward model) is kept in memory: leave it empty")
     if d.chat_template not in ("builtin", "model") and not os.path.isfile(d.chat_template):
         raise DataConfigError("data.chat_template",
                               f"expected 'builtin', 'model' or a Jinja file, got {d.chat_template!r}")

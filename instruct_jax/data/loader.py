@@ -31,6 +31,7 @@ import numpy as np
 
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
 from instruct_jax.data.packing import greedy_pack, pack_lm_row, prompt_row, ranking_row, stack_rows
+from instruct_jax.data.store import ExampleStore
 
 _PLANS_KEPT = 4  # epoch plans cached; older ones are recomputed if asked for again
 
@@ -39,21 +40,24 @@ class Loader:
     def __init__(self, examples: Sequence, global_batch_size: int, seq_len: int, seed: int, *, pad_id: int,
                  packing: bool = True, shuffle: bool = True, prompt_len: Optional[int] = None,
                  padding_side: str = "left", max_responses: int = 0, prefetch: int = 2):
-        """examples: all LMExample, all PromptExample or all RankingExample (examples.py).
+        """examples: all LMExample, all PromptExample or all RankingExample (examples.py), or an ExampleStore
+        (store.py: LM or prompt examples read by index, so a host reads only the examples of its rows).
 
         seq_len is the row length T for LM and ranking rows; prompts use prompt_len (default seq_len).
         packing applies to LM examples only; prompts and rankings are always one per row.
         max_responses: K slots of ranking rows (0 = the largest K among the examples).
         """
-        if not examples:
+        if not len(examples):
             raise ValueError("the loader got no examples (every row skipped or dropped? see the data report)")
-        kinds = {type(e) for e in examples}
+        stored = isinstance(examples, ExampleStore)
+        kinds = {examples.example_type} if stored else {type(e) for e in examples}
         if len(kinds) != 1 or not kinds <= {LMExample, PromptExample, RankingExample}:
             raise TypeError(f"examples must all be one of LMExample, PromptExample, RankingExample; got {kinds}")
         if global_batch_size <= 0 or seq_len <= 0 or seed < 0:
             raise ValueError(f"need global_batch_size > 0, seq_len > 0, seed >= 0; got "
                              f"{global_batch_size}, {seq_len}, {seed}")
-        self.examples = list(examples)
+        # A store is read by index, per step, only the examples of the rows asked for; a list is held whole.
+        self.examples = examples if stored else list(examples)
         self.kind = kinds.pop()
         self.global_batch_size, self.seq_len, self.seed = global_batch_size, seq_len, seed
         self.pad_id, self.shuffle, self.prefetch = pad_id, shuffle, prefetch
@@ -62,7 +66,9 @@ class Loader:
         self.padding_side = padding_side
         if self.kind is RankingExample:
             self.k_slots = max_responses or max(e.k for e in self.examples)
-        self._lengths = np.array([e.length for e in self.examples]) if self.kind is LMExample else None
+        self._lengths = None
+        if self.kind is LMExample:
+            self._lengths = examples.lengths if stored else np.array([e.length for e in self.examples])
         self._epoch_starts = [0]  # first stream row of each planned epoch, plus the end of the last
         self._plans: collections.OrderedDict[int, list] = collections.OrderedDict()  # epoch -> plan, LRU
         self._lock = threading.RLock()  # the prefetch thread and the caller share the plan cache
@@ -103,13 +109,13 @@ class Loader:
         return bisect.bisect_right(self._epoch_starts, index) - 1
 
     # ------------------------------------------------------------------------- batches
-    def _build_row(self, example_ids: list[int]) -> dict[str, np.ndarray]:
+    def _build_row(self, examples: list) -> dict[str, np.ndarray]:
         if self.kind is LMExample:
-            return pack_lm_row([self.examples[i] for i in example_ids], self.seq_len, self.pad_id)
-        (i,) = example_ids
+            return pack_lm_row(examples, self.seq_len, self.pad_id)
+        (example,) = examples
         if self.kind is PromptExample:
-            return prompt_row(self.examples[i], self.prompt_len, self.pad_id, self.padding_side)
-        return ranking_row(self.examples[i], self.k_slots, self.seq_len, self.pad_id)
+            return prompt_row(example, self.prompt_len, self.pad_id, self.padding_side)
+        return ranking_row(example, self.k_slots, self.seq_len, self.pad_id)
 
     def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the global batch at `step`, stacked."""
@@ -118,7 +124,12 @@ class Loader:
     def rows_at(self, step: int, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Rows `indices` (positions in the global batch at `step`, in that order), stacked."""
         first = step * self.global_batch_size
-        return stack_rows([self._build_row(self._row(first + int(r))) for r in indices])
+        plans = [self._row(first + int(r)) for r in indices]
+        if isinstance(self.examples, ExampleStore):  # read each example of these rows once, and nothing else
+            got = self.examples.fetch(i for plan in plans for i in plan)
+        else:
+            got = self.examples
+        return stack_rows([self._build_row([got[i] for i in plan]) for plan in plans])
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         """The whole batch at `step`: dict of numpy arrays with leading axis global_batch_size."""

@@ -113,20 +113,39 @@ def _known(path: str) -> bool:
 
 
 def iter_rows(source: str, *, split: str = "train", hub_config: str = "", hub_data_dir: str = "",
-              text_unit: str = "paragraph", max_rows: int = 0) -> Iterator[tuple[str, object]]:
-    """All rows of a source as (where, dict | str | MalformedDataError); at most max_rows if > 0."""
+              text_unit: str = "paragraph", max_rows: int = 0,
+              shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, object]]:
+    """All rows of a source as (where, dict | str | MalformedDataError); at most max_rows if > 0.
+
+    shard = (i, n): only host i's share of n, for preparing a data store on n hosts at once. Files are dealt
+    round-robin (host i reads files i, i + n, ...) when there are at least n of them and no row cap; else
+    every host reads the rows in order and keeps rows i, i + n, ... of the first max_rows (it parses the
+    rest, but tokenises only its own). A Hub dataset is streamed and split by node (`datasets`'
+    `split_dataset_by_node`: whole shards per host when they divide evenly, else every n-th row); capped, the
+    hosts read max_rows rows in all, each once, though not always the first max_rows of one host's order.
+    """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard}: need 0 <= index < count")
     paths = local_files(source)
     if paths is None:
+        if count > 1:
+            yield from hub_rows_shard(source, split, hub_config, hub_data_dir, shard, max_rows)
+            return
         streams = [hub_rows(source, split, hub_config, hub_data_dir)]
     else:
-        streams = [file_rows(path, text_unit) for path in paths]
+        by_file = count > 1 and not max_rows and len(paths) >= count
+        streams = [file_rows(path, text_unit) for path in (paths[index::count] if by_file else paths)]
+        if by_file:
+            index, count = 0, 1  # this host's files, every row of them
     n = 0
     for stream in streams:
         for item in stream:
             if max_rows and n >= max_rows:
                 return
             n += 1
-            yield item
+            if (n - 1) % count == index:
+                yield item
 
 
 def file_rows(path: str, text_unit: str = "paragraph") -> Iterator[tuple[str, object]]:
@@ -151,6 +170,19 @@ def hub_rows(name: str, split: str, config: str = "", data_dir: str = "") -> Ite
 
     ds = datasets.load_dataset(name, config or None, data_dir=data_dir or None, split=split)
     yield from ((f"{name}[{split}]:row {i}", row) for i, row in enumerate(ds))
+
+
+def hub_rows_shard(name: str, split: str, config: str, data_dir: str, shard: tuple[int, int],
+                   max_rows: int = 0) -> Iterator[tuple[str, object]]:
+    """Host shard[0]'s share of a streamed Hub dataset (the first max_rows rows if > 0), split by node."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    ds = datasets.load_dataset(name, config or None, data_dir=data_dir or None, split=split, streaming=True)
+    if max_rows:
+        ds = ds.take(max_rows)
+    ds = split_dataset_by_node(ds, rank=shard[0], world_size=shard[1])
+    yield from ((f"{name}[{split}]:host {shard[0]} of {shard[1]} row {i}", row) for i, row in enumerate(ds))
 
 
 # ----------------------------------------------------------------------------- line-precise readers

@@ -94,6 +94,13 @@ class DataStats:
                 "tokens": self.tokens, "truncated": self.truncated, "skipped": dict(self.skipped),
                 "dropped": dict(self.dropped)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataStats":
+        """The inverse of `as_dict` (plus `where`, when the dict holds it): stats written beside a data store."""
+        return cls(name=d["name"], rows=d["rows"], kept=d["kept"], examples=d["examples"], tokens=d["tokens"],
+                   truncated=d["truncated"], skipped=collections.Counter(d["skipped"]),
+                   dropped=collections.Counter(d["dropped"]), where={k: list(v) for k, v in d.get("where", {}).items()})
+
     def report(self) -> str:
         """Human-readable summary, e.g.
 

@@ -32,7 +32,7 @@ import optax
 from instruct_jax import files
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config, validate
-from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, make_loader
+from instruct_jax.data.build import build_chat_template, build_tokenizer, load_data, load_stored_data, make_loader
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.config import DataConfigError, validate_data_config
 from instruct_jax.data.examples import encode_prompt
@@ -300,7 +300,8 @@ def build_prompt_loader(cfg: Config, tokenizer: Tokenizer, template: ChatTemplat
             raise ConfigError("data.format", f"PPO reads prompts (format 'prompt'), got {cfg.data.format!r}")
         if not cfg.data.source:
             raise ConfigError("data.source", "empty; name the prompts (or set ppo.synthetic_prompts)")
-        data = load_data(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        load = load_stored_data if cfg.data.store else load_data
+        data = load(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
         examples, stats = data.train, data.train_stats
     loader = Loader(examples, cfg.train.global_batch_size, cfg.train.seq_len, cfg.seed, pad_id=tokenizer.pad_id,
                     packing=False, prompt_len=t, padding_side="left", prefetch=cfg.data.prefetch)
@@ -315,7 +316,8 @@ def build_ptx_loader(cfg: Config, tokenizer: Tokenizer) -> Optional[Loader]:
         return None
     if not p.ptx.source:
         raise ConfigError("ppo.ptx.source", "empty; PPO-ptx (ppo.ptx_coef > 0) needs pretraining or SFT data")
-    data = load_data(p.ptx, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.seed)
+    load = load_stored_data if p.ptx.store else load_data
+    data = load(p.ptx, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.seed)
     return make_loader(data.train, p.ptx, tokenizer, global_batch_size=p.ptx_batch_size * p.epochs * p.minibatches,
                        seq_len=cfg.train.seq_len, seed=cfg.seed)
 
