@@ -17,8 +17,8 @@ local path or Hub dataset name works with --set data.source=...
 
 import os
 
-from instruct_jax.config import (CheckpointConfig, Config, LoggingConfig, OptimConfig, PipelineConfig, PPOConfig,
-                                 StageConfig, TrainConfig)
+from instruct_jax.config import (CheckpointConfig, Config, DPOConfig, LoggingConfig, OptimConfig, PipelineConfig,
+                                 PPOConfig, StageConfig, TrainConfig)
 from instruct_jax.data.config import DataConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.parallel.mesh import MeshConfig
@@ -80,6 +80,8 @@ def pipeline_config(ci: bool) -> Config:
                       early_stop_patience=2),
             rm=stage(steps=250, global_batch_size=16, seq_len=80, learning_rate=3e-4),
             ppo=stage(steps=40, global_batch_size=64, seq_len=72, learning_rate=1e-4, warmup_steps=0),
+            # opt-in (pipeline.algorithms=ppo,dpo): DPO on the reward model's rankings, its data budget
+            dpo=stage(steps=250, global_batch_size=16, seq_len=80, learning_rate=1e-4),
             kl_budget=10.0)
     return Config(
         name="tiny-pipeline" + ("-ci" if ci else ""),
@@ -90,6 +92,7 @@ def pipeline_config(ci: bool) -> Config:
         optim=OptimConfig(weight_decay=0.0, decay="cosine", b2=0.99),
         checkpoint=CheckpointConfig(every_steps=50, keep=2),
         logging=LoggingConfig(log_every=10),
+        dpo=DPOConfig(beta=0.5),  # the dpo stage (pipeline.algorithms=ppo,dpo): docs/ALGORITHMS.md
         ppo=PPOConfig(response_len=24, temperature=1.0, kl_coef=0.2, epochs=4, minibatches=2, clip_ratio=0.2,
                       value_clip=0.2, gamma=1.0, lam=0.95, log_samples=2),
         pipeline=pipeline,

@@ -28,6 +28,7 @@ COMMANDS = {
     "sft": "supervised fine-tuning on demonstrations (only assistant tokens are targets)",
     "rm": "reward model on pairwise / K-wise comparisons (data.format=pairwise|ranking), evaluated and normalized",
     "score": "score (prompt, response) pairs from a jsonl file with a reward model (--workdir: the rm run)",
+    "dpo": "DPO (or IPO) of the policy (train.init_from) on pairwise / K-wise rankings, against its frozen copy",
     "ppo": "PPO of the policy (train.init_from) against the reward model (ppo.reward_model), KL-penalised",
     "pipeline": "pretrain -> SFT -> rankings -> reward model -> PPO -> evaluation on the built-in task (docs/PIPELINE.md)",
     "eval": "evaluate LM checkpoints on prompts (--policy NAME=PATH ...): gold / RM scores, win rates, samples",
@@ -168,6 +169,10 @@ def _run(args, cfg, workdir: str):
         from instruct_jax.train.rm.trainer import run_rm
 
         run_rm(cfg, workdir)
+    elif args.command == "dpo":
+        from instruct_jax.train.dpo.trainer import run_dpo
+
+        run_dpo(cfg, workdir)
     elif args.command == "ppo":
         from instruct_jax.rl.ppo.trainer import run_ppo
 

@@ -111,6 +111,19 @@ class RewardConfig:
     score_batch_size: int = 0  # sequences per scoring forward (normalization, `score`); 0 = 2 * global batch
 
 
+# ----------------------------------------------------------------------------- DPO
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (`python -m instruct_jax dpo`); docs/ALGORITHMS.md. Rankings come from `data`
+    (pairwise / ranking) or `reward.synthetic`; the policy and its frozen reference start from `train.init_from`."""
+
+    beta: float = 0.1  # implicit reward = beta * (log pi(y|x) - log pi_ref(y|x)); larger = closer to the reference
+    loss: str = "sigmoid"  # sigmoid: DPO, -log sigmoid(r_better - r_worse) | ipo: (h - 1 / (2 beta))^2, h the log-ratio gap
+
+
 # ----------------------------------------------------------------------------- PPO
 def _default_ptx_data() -> DataConfig:
     return DataConfig(format="text")
@@ -255,6 +268,10 @@ class PipelineConfig:
     # The upper reference: a second PPO run whose reward is the gold judge itself (standardized on the SFT
     # samples the labeler ranked), evaluated beside the reward-model run; never the headline
     oracle: bool = False
+    # ---- methods compared (docs/ALGORITHMS.md): each trains from the same SFT policy on the same rankings
+    # (ppo through the reward model, dpo on the rankings directly) and is evaluated beside the others;
+    # the main job runs ppo alone, --set pipeline.algorithms=ppo,dpo adds the comparison
+    algorithms: tuple = ("ppo",)
     # ---- evaluation
     decode_temperature: float = 0.0  # how every policy is decoded for scoring (0 = greedy)
     max_new_tokens: int = 24  # response buffer for evaluation decoding
@@ -273,6 +290,10 @@ class PipelineConfig:
                                                    learning_rate=1e-3))
     ppo: StageConfig = field(default_factory=_stage(steps=60, global_batch_size=64, seq_len=64,
                                                     learning_rate=3e-4, warmup_steps=0))
+    # DPO from the SFT policy on the label stage's rankings (the reward model's training split); its seq_len
+    # should equal rm's, so both read the same rankings whole
+    dpo: StageConfig = field(default_factory=_stage(steps=100, global_batch_size=16, seq_len=64,
+                                                    learning_rate=1e-4))
 
 
 @dataclass
@@ -290,6 +311,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)  # the reward model phase (`rm`, `score`)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # multi-host runs
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the PPO phase (`ppo`)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # direct preference optimisation (`dpo`)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # the end-to-end run (`pipeline`)
 
 

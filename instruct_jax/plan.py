@@ -258,6 +258,22 @@ def plan_rm(cfg, devices) -> dict:
                         optimizer=per_device_bytes(state.opt_state), tokens=tokens)
 
 
+def plan_dpo(cfg, devices) -> dict:
+    from instruct_jax.train.dpo.trainer import build_dpo
+
+    setup = build_dpo(cfg, devices)  # the DPO trainer's own builder
+    state = setup.abstract_state
+    tokens = cfg.train.global_batch_size * ranking_slots(cfg) * cfg.train.seq_len
+    model, hardware = train_flops(cfg.model, cfg.train.seq_len, tokens, len(devices))
+    flops = (model * 4 / 3, hardware + model / 3)  # + the reference's forward (a third of forward + backward)
+    batch = ranking_batch(cfg, setup.mesh, setup.rules)
+    batch["targets"], batch["loss_mask"] = batch["tokens"], batch["tokens"]  # [B, K, T], same sharding
+    piece, _ = compile_piece("train_step", setup.train_step, (state, state.params, batch), flops)
+    return phase_result("dpo", [piece], params=per_device_bytes(state.params),
+                        optimizer=per_device_bytes(state.opt_state), tokens=tokens,
+                        reference=per_device_bytes(state.params))
+
+
 def ppo_flops(cfg, num_devices: int) -> dict[str, tuple[float, float]]:
     """(model, hardware) FLOPs per device of sampling, scoring and updating one rollout batch."""
     from instruct_jax.metrics import model_flops_per_token
@@ -356,7 +372,7 @@ def phase_result(phase: str, pieces: list[Piece], *, params: int, optimizer: int
             "pieces": [dict(dataclasses.asdict(p), total=p.total) for p in pieces], **extra}
 
 
-PLANNERS = {"sft": plan_sft, "rm": plan_rm, "ppo": plan_ppo}
+PLANNERS = {"sft": plan_sft, "rm": plan_rm, "ppo": plan_ppo, "dpo": plan_dpo}  # PHASES by default; dpo on request
 
 
 def plan(cfg, topology: str, slices: int = 1, phases: Sequence[str] = PHASES) -> dict:
@@ -546,7 +562,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", required=True, metavar="FILE[:ARG]")
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:8x8x8, v4:16x16x12, v5e:2x2")
     p.add_argument("--slices", type=int, default=1, help="slices of that topology joined over DCN")
-    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of sft,rm,ppo")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of sft,rm,ppo,dpo "
+                   "(default sft,rm,ppo)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
 
 
@@ -576,9 +593,9 @@ def parse_phases(text: str) -> tuple[str, ...]:
     from instruct_jax.errors import ConfigError
 
     phases = tuple(p for p in text.split(",") if p)
-    bad = [p for p in phases if p not in PHASES]
+    bad = [p for p in phases if p not in PLANNERS]
     if bad or not phases:
-        raise ConfigError("--phases", f"expected a comma-separated subset of {list(PHASES)}, got {text!r}")
+        raise ConfigError("--phases", f"expected a comma-separated subset of {list(PLANNERS)}, got {text!r}")
     return phases
 
 

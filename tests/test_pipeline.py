@@ -272,7 +272,9 @@ def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tm
     proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(workdir)], workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in STAGES:
-        assert f"[{stage}] finished earlier: skipped" in proc.stdout
+        if stage != "dpo":  # not in the CI config's pipeline.algorithms: never run, never reported
+            assert f"[{stage}] finished earlier: skipped" in proc.stdout
+    assert "[dpo]" not in proc.stdout
     assert (workdir / "ppo" / "DONE.json").read_text() == before
     # A stage alone in an empty workdir: a clear error naming what is missing.
     proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(tmp_path / "empty"),
@@ -327,6 +329,33 @@ def test_label_stage_with_twins_ranks_them_beside_the_samples_and_the_reward_mod
                                                                  if "loss" in m), rm
 
 
+def test_dpo_stage_from_the_same_sft_and_rankings_is_evaluated_beside_ppo(ci_run, tmp_path):
+    """pipeline.algorithms=ppo,dpo: DPO trains from the SFT export on the label stage's rankings (the reward model's
+    split), and the evaluation adds it to the policies, the win rates vs SFT, KL and tau = 1, and report.json's
+    `algorithms` table carries both methods."""
+    import shutil
+
+    workdir, _ = ci_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    (run / "eval" / "DONE.json").unlink()
+    sets = ["--set", "pipeline.algorithms=ppo,dpo", "pipeline.dpo.steps=6"]
+    for stage in ("dpo", "eval"):
+        proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(run), "--stage", stage, *sets],
+                    run)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    dpo_rows = [json.loads(line) for line in open(run / "dpo" / "metrics.jsonl")]
+    assert dpo_rows[-1]["step"] == 6 and "eval_accuracy" in dpo_rows[-1] and math.isfinite(dpo_rows[-1]["loss"])
+    report = json.loads((run / "report.json").read_text())
+    assert sorted(report["algorithms"]) == ["dpo", "ppo"]
+    for method, a in report["algorithms"].items():
+        assert a["win_rate_ci_low"] <= a["win_rate"] <= a["win_rate_ci_high"]
+        assert all(math.isfinite(a[k]) for k in ("gold_greedy", "gold_tau1", "win_rate_tau1", "kl", "seconds"))
+    assert report["algorithms"]["dpo"]["generated_tokens"] == 0 and report["algorithms"]["ppo"]["generated_tokens"] > 0
+    assert report["algorithms"]["ppo"]["win_rate"] == report["win_rate_ppo_vs_sft"]
+    assert "dpo_vs_sft" in report["win_rates"] and "## Methods from the same SFT policy" in (run / "report.md").read_text()
+
+
 def test_eval_command_on_the_pipeline_checkpoints(ci_run, tmp_path):
     workdir, _ = ci_run
     cfg = load_experiment(EXPERIMENT + ":ci")
@@ -359,6 +388,9 @@ def test_pipeline_validation_names_the_field():
                             ("pipeline.best_of=four", "pipeline.best_of"),
                             ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens"),
                             ("pipeline.twins=4", "pipeline.twins"),
+                            ("pipeline.algorithms=dpo", "pipeline.algorithms"),
+                            ("pipeline.algorithms=ppo,rloo", "pipeline.algorithms"),
+                            ("pipeline.dpo.steps=0", "pipeline.dpo.steps"),
                             ("pipeline.twins=-1", "pipeline.twins")):
         bad = apply_overrides(load_experiment(EXPERIMENT + ":ci"), [override])
         with pytest.raises(ConfigError) as e:

@@ -43,7 +43,8 @@ def printed_rows(text: str, phase: str) -> dict[str, list[float]]:
 @needs_libtpu
 def test_plan_on_v5e_prints_the_compilers_memory_analysis(capfd, tmp_path):
     (tmp_path / "tiny_plan.py").write_text(EXPERIMENT)
-    result = plan.run_in_subprocess(str(tmp_path / "tiny_plan.py"), "v5e:2x2", phases=("sft", "ppo"), timeout=300)
+    result = plan.run_in_subprocess(str(tmp_path / "tiny_plan.py"), "v5e:2x2", phases=("sft", "ppo", "dpo"),
+                                   timeout=300)
     text = capfd.readouterr().err
     assert result["devices"] == 4 and result["chip"] == "TPU v5e" and result["hbm_bytes_per_device"] == 16 * GIB
     for ph in result["phases"]:
@@ -67,6 +68,9 @@ def test_plan_on_v5e_prints_the_compilers_memory_analysis(capfd, tmp_path):
     batch = 5 * (32 // 4) * 128 * 4
     assert state + batch <= sft["argument"] <= 1.05 * (state + batch)
     assert sft["alias"] >= state  # the donated state is updated in place
+    dpo = next(ph for ph in result["phases"] if ph["phase"] == "dpo")  # the policy's state and its frozen reference
+    assert dpo["pieces"][0]["argument"] >= 2 * dpo["params_bytes"] + dpo["optimizer_bytes"]
+    assert dpo["reference"] == dpo["params_bytes"]
 
 
 def test_does_not_fit_names_the_buffers_the_overflow_and_a_change():

@@ -43,7 +43,8 @@ from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt,
 from instruct_jax.metrics import log
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 
-STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "oracle", "eval")
+STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "dpo", "oracle", "eval")
+ALGORITHMS = ("ppo", "dpo")  # pipeline.algorithms: the methods trained from SFT and compared
 DONE_FILE = "DONE.json"
 
 
@@ -86,7 +87,12 @@ def validate_pipeline(cfg: Config) -> None:
         raise ConfigError("pipeline.best_of", f"expected a list of integers, got {p.best_of!r}") from None
     if any(n < 1 for n in p.best_of):
         raise ConfigError("pipeline.best_of", f"every n must be >= 1, got {p.best_of}")
-    for stage in ("pretrain", "sft", "rm", "ppo"):
+    p.algorithms = tuple(p.algorithms) if isinstance(p.algorithms, (list, tuple)) else p.algorithms
+    if (not isinstance(p.algorithms, tuple) or "ppo" not in p.algorithms or len(set(p.algorithms)) != len(p.algorithms)
+            or any(a not in ALGORITHMS for a in p.algorithms)):
+        raise ConfigError("pipeline.algorithms", f"expected distinct methods from {list(ALGORITHMS)}, ppo among them "
+                          f"(the main job), got {p.algorithms!r}")
+    for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
         st: StageConfig = getattr(p, stage)
         for name in ("steps", "global_batch_size", "seq_len", "learning_rate"):
             if getattr(st, name) <= 0:
@@ -169,7 +175,7 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.data = DataConfig(source=paths.file("demos.jsonl"), format="sft", messages_field="messages",
                             eval_fraction=0.1, **common)
         c.train.init_from = paths.stage("pretrain")
-    elif stage == "rm":
+    elif stage in ("rm", "dpo"):  # the same rankings and the same held-out split
         c.data = DataConfig(source=os.path.join(paths.stage("label"), "rankings.jsonl"), format="ranking",
                             eval_fraction=0.1, max_responses=cfg.pipeline.responses_per_prompt + cfg.pipeline.twins,
                             **common)
@@ -240,6 +246,10 @@ def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
         from instruct_jax.train.rm.trainer import run_rm
 
         return run_rm(c, workdir)
+    if stage == "dpo":
+        from instruct_jax.train.dpo.trainer import run_dpo
+
+        return run_dpo(c, workdir)
     from instruct_jax.rl.ppo.trainer import run_ppo
 
     return run_ppo(c, workdir)
@@ -408,12 +418,15 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
     prompts = [EvalPrompt.from_task(TaskPrompt.from_row(r)) for r in read_jsonl(paths.file("eval_prompts.jsonl"))]
     policies = {name: runner.load(paths.stage(stage)) for name, stage in
-                (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("oracle", "oracle")) if is_done(paths, stage)}
+                (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("dpo", "dpo"), ("oracle", "oracle"))
+                if is_done(paths, stage) and (stage != "dpo" or "dpo" in p.algorithms)}
+    methods = tuple(m for m in ALGORITHMS if m in policies)
     settings = EvalSettings(temperature=p.decode_temperature, max_new_tokens=p.max_new_tokens, best_of=p.best_of,
                             best_of_policy="sft", best_of_temperature=p.sample_temperature,
-                            kl_pairs=(("ppo", "sft"),), kl_samples=p.kl_samples,
-                            win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base"), ("oracle", "sft")),
-                            tau1_samples=p.tau1_samples, tau1_policies=("base", "sft", "ppo"), seed=cfg.seed)
+                            kl_pairs=tuple((m, "sft") for m in methods), kl_samples=p.kl_samples,
+                            win_pairs=(("ppo", "sft"), ("sft", "base"), ("ppo", "base"), ("oracle", "sft")) +
+                            tuple((m, "sft") for m in methods if m != "ppo"),
+                            tau1_samples=p.tau1_samples, tau1_policies=("base", "sft") + methods, seed=cfg.seed)
     snapshots = _snapshot_dirs(paths)
     bar = progress(len(policies) + 2 + tau1_policy_count(policies, settings) + len(snapshots), desc="eval")
     calls_before = judge.calls
@@ -475,6 +488,8 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
     for stage in STAGES:
         if stage == "oracle" and not cfg.pipeline.oracle and only != "oracle":
             continue
+        if stage == "dpo" and "dpo" not in cfg.pipeline.algorithms:
+            continue
         if only is not None and stage != only:
             if is_done(paths, stage):
                 results[stage] = read_done(paths, stage)
@@ -511,7 +526,7 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
 def _require_inputs(paths: Paths, stage: str) -> None:
     """A stage run alone needs the stages before it to have finished."""
     needs = {"pretrain": ("task",), "sft": ("task", "pretrain"), "label": ("task", "sft"),
-             "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"),
+             "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"), "dpo": ("task", "label", "sft"),
              "oracle": ("task", "sft"), "eval": ("task", "pretrain", "sft", "rm", "ppo")}
     missing = [s for s in needs.get(stage, ()) if not is_done(paths, s)]
     if missing:

@@ -80,6 +80,7 @@ def build_report(cfg: Config, results: dict) -> dict:
     }
     report["seconds"]["total"] = float(sum(report["seconds"].values()))
     report.update(new_fields(ev, results))
+    report["algorithms"] = algorithms_table(cfg, ev, results)
     report["checks"] = checks(report)
     return report
 
@@ -102,6 +103,33 @@ def oracle_calls(results: dict) -> int:
 def oracle_win_rate(results: dict):
     """The oracle PPO run's win rate over SFT, if the pipeline produced one (see the module docstring)."""
     return _get(results.get("eval"), "win_rates", "oracle_vs_sft", "win_rate")
+
+
+def algorithms_table(cfg: Config, ev: dict, results: dict) -> dict:
+    """Issue 30's comparison, one entry per method trained from SFT and evaluated (ppo, dpo): gold score greedy and at
+    tau = 1, win rate vs SFT (greedy, ties 1/2) with its CI and at tau = 1, KL from SFT on the method's tau = 1
+    samples, tokens the method generated while training (PPO: iterations x prompts x its last iteration's mean
+    response length, an estimate; DPO: none), gold calls of its own (0: both read the label stage's rankings, through the reward model or
+    directly) and its stage's wall time."""
+    out = {}
+    for method in ("ppo", "dpo"):
+        if method not in ev["policies"] or f"{method}_vs_sft" not in ev["win_rates"]:
+            continue
+        h, t1 = ev["win_rates"][f"{method}_vs_sft"], _get(ev, "tau1", "win_rates", f"{method}_vs_sft") or {}
+        stage = results.get(method, {})
+        generated = 0
+        if method == "ppo":
+            st = cfg.pipeline.ppo
+            generated = round(st.steps * st.global_batch_size * stage["response_length"]) \
+                if "response_length" in stage else None
+        out[method] = {"gold_greedy": ev["policies"][method]["total"],
+                       "gold_tau1": _get(ev, "tau1", "policies", method, "total"),
+                       "win_rate": h["win_rate"], "win_rate_ci_low": h["ci_low"], "win_rate_ci_high": h["ci_high"],
+                       "win_rate_tau1": t1.get("win_rate"),
+                       "kl": _get(ev, "kl", f"{method}||sft", "kl"),
+                       "generated_tokens": generated,
+                       "gold_calls": 0, "seconds": stage.get("seconds")}
+    return out
 
 
 def new_fields(ev: dict, results: dict) -> dict:
@@ -355,6 +383,15 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
                      f"{b['total']:.3f} | {_ci(b.get('gold_gain_vs_1'))} | {b['rm']:.3f} |")
     for p in r["overoptimization"]:
         lines.append(f"| PPO iteration {p['step']} (τ = 1) | {p['kl']:.3f} | | {p['gold']:.3f} | | {p['rm']:.3f} |")
+    if len(r.get("algorithms", {})) > 1:  # pipeline.algorithms: the methods side by side (docs/ALGORITHMS.md)
+        lines += ["", "## Methods from the same SFT policy and rankings (gold judge; win rate vs SFT, greedy, ties 1/2)",
+                  "", "| method | gold greedy | gold τ = 1 | win rate [CI] | win rate τ = 1 | KL from SFT | "
+                  "generated tokens | gold calls | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, a in r["algorithms"].items():
+            lines.append(f"| {name} | {_shown(a['gold_greedy'])} | {_shown(a['gold_tau1'])} | {a['win_rate']:.3f} "
+                         f"[{a['win_rate_ci_low']:.3f}, {a['win_rate_ci_high']:.3f}] | {_shown(a['win_rate_tau1'])} | "
+                         f"{_shown(a['kl'])} | {_shown(a['generated_tokens'])} | {a['gold_calls']} | "
+                         f"{_shown(a['seconds'])} |")
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["seconds"].items()]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
