@@ -51,8 +51,8 @@ def _finite(tree) -> bool:
 
 def test_ci_pipeline_runs_every_stage_with_finite_metrics(ci_run):
     workdir, stdout = ci_run
-    for stage in STAGES:
-        assert (workdir / stage / "DONE.json").is_file(), stage
+    for stage in STAGES:  # every stage but dpo, which the CI config's pipeline.algorithms leaves out
+        assert (workdir / stage / "DONE.json").is_file() == (stage != "dpo"), stage
     report = json.loads((workdir / "report.json").read_text())
     for key in ("seed", "gold_score", "win_rate_ppo_vs_sft", "win_rate_ci_low", "win_rate_ci_high",
                 "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement", "kl_ppo_sft", "gold_calls",
