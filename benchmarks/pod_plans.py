@@ -31,6 +31,9 @@ E = os.path.join(REPO, "experiments")
 PLANS = {
     "8b-sft-v5p128": (f"{E}/llama3_8b_sft_v5p128.py", "v5p:4x4x4", 1, ("sft", "rm"), ()),
     "8b-ppo-v5p128": (f"{E}/llama3_8b_ppo_v5p128.py", "v5p:4x4x4", 1, ("ppo",), ()),
+    # LoRA (rank 16 on every projection): optimizer state for the adapters alone, the base doubling as reference
+    "8b-ppo-v5p128-lora": (f"{E}/llama3_8b_ppo_v5p128.py", "v5p:4x4x4", 1, ("ppo",),
+                           ("model.lora_rank=16", "model.lora_targets=q,k,v,o,gate,up,down")),
     "62b-v5p-sft": (f"{E}/palm.py:62b-v5p", "v5p:8x8x8", 1, ("sft",), ()),
     "62b-v4-sft": (f"{E}/palm.py:62b-v4", "v4:8x8x8", 1, ("sft",), ()),
     "62b-v4-sft-micro2": (f"{E}/palm.py:62b-v4", "v4:8x8x8", 1, ("sft",), ("train.microbatches=2",)),

@@ -82,6 +82,10 @@ def pipeline_config(ci: bool) -> Config:
             ppo=stage(steps=40, global_batch_size=64, seq_len=72, learning_rate=1e-4, warmup_steps=0),
             # opt-in (pipeline.algorithms=ppo,dpo): DPO on the reward model's rankings, its data budget
             dpo=stage(steps=250, global_batch_size=16, seq_len=80, learning_rate=1e-4),
+            # opt-in (pipeline.algorithms=...,rloo,grpo): PPO's iterations, sampled rows and learning rate, as
+            # 16 prompts x pipeline.group_size (4) samples, so each method generates what PPO generates
+            rloo=stage(steps=40, global_batch_size=64, seq_len=72, learning_rate=1e-4, warmup_steps=0),
+            grpo=stage(steps=40, global_batch_size=64, seq_len=72, learning_rate=1e-4, warmup_steps=0),
             kl_budget=10.0)
     return Config(
         name="tiny-pipeline" + ("-ci" if ci else ""),

@@ -21,6 +21,7 @@ from instruct_jax import files
 from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_config
 from instruct_jax.errors import ConfigError
 from instruct_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES, ROPE_TYPES, ModelConfig
+from instruct_jax.model.lora import LORA_TARGETS
 from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel.mesh import MeshConfig, batch_axes, batch_shards, resolve_mesh_shape
 from instruct_jax.parallel.sharding import check_rules
@@ -154,6 +155,18 @@ class PPOConfig:
     both the initial policy and the frozen reference, and `optim` the policy's optimizer.
     """
 
+    # ---- algorithm (docs/ALGORITHMS.md): ppo = advantages by GAE on a learned value model | rloo, grpo = critic-free:
+    # no value model; group_size samples per prompt, each response's sequence reward compared with its group's
+    # (rloo: the mean of the k - 1 others; grpo: the group mean, over the group's std when group_std_normalize)
+    algorithm: str = "ppo"
+    group_size: int = 1  # k samples per prompt; train.global_batch_size counts sampled rows, so B / k prompts
+    group_std_normalize: bool = True  # grpo: divide by the group's std (False: Dr. GRPO, no difficulty bias)
+    # how the clipped surrogate averages its tokens: token = over every response token of the minibatch |
+    # sequence = per response, then over responses (GRPO's paper: short answers weigh more per token) |
+    # constant = their sum over (rows x response_len) (Dr. GRPO: no length bias)
+    loss_aggregation: str = "token"
+    kl_in: str = "reward"  # reward: -kl_coef * KL in the reward (ppo per token; rloo/grpo in the sequence reward) |
+    #                         loss: + kl_coef * the k3 KL to the reference as a loss term (GRPO), kl_coef fixed
     # ---- reward
     # model: the reward model at reward_model | count: toy score = occurrences of count_token | host: a Python
     # function passed to run_ppo scores each rollout on the host (the pipeline's oracle run: the gold judge)
@@ -269,9 +282,10 @@ class PipelineConfig:
     # samples the labeler ranked), evaluated beside the reward-model run; never the headline
     oracle: bool = False
     # ---- methods compared (docs/ALGORITHMS.md): each trains from the same SFT policy on the same rankings
-    # (ppo through the reward model, dpo on the rankings directly) and is evaluated beside the others;
-    # the main job runs ppo alone, --set pipeline.algorithms=ppo,dpo adds the comparison
+    # (ppo, rloo and grpo through the reward model, dpo on the rankings directly) and is evaluated beside the
+    # others; the main job runs ppo alone, --set pipeline.algorithms=ppo,dpo,rloo,grpo adds the comparison
     algorithms: tuple = ("ppo",)
+    group_size: int = 4  # rloo / grpo stages: samples per prompt (their stage's global_batch_size counts samples)
     # ---- evaluation
     decode_temperature: float = 0.0  # how every policy is decoded for scoring (0 = greedy)
     max_new_tokens: int = 24  # response buffer for evaluation decoding
@@ -294,6 +308,12 @@ class PipelineConfig:
     # should equal rm's, so both read the same rankings whole
     dpo: StageConfig = field(default_factory=_stage(steps=100, global_batch_size=16, seq_len=64,
                                                     learning_rate=1e-4))
+    # critic-free online RL from the SFT policy against the same reward model, with the ppo section's settings
+    # (ppo.algorithm and ppo.group_size set by the stage); global_batch_size = rows = prompts x group_size
+    rloo: StageConfig = field(default_factory=_stage(steps=60, global_batch_size=64, seq_len=64,
+                                                     learning_rate=3e-4, warmup_steps=0))
+    grpo: StageConfig = field(default_factory=_stage(steps=60, global_batch_size=64, seq_len=64,
+                                                     learning_rate=3e-4, warmup_steps=0))
 
 
 @dataclass
@@ -519,6 +539,20 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
         raise ConfigError("model.rope_factor", f"must be >= 1 for rope_type={m.rope_type!r}, got {m.rope_factor}")
     if m.loss_chunk < 0:
         raise ConfigError("model.loss_chunk", f"must be >= 0 (0 = full logits), got {m.loss_chunk}")
+    if m.lora_rank:
+        if not 0 < m.lora_rank <= m.d_model // 8:
+            raise ConfigError("model.lora_rank", f"must be in 1..d_model / 8 = {m.d_model // 8} (0 = off), got "
+                              f"{m.lora_rank}")
+        m.lora_targets = tuple(m.lora_targets) if isinstance(m.lora_targets, (list, tuple)) else m.lora_targets
+        if (not isinstance(m.lora_targets, tuple) or not m.lora_targets or len(set(m.lora_targets)) != len(m.lora_targets)
+                or any(t not in LORA_TARGETS for t in m.lora_targets)):
+            raise ConfigError("model.lora_targets", f"expected distinct projections from {list(LORA_TARGETS)}, got "
+                              f"{m.lora_targets!r}")
+        m.lora_train = tuple(m.lora_train) if isinstance(m.lora_train, (list, tuple)) else m.lora_train
+        if not isinstance(m.lora_train, tuple) or any(not isinstance(n, str) or not n for n in m.lora_train):
+            raise ConfigError("model.lora_train", f"expected a list of param names, got {m.lora_train!r}")
+        if not m.lora_alpha > 0:
+            raise ConfigError("model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
 
     t = cfg.train
     _positive("train", t, "steps", "global_batch_size", "microbatches", "seq_len", "eval_batches",

@@ -315,7 +315,8 @@ def plan_ppo(cfg, devices, tokens: Optional[dict] = None) -> dict:
     from instruct_jax.model.transformer import ModelInput
     from instruct_jax.parallel.mesh import make_mesh
     from instruct_jax.parallel.sharding import logical_to_spec, param_shardings_for, replicated
-    from instruct_jax.rl.ppo.step import PTX_KEYS
+    from instruct_jax.model.lora import base_is_reference
+    from instruct_jax.rl.ppo.step import PTX_KEYS, value_params_of
     from instruct_jax.rl.ppo.trainer import build_ppo, prompt_len
     from instruct_jax.rl.rewards import reward_model_reward
 
@@ -332,16 +333,17 @@ def plan_ppo(cfg, devices, tokens: Optional[dict] = None) -> dict:
                       reward_fn=reward_model_reward(cfg.model),
                       reward_shardings=jax.tree.map(lambda x: x.sharding, reward), devices=devices)
     state = setup.abstract_state
-    policy, value, ema = state.policy.params, state.value.params, state.ema
+    policy, value, ema = state.policy.params, value_params_of(state), state.ema
     b, t = cfg.train.global_batch_size, prompt_len(cfg)
     rows_2d = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", None), rules))
     prompt = ModelInput(*(abstract((b, t), jnp.int32, rows_2d) for _ in range(3)))
     rng = abstract((2,), jnp.uint32, replicated(mesh))
 
+    reference = {} if base_is_reference(cfg.model) else policy  # LoRA: the policy's frozen base is the reference
     sizes = {"policy": per_device_bytes(policy), "value": per_device_bytes(value),
-             "reference": per_device_bytes(policy), "reward": per_device_bytes(reward), "ema": per_device_bytes(ema),
+             "reference": per_device_bytes(reference), "reward": per_device_bytes(reward), "ema": per_device_bytes(ema),
              "policy_opt": per_device_bytes(state.policy.opt_state),
-             "value_opt": per_device_bytes(state.value.opt_state)}
+             "value_opt": per_device_bytes(state.value.opt_state if value else {})}
     resident = sum(sizes.values())
     flops = ppo_flops(cfg, len(devices))
     # The reference's params are a separate copy of the policy's shape (the update donates the policy).
@@ -350,7 +352,7 @@ def plan_ppo(cfg, devices, tokens: Optional[dict] = None) -> dict:
     sampled = out_structs(compiled)
     kl = abstract((), jnp.float32, replicated(mesh))
     experience, compiled = compile_piece(
-        "experience", setup.steps.experience, (policy, policy, value, reward, prompt, sampled, kl),
+        "experience", setup.steps.experience, (policy, reference, value, reward, prompt, sampled, kl),
         flops["experience"], resident - sizes["policy"] - sizes["reference"] - sizes["value"] - sizes["reward"])
     exp = out_structs(compiled)[0]
     args = [state, exp, rng]

@@ -21,6 +21,7 @@ from instruct_jax.config import Config, OptimConfig, PPOConfig, TrainConfig
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.transformer import ModelInput
 from instruct_jax.parallel.mesh import MeshConfig
+from instruct_jax.rl.ppo.step import value_params_of
 from instruct_jax.rl.ppo.trainer import PPOSetup, build_ppo, initial_params, reduce_update_stats
 from instruct_jax.rl.rewards import token_count_reward
 
@@ -63,13 +64,16 @@ def run_toy(setup: PPOSetup, state, ref, iterations: int, prompt: Optional[Model
     """`iterations` PPO iterations on fixed prompts (the trainer's loop without data, checkpoints, logging);
     returns (final state, per-iteration rows of rollout + reduced update stats)."""
     cfg = setup.cfg
-    prompt = prompt if prompt is not None else random_prompts(cfg.train.global_batch_size)
+    k = cfg.ppo.group_size  # rloo / grpo: B / k prompts, each sampled k times
+    prompt = prompt if prompt is not None else random_prompts(cfg.train.global_batch_size // k)
+    prompt = ModelInput(**setup.steps.expand(dict(tokens=prompt.tokens, positions=prompt.positions,
+                                                  segment_ids=prompt.segment_ids)))
     kl_coef = cfg.ppo.kl_coef if kl_coef is None else kl_coef
     history = []
     for it in range(iterations):
         rng = jax.random.fold_in(state.policy.rng, it)
         sample = setup.steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
-        exp, stats = setup.steps.experience(state.policy.params, ref, state.value.params, {}, prompt, sample,
+        exp, stats = setup.steps.experience(state.policy.params, ref, value_params_of(state), {}, prompt, sample,
                                             np.float32(kl_coef))
         state, update_stats = setup.steps.update(state, exp, jax.random.fold_in(rng, 1))
         history.append({**{k: float(v) for k, v in jax.device_get(stats).items()},

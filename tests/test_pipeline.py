@@ -51,8 +51,8 @@ def _finite(tree) -> bool:
 
 def test_ci_pipeline_runs_every_stage_with_finite_metrics(ci_run):
     workdir, stdout = ci_run
-    for stage in STAGES:  # every stage but dpo, which the CI config's pipeline.algorithms leaves out
-        assert (workdir / stage / "DONE.json").is_file() == (stage != "dpo"), stage
+    for stage in STAGES:  # every stage but dpo, rloo, grpo, which the CI config's pipeline.algorithms leaves out
+        assert (workdir / stage / "DONE.json").is_file() == (stage not in ("dpo", "rloo", "grpo")), stage
     report = json.loads((workdir / "report.json").read_text())
     for key in ("seed", "gold_score", "win_rate_ppo_vs_sft", "win_rate_ci_low", "win_rate_ci_high",
                 "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement", "kl_ppo_sft", "gold_calls",
@@ -272,9 +272,9 @@ def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tm
     proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(workdir)], workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in STAGES:
-        if stage != "dpo":  # not in the CI config's pipeline.algorithms: never run, never reported
+        if stage not in ("dpo", "rloo", "grpo"):  # not in the CI config's pipeline.algorithms: never run or reported
             assert f"[{stage}] finished earlier: skipped" in proc.stdout
-    assert "[dpo]" not in proc.stdout
+    assert "[dpo]" not in proc.stdout and "[rloo]" not in proc.stdout
     assert (workdir / "ppo" / "DONE.json").read_text() == before
     # A stage alone in an empty workdir: a clear error naming what is missing.
     proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(tmp_path / "empty"),
@@ -329,25 +329,32 @@ def test_label_stage_with_twins_ranks_them_beside_the_samples_and_the_reward_mod
                                                                  if "loss" in m), rm
 
 
-def test_dpo_stage_from_the_same_sft_and_rankings_is_evaluated_beside_ppo(ci_run, tmp_path):
-    """pipeline.algorithms=ppo,dpo: DPO trains from the SFT export on the label stage's rankings (the reward model's
-    split), and the evaluation adds it to the policies, the win rates vs SFT, KL and tau = 1, and report.json's
-    `algorithms` table carries both methods."""
+def test_dpo_rloo_grpo_stages_from_the_same_sft_are_evaluated_beside_ppo(ci_run, tmp_path):
+    """pipeline.algorithms=ppo,dpo,rloo,grpo: DPO trains from the SFT export on the label stage's rankings (the reward
+    model's split), RLOO and GRPO from the same export against the same reward model with no value model; the
+    evaluation adds them to the policies, the win rates vs SFT, KL and tau = 1, and report.json's `algorithms` table
+    carries every method."""
     import shutil
 
     workdir, _ = ci_run
     run = tmp_path / "run"
     shutil.copytree(workdir, run)
     (run / "eval" / "DONE.json").unlink()
-    sets = ["--set", "pipeline.algorithms=ppo,dpo", "pipeline.dpo.steps=6"]
-    for stage in ("dpo", "eval"):
+    sets = ["--set", "pipeline.algorithms=ppo,dpo,rloo,grpo", "pipeline.dpo.steps=6"] + [
+        f"pipeline.{m}.{k}" for m in ("rloo", "grpo") for k in ("steps=2", "global_batch_size=32", "seq_len=64")]
+    for stage in ("dpo", "rloo", "grpo", "eval"):
         proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(run), "--stage", stage, *sets],
                     run)
         assert proc.returncode == 0, proc.stderr[-3000:]
     dpo_rows = [json.loads(line) for line in open(run / "dpo" / "metrics.jsonl")]
     assert dpo_rows[-1]["step"] == 6 and "eval_accuracy" in dpo_rows[-1] and math.isfinite(dpo_rows[-1]["loss"])
     report = json.loads((run / "report.json").read_text())
-    assert sorted(report["algorithms"]) == ["dpo", "ppo"]
+    assert sorted(report["algorithms"]) == ["dpo", "grpo", "ppo", "rloo"]
+    for method in ("rloo", "grpo"):  # 2 iterations of 8 prompts x pipeline.group_size samples, no value model
+        rows = [json.loads(line) for line in open(run / method / "metrics.jsonl")]
+        assert rows[-1]["step"] == 2 and "group_reward_std" in rows[-1] and "value_loss" not in rows[-1]
+        assert not (run / method / "value_params").exists()
+        assert 0 < report["algorithms"][method]["generated_tokens"] <= 2 * 32 * 24
     for method, a in report["algorithms"].items():
         assert a["win_rate_ci_low"] <= a["win_rate"] <= a["win_rate_ci_high"]
         assert all(math.isfinite(a[k]) for k in ("gold_greedy", "gold_tau1", "win_rate_tau1", "kl", "seconds"))
@@ -389,8 +396,10 @@ def test_pipeline_validation_names_the_field():
                             ("pipeline.max_new_tokens=200", "pipeline.max_new_tokens"),
                             ("pipeline.twins=4", "pipeline.twins"),
                             ("pipeline.algorithms=dpo", "pipeline.algorithms"),
-                            ("pipeline.algorithms=ppo,rloo", "pipeline.algorithms"),
+                            ("pipeline.algorithms=ppo,reinforce", "pipeline.algorithms"),
+                            ("pipeline.group_size=1", "pipeline.group_size"),
                             ("pipeline.dpo.steps=0", "pipeline.dpo.steps"),
+                            ("pipeline.rloo.steps=0", "pipeline.rloo.steps"),
                             ("pipeline.twins=-1", "pipeline.twins")):
         bad = apply_overrides(load_experiment(EXPERIMENT + ":ci"), [override])
         with pytest.raises(ConfigError) as e:

@@ -57,3 +57,29 @@ def test_host_reward_needs_a_function_and_nothing_beside_it(tmp_path):
     with pytest.raises(ConfigError, match="ppo.reward_model"):
         run_ppo(config(reward="host", count_text="", reward_model="runs/rm"), str(tmp_path),
                 host_reward=lambda p, r: np.zeros(len(r)))
+
+
+def test_rloo_with_a_host_reward_scores_each_sample_of_a_group(tmp_path):
+    """The verifier case of critic-free RL: 8 prompts x 4 samples; the function sees every sample with its own
+    prompt (each prompt 4 times in a row) and the scores land on their rows."""
+    seen = []
+
+    def reward(prompts, responses):
+        assert len(prompts) == len(responses) == 32
+        for g in range(8):  # rows 4g .. 4g + 3: one prompt, four samples
+            assert all(np.array_equal(prompts[4 * g], prompts[4 * g + j]) for j in range(4))
+        assert not np.array_equal(prompts[0], prompts[4])
+        seen.append(list(responses))
+        return np.array([characters(r) for r in responses])
+
+    cfg = config(reward="host", count_text="", algorithm="rloo", group_size=4)
+    cfg.ppo.log_samples = 32
+    cfg.train = dataclasses.replace(cfg.train, global_batch_size=32)
+    run_ppo(cfg, str(tmp_path), host_reward=reward)
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert len(seen) == 3
+    for step, texts in enumerate(seen, start=1):
+        logged = [s for s in samples if s["step"] == step]
+        assert [s["response"] for s in logged] == texts
+        np.testing.assert_allclose([s["score"] for s in logged], [characters(t) for t in texts], rtol=1e-6)
+    assert not (tmp_path / "value_params").exists()

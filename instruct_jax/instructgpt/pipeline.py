@@ -38,13 +38,15 @@ from instruct_jax.config import Config, StageConfig, save_config
 from instruct_jax.data.config import DataConfig
 from instruct_jax.errors import ConfigError
 from instruct_jax.instructgpt.gold import GoldJudge, Labeler
+from instruct_jax.instructgpt.report import ALGORITHM_ORDER
 from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
 from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt, phrase_twins
 from instruct_jax.metrics import log
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 
-STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "dpo", "oracle", "eval")
-ALGORITHMS = ("ppo", "dpo")  # pipeline.algorithms: the methods trained from SFT and compared
+STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "dpo", "rloo", "grpo", "oracle", "eval")
+ALGORITHMS = ALGORITHM_ORDER  # pipeline.algorithms: the methods trained from SFT and compared (ppo, dpo, rloo, grpo)
+ONLINE = ("ppo", "rloo", "grpo")  # the methods that sample while training, against the reward model
 DONE_FILE = "DONE.json"
 
 
@@ -92,7 +94,13 @@ def validate_pipeline(cfg: Config) -> None:
             or any(a not in ALGORITHMS for a in p.algorithms)):
         raise ConfigError("pipeline.algorithms", f"expected distinct methods from {list(ALGORITHMS)}, ppo among them "
                           f"(the main job), got {p.algorithms!r}")
-    for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
+    if p.group_size < 2:
+        raise ConfigError("pipeline.group_size", f"rloo / grpo need >= 2 samples per prompt, got {p.group_size}")
+    for method in ("rloo", "grpo"):
+        if method in p.algorithms and getattr(p, method).global_batch_size % p.group_size:
+            raise ConfigError(f"pipeline.{method}.global_batch_size", f"counts samples: must be a multiple of "
+                              f"pipeline.group_size={p.group_size}, got {getattr(p, method).global_batch_size}")
+    for stage in ("pretrain", "sft", "rm") + ALGORITHMS:
         st: StageConfig = getattr(p, stage)
         for name in ("steps", "global_batch_size", "seq_len", "learning_rate"):
             if getattr(st, name) <= 0:
@@ -182,7 +190,7 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.reward.synthetic = 0
         c.reward.reference = DataConfig(format="sft")  # source "": the best-ranked training responses
         c.train.init_from = paths.stage("sft")
-    elif stage in ("ppo", "oracle"):  # the oracle run is the PPO run with another reward
+    elif stage in ONLINE + ("oracle",):  # the oracle run is the PPO run with another reward
         c.data = DataConfig(source=paths.file("ppo_prompts.jsonl"), format="prompt", max_prompt_len=prompt_len(cfg),
                             **common)
         c.ppo.reward, c.ppo.reward_model, c.ppo.synthetic_prompts = "model", paths.stage("rm"), 0
@@ -190,6 +198,8 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         if c.ppo.ptx_coef > 0 and not c.ppo.ptx.source:  # PPO-ptx mixes in the base model's own corpus
             c.ppo.ptx = DataConfig(eval_fraction=0.0, **corpus)
         c.train.init_from = paths.stage("sft")
+        if stage in ("rloo", "grpo"):  # critic-free: the ppo section's settings, a group of samples per prompt
+            c.ppo.algorithm, c.ppo.group_size, c.ppo.export_every = stage, cfg.pipeline.group_size, 0
         if stage == "oracle":
             c.ppo.reward, c.ppo.reward_model, c.ppo.export_every = "host", "", 0
     else:
@@ -250,7 +260,7 @@ def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
         from instruct_jax.train.dpo.trainer import run_dpo
 
         return run_dpo(c, workdir)
-    from instruct_jax.rl.ppo.trainer import run_ppo
+    from instruct_jax.rl.ppo.trainer import run_ppo  # ppo, rloo, grpo
 
     return run_ppo(c, workdir)
 
@@ -417,9 +427,9 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     runner = _runner(cfg, paths, c)
     scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
     prompts = [EvalPrompt.from_task(TaskPrompt.from_row(r)) for r in read_jsonl(paths.file("eval_prompts.jsonl"))]
-    policies = {name: runner.load(paths.stage(stage)) for name, stage in
-                (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("dpo", "dpo"), ("oracle", "oracle"))
-                if is_done(paths, stage) and (stage != "dpo" or "dpo" in p.algorithms)}
+    named = (("base", "pretrain"), ("sft", "sft")) + tuple((m, m) for m in ALGORITHMS) + (("oracle", "oracle"),)
+    policies = {name: runner.load(paths.stage(stage)) for name, stage in named
+                if is_done(paths, stage) and (stage not in ALGORITHMS or stage in p.algorithms)}
     methods = tuple(m for m in ALGORITHMS if m in policies)
     settings = EvalSettings(temperature=p.decode_temperature, max_new_tokens=p.max_new_tokens, best_of=p.best_of,
                             best_of_policy="sft", best_of_temperature=p.sample_temperature,
@@ -488,7 +498,7 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
     for stage in STAGES:
         if stage == "oracle" and not cfg.pipeline.oracle and only != "oracle":
             continue
-        if stage == "dpo" and "dpo" not in cfg.pipeline.algorithms:
+        if stage in ALGORITHMS and stage not in cfg.pipeline.algorithms:
             continue
         if only is not None and stage != only:
             if is_done(paths, stage):
@@ -527,6 +537,7 @@ def _require_inputs(paths: Paths, stage: str) -> None:
     """A stage run alone needs the stages before it to have finished."""
     needs = {"pretrain": ("task",), "sft": ("task", "pretrain"), "label": ("task", "sft"),
              "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"), "dpo": ("task", "label", "sft"),
+             "rloo": ("task", "sft", "rm"), "grpo": ("task", "sft", "rm"),
              "oracle": ("task", "sft"), "eval": ("task", "pretrain", "sft", "rm", "ppo")}
     missing = [s for s in needs.get(stage, ()) if not is_done(paths, s)]
     if missing:

@@ -38,6 +38,9 @@ CHECKS = ("ppo_beats_sft_greedy", "original_kinds_gold_gain", "tau1_gold_gain", 
 WALL_TIME_LIMIT = 900.0  # seconds per seed (issue 25)
 
 POLICY_ORDER = ("base", "sft", "best_of_4", "best_of_16", "ppo")
+ALGORITHM_ORDER = ("ppo", "dpo", "rloo", "grpo")  # the methods table's rows (pipeline.ALGORITHMS)
+ALGORITHM_FIELDS = ("gold_greedy", "gold_tau1", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "win_rate_tau1",
+                    "kl", "generated_tokens", "gold_calls", "seconds")
 
 
 def build_report(cfg: Config, results: dict) -> dict:
@@ -106,20 +109,20 @@ def oracle_win_rate(results: dict):
 
 
 def algorithms_table(cfg: Config, ev: dict, results: dict) -> dict:
-    """Issue 30's comparison, one entry per method trained from SFT and evaluated (ppo, dpo): gold score greedy and at
-    tau = 1, win rate vs SFT (greedy, ties 1/2) with its CI and at tau = 1, KL from SFT on the method's tau = 1
-    samples, tokens the method generated while training (PPO: iterations x prompts x its last iteration's mean
-    response length, an estimate; DPO: none), gold calls of its own (0: both read the label stage's rankings, through the reward model or
-    directly) and its stage's wall time."""
+    """Issue 30's comparison, one entry per method trained from SFT and evaluated (ppo, dpo, rloo, grpo): gold score
+    greedy and at tau = 1, win rate vs SFT (greedy, ties 1/2) with its CI and at tau = 1, KL from SFT on the method's
+    tau = 1 samples, tokens the method generated while training (the online methods: iterations x sampled rows x
+    their last iteration's mean response length, an estimate; DPO: none), gold calls of its own (0: all read the
+    label stage's rankings, through the reward model or directly) and its stage's wall time."""
     out = {}
-    for method in ("ppo", "dpo"):
+    for method in ALGORITHM_ORDER:
         if method not in ev["policies"] or f"{method}_vs_sft" not in ev["win_rates"]:
             continue
         h, t1 = ev["win_rates"][f"{method}_vs_sft"], _get(ev, "tau1", "win_rates", f"{method}_vs_sft") or {}
         stage = results.get(method, {})
         generated = 0
-        if method == "ppo":
-            st = cfg.pipeline.ppo
+        if method != "dpo":
+            st = getattr(cfg.pipeline, method)
             generated = round(st.steps * st.global_batch_size * stage["response_length"]) \
                 if "response_length" in stage else None
         out[method] = {"gold_greedy": ev["policies"][method]["total"],
@@ -457,13 +460,25 @@ HEADLINE = ("win_rate_ppo_vs_sft", "win_rate_ci_low", "correctness_gain_ci_low",
             "oracle_win_rate", "kl_ppo_sft", "gold_calls")
 
 
+def _seed_value(report: dict, key: str):
+    """A headline key, `gold_score.<policy>` or `algorithms.<method>.<field>` of one seed's report (None: absent)."""
+    if key.startswith("gold_score."):
+        return report["gold_score"].get(key.split(".", 1)[1])
+    if key.startswith("algorithms."):
+        _, method, field = key.split(".", 2)
+        return report.get("algorithms", {}).get(method, {}).get(field)
+    return report.get(key)
+
+
 def aggregate_seeds(reports: Sequence[dict]) -> dict:
-    """Mean and std over seeds of the headline numbers (nan where a seed did not measure one) and each
-    policy's gold total; every seed's checks."""
+    """Mean and std over seeds of the headline numbers (nan where a seed did not measure one), each policy's gold
+    total and every field of the methods table (`algorithms.<method>.<field>`); every seed's checks."""
     out = {"seeds": [r["seed"] for r in reports], "mean": {}, "std": {}}
     keys = list(HEADLINE) + [f"gold_score.{k}" for k in reports[0]["gold_score"]]
+    methods = reports[0].get("algorithms", {})
+    keys += [f"algorithms.{m}.{f}" for m in methods for f in ALGORITHM_FIELDS] if len(methods) > 1 else []
     for k in keys:
-        vals = [r["gold_score"][k.split(".", 1)[1]] if k.startswith("gold_score.") else r.get(k) for r in reports]
+        vals = [_seed_value(r, k) for r in reports]
         vals = [float("nan") if v is None else v for v in vals]
         out["mean"][k], out["std"][k] = float(np.mean(vals)), float(np.std(vals))
     out["checks"] = {r["seed"]: {name: c["passed"] for name, c in r["checks"].items()} for r in reports}
@@ -482,8 +497,7 @@ def write_seed_report(combined: dict, reports: Sequence[dict], root: str) -> Non
                                                 for s in seeds) + " |")
     lines += ["", "## Headline numbers", "", "| metric | mean ± std | per seed |", "|---|---|---|"]
     for k in combined["mean"]:
-        per = ", ".join(_fmt(r["gold_score"][k.split('.', 1)[1]] if k.startswith("gold_score.") else r.get(k))
-                        for r in reports)
+        per = ", ".join(_fmt(_seed_value(r, k)) for r in reports)
         lines.append(f"| {k} | {combined['mean'][k]:.3f} ± {combined['std'][k]:.3f} | {per} |")
     lines += ["", "All checks passed per seed: " + ", ".join(f"{s}: {'yes' if ok else 'no'}"
                                                           for s, ok in combined["checks_passed"].items()), "",

@@ -116,6 +116,8 @@ def run_export(args) -> int:
 
     cfg = apply_overrides(load_experiment(args.experiment), args.overrides)
     validate(cfg)
+    # A LoRA run's params export is already merged (model/lora.py): read and write it as the plain model.
+    cfg.model = dataclasses.replace(cfg.model, lora_rank=0)
     params_dir = resolve_params_dir(args.workdir)
     norm_file = os.path.join(args.workdir, "reward_norm.json")
     reward = os.path.isfile(norm_file)

@@ -46,6 +46,13 @@ class ModelConfig:
     attention_block_q: int = 512  # blockwise / ring: query rows per tile (memory ~ block_q * block_kv per head)
     attention_block_kv: int = 512  # blockwise / ring: key rows per tile
     init_std: float = 0.02  # normal init std of every weight matrix
+    # LoRA (model/lora.py): rank-r adapters on lora_targets, the base frozen; 0 = off (full fine-tuning)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: tuple = ("q", "v")  # among q, k, v, o, gate, up, down
+    # params trained in full beside the adapters, by name (PEFT's modules_to_save): e.g. ("embedding", "lm_head")
+    # when fine-tuning teaches tokens the base never saw (a chat template's markers), norms ("final_norm", ...)
+    lora_train: tuple = ()
     # LM training loss: logits for this many positions at a time (fused, chunked cross-entropy that
     # never holds [B, T, V]); 0 = all at once. Chunking saves memory for large vocabularies and long
     # sequences (the 8B / PaLM presets and the long-context experiments use 64); where memory is not

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from instruct_jax.model.attention.dispatch import dot_product_attention
 from instruct_jax.model.config import ModelConfig
 from instruct_jax.model.kv_cache import LAYER_KV_AXES, CacheSlots, write
+from instruct_jax.model.lora import adapter_delta
 from instruct_jax.model.rope import apply_rope, rope_params
 from instruct_jax.parallel.context import logical_constraint
 
@@ -68,6 +69,10 @@ class Attention(nn.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype))
         k_ = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype))
         v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype))
+        q, k_, v = (y if delta is None else y + delta for y, delta in (
+            (q, adapter_delta(self, "q", x, (d,), ("embed",), (n, h), ("heads", "head_dim"), cfg)),
+            (k_, adapter_delta(self, "k", x, (d,), ("embed",), (k, h), ("kv_heads", "head_dim"), cfg)),
+            (v, adapter_delta(self, "v", x, (d,), ("embed",), (k, h), ("kv_heads", "head_dim"), cfg))))
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (n, h), ("heads", "head_dim"), zeros).astype(dtype)
@@ -92,7 +97,9 @@ class Attention(nn.Module):
                                     implementation=cfg.attention, block_q=cfg.attention_block_q,
                                     block_kv=cfg.attention_block_kv, self_attention=kv is None)  # [B, T, N, H]
         out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv
+        y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype))
+        delta = adapter_delta(self, "o", out, (n, h), ("heads", "head_dim"), (d,), ("embed",), cfg)
+        return (y if delta is None else y + delta), kv
 
 
 class MLP(nn.Module):
@@ -105,10 +112,17 @@ class MLP(nn.Module):
         w_gate = _param(self, "gate", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init)
         w_up = _param(self, "up", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init)
         w_down = _param(self, "down", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), init)
-        gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dtype))
+        d, f = cfg.d_model, cfg.mlp_dim
+
+        def adapted(y, name, inp, in_dims, in_axes, out_dims, out_axes):
+            delta = adapter_delta(self, name, inp, in_dims, in_axes, out_dims, out_axes, cfg)
+            return y if delta is None else y + delta
+
+        gate = adapted(jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dtype)), "gate", x, (d,), ("embed",), (f,), ("mlp",))
+        up = adapted(jnp.einsum("BTD,DF->BTF", x, w_up.astype(dtype)), "up", x, (d,), ("embed",), (f,), ("mlp",))
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dtype))
+        return adapted(jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dtype)), "down", hidden, (f,), ("mlp",), (d,),
+                       ("embed",))
 
 
 class Block(nn.Module):

@@ -40,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters: rank r is tiny, each adapter shards by its projection's other axes
     # activations
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),

@@ -77,3 +77,54 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
     """1 - Var[returns - values] / Var[returns] over valid tokens (1 = perfect, 0 = a constant, < 0 worse)."""
     var_returns = masked_var(returns, mask)
     return 1.0 - masked_var(returns - values, mask) / jnp.maximum(var_returns, 1e-8)
+
+
+# ----------------------------------------------------------------------------- critic-free (RLOO, GRPO)
+GROUP_ALGORITHMS = ("rloo", "grpo")  # ppo.algorithm values with no value model: a group baseline instead
+LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def group_advantages(rewards: jax.Array, group_size: int, algorithm: str, std_normalize: bool = True,
+                     eps: float = 1e-4) -> jax.Array:
+    """Sequence advantages [R] from sequence rewards [R], rows in groups of k = group_size consecutive samples of
+    one prompt (R = G * k):
+
+        rloo  A_i = R_i - mean_{j != i} R_j            (Ahmadian et al. 2024; = k / (k - 1) * (R_i - mean R))
+        grpo  A_i = (R_i - mean R) / (std R + eps)     (Shao et al. 2024; std with Bessel's correction)
+              A_i =  R_i - mean R                      (std_normalize False: Dr. GRPO, Liu et al. 2025)
+
+    A group whose rewards are all equal gets A = 0 in every form. Example (k = 3): R = [1, 2, 6] ->
+    rloo [-3, -1.5, 4.5]; grpo, unnormalised [-2, -1, 3], normalised [-0.7559, -0.378, 1.1339].
+    """
+    if group_size < 2:
+        raise ValueError(f"a group baseline needs >= 2 samples per prompt, got {group_size}")
+    g = rewards.reshape(-1, group_size)
+    total = jnp.sum(g, axis=1, keepdims=True)
+    if algorithm == "rloo":
+        adv = g - (total - g) / (group_size - 1)
+    elif algorithm == "grpo":
+        adv = g - total / group_size
+        if std_normalize:
+            adv = adv / (jnp.std(g, axis=1, keepdims=True, ddof=1) + eps)
+    else:
+        raise ValueError(f"algorithm must be one of {GROUP_ALGORITHMS}, got {algorithm!r}")
+    return adv.reshape(rewards.shape)
+
+
+def aggregate(x: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """A per-token loss [B, N] to a scalar (ppo.loss_aggregation):
+
+        token     sum(x * m) / sum(m)                      every token of the minibatch weighs the same
+        sequence  mean_b [ sum_t(x * m)_b / sum_t m_b ]    every response weighs the same (GRPO's paper)
+        constant  sum(x * m) / (B * N)                     a fixed denominator (Dr. GRPO: no length bias)
+
+    x [[1, 1], [4, 0]], m [[1, 1], [1, 0]] -> token 2, sequence 2.5, constant 1.5.
+    """
+    if mode == "token":
+        return masked_mean(x, mask)
+    if mode == "sequence":
+        per_row = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        return jnp.mean(per_row)
+    if mode == "constant":
+        return jnp.sum(x * mask) / (mask.shape[0] * mask.shape[1])
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")

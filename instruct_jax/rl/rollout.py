@@ -30,7 +30,8 @@ from instruct_jax.inference.sampling import SampleOutput, prompt_and_response
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.transformer import ModelInput, Transformer
 from instruct_jax.parallel.sharding import logical_to_spec
-from instruct_jax.rl.advantages import explained_variance, gae, masked_mean, masked_var, masked_whiten
+from instruct_jax.rl.advantages import (GROUP_ALGORITHMS, explained_variance, gae, group_advantages, masked_mean,
+                                       masked_var, masked_whiten)
 from instruct_jax.rl.rewards import (RewardFn, apply_missing_eos, first_stop, kl_estimate, response_mask,
                                      scoring_input, sequence_kl, token_rewards)
 
@@ -50,8 +51,9 @@ class Experience:
     values: jax.Array  # [B, N] float32 V_t, 0 after the end
     scores: jax.Array  # [B] float32 score after the missing-EOS penalty
     rewards: jax.Array  # [B, N] float32 per-token rewards (before any reward whitening)
-    advantages: jax.Array  # [B, N] float32 GAE advantages, whitened over valid tokens
-    returns: jax.Array  # [B, N] float32 advantages + values, before whitening
+    advantages: jax.Array  # [B, N] float32 GAE advantages, whitened over valid tokens (rloo / grpo: the
+    #                        response's group advantage on each of its tokens, not whitened)
+    returns: jax.Array  # [B, N] float32 advantages + values, before whitening (rloo / grpo: 0, no value model)
 
     @classmethod
     def shardings(cls, mesh, rules) -> "Experience":
@@ -91,7 +93,8 @@ def make_experience(policy_model: Transformer, value_model: RewardModel, reward_
 
     logprobs, entropy = policy_outputs(policy_model, policy_params, inputs, sample.tokens, t, hp.temperature)
     ref_logprobs, _ = policy_outputs(policy_model, ref_params, inputs, sample.tokens, t, hp.temperature)
-    values = value_outputs(value_model, value_params, inputs, t, n) * mask
+    critic_free = hp.algorithm in GROUP_ALGORITHMS
+    values = jnp.zeros_like(mask) if critic_free else value_outputs(value_model, value_params, inputs, t, n) * mask
 
     score_inputs, score_index = scoring_input(prompt, sample.tokens, sample.lengths, sample.done, eot_id)
     raw_scores = reward_fn(reward_params, score_inputs, score_index, sample.tokens, mask).astype(jnp.float32)
@@ -100,10 +103,16 @@ def make_experience(policy_model: Transformer, value_model: RewardModel, reward_
 
     k1 = kl_estimate(logprobs, ref_logprobs, "k1") * mask
     kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask
-    rewards = token_rewards(scores, kl, kl_coef, sample.lengths)  # [B, N]
-    gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if hp.whiten_rewards else rewards
-    advantages, returns = gae(gae_rewards, values, mask, hp.gamma, hp.lam)
-    whitened = masked_whiten(advantages, mask)
+    reward_kl_coef = kl_coef if hp.kl_in == "reward" else 0.0  # kl_in = "loss": the update adds the KL term
+    rewards = token_rewards(scores, kl, reward_kl_coef, sample.lengths)  # [B, N]
+    if critic_free:  # one advantage per response, against its group of k samples of the same prompt
+        seq_adv = group_advantages(jnp.sum(rewards, axis=1), hp.group_size, hp.algorithm, hp.group_std_normalize)
+        advantages = whitened = seq_adv[:, None] * mask
+        returns = jnp.zeros_like(mask)
+    else:
+        gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if hp.whiten_rewards else rewards
+        advantages, returns = gae(gae_rewards, values, mask, hp.gamma, hp.lam)
+        whitened = masked_whiten(advantages, mask)
 
     seq_kl = sequence_kl(k1, mask)  # [B]
     stats = {
@@ -124,6 +133,12 @@ def make_experience(policy_model: Transformer, value_model: RewardModel, reward_
         "return_mean": masked_mean(returns, mask),
         "advantage_std": jnp.sqrt(masked_var(advantages, mask)),
     }
+    if critic_free:  # no value model: report the spread of rewards inside each group instead
+        for key in ("explained_variance", "value_mean", "return_mean"):
+            del stats[key]
+        groups = jnp.sum(rewards, axis=1).reshape(-1, hp.group_size)
+        stats["group_reward_std"] = jnp.mean(jnp.std(groups, axis=1))
+        stats["zero_advantage_groups"] = jnp.mean((jnp.max(groups, axis=1) == jnp.min(groups, axis=1)).astype(jnp.float32))
     experience = Experience(inputs=inputs, response=sample.tokens, mask=mask, lengths=sample.lengths,
                             done=sample.done, sampler_logprobs=sample.logprobs, logprobs=logprobs,
                             ref_logprobs=ref_logprobs, values=values, scores=scores, rewards=rewards,

@@ -51,3 +51,17 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
         mask=lambda p: weight_decay_mask(p, tuple(cfg.no_decay)), mu_dtype=jnp.dtype(cfg.mu_dtype)))
     return optax.chain(*parts)
+
+
+def freeze_base(tx: optax.GradientTransformation, model_cfg) -> optax.GradientTransformation:
+    """With LoRA (model.lora_rank > 0): `tx` on the adapters and any scalar head (model/lora.py `is_trainable`), its
+    state allocated for those alone, and zero updates for the frozen base; otherwise `tx` itself."""
+    if not model_cfg.lora_rank:
+        return tx
+    from instruct_jax.model.lora import is_trainable
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "train" if is_trainable(p, tuple(model_cfg.lora_train)) else "frozen", params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

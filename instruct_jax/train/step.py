@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from instruct_jax.model.lora import freeze_base_grads
 from instruct_jax.model.transformer import ModelInput, output_kernel
 from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import batch_sharding, logical_to_spec, replicated
@@ -66,6 +67,7 @@ def lm_loss_and_grads(model: nn.Module, params, batch: Batch, num_micro: int, ru
     def accumulate(carry, micro):
         grads_acc, total, count = carry
         (s, n), g = grad_fn(params, micro)
+        g = freeze_base_grads(g, model.cfg.lora_train)  # LoRA: no gradient for the frozen base
         grads_acc = jax.tree.map(jnp.add, grads_acc, g)
         grads_acc = jax.lax.with_sharding_constraint(grads_acc, grad_shardings)
         return (grads_acc, total + s, count + n), None

@@ -46,12 +46,15 @@ from instruct_jax.inference.sampling import WEIGHT_LAYOUTS, SamplingConfig
 from instruct_jax.inference.scorer import fold_normalization, put_global
 from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
+from instruct_jax.model.lora import base_is_reference, merged_for_export
 from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
 from instruct_jax.parallel.sharding import batch_sharding, unbox
+from instruct_jax.train.optimizer import freeze_base
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
-from instruct_jax.rl.ppo.step import PPOState, PPOSteps, make_ppo_steps
+from instruct_jax.rl.advantages import GROUP_ALGORITHMS, LOSS_AGGREGATIONS
+from instruct_jax.rl.ppo.step import PPOState, PPOSteps, has_critic, make_ppo_steps, value_params_of
 from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, host_scores_reward,
                                      reward_model_reward, token_count_reward)
 from instruct_jax.train.guards import GuardConfig, guard_metrics
@@ -60,6 +63,8 @@ from instruct_jax.train.state import create_train_state, state_shardings_for
 
 SAMPLES_FILE = "samples.jsonl"
 REWARDS = ("model", "count", "host")
+ALGORITHMS = ("ppo",) + GROUP_ALGORITHMS  # ppo.algorithm
+KL_PLACEMENTS = ("reward", "loss")  # ppo.kl_in
 # A host reward: (prompt token ids, one array per row; decoded responses) -> scores [B]. Deterministic, so that
 # every process of a multi-host run computes the same scores.
 HostReward = Callable[[Sequence[np.ndarray], Sequence[str]], np.ndarray]
@@ -82,11 +87,14 @@ def _is_hub_source(source: str) -> bool:
 def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     """The PPO phase's own checks (config.validate knows nothing about them); ConfigError names the field."""
     p = cfg.ppo
-    for key, value, allowed in (("ppo.reward", p.reward, REWARDS), ("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
+    for key, value, allowed in (("ppo.algorithm", p.algorithm, ALGORITHMS), ("ppo.kl_in", p.kl_in, KL_PLACEMENTS),
+                                ("ppo.loss_aggregation", p.loss_aggregation, LOSS_AGGREGATIONS),
+                                ("ppo.reward", p.reward, REWARDS), ("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
                                 ("ppo.missing_eos", p.missing_eos, MISSING_EOS_MODES),
                                 ("ppo.rollout_weights", p.rollout_weights, WEIGHT_LAYOUTS)):
         if value not in allowed:
             raise ConfigError(key, f"expected one of {list(allowed)}, got {value!r}")
+    validate_algorithm(cfg)
     if p.reward == "model" and not p.reward_model:
         raise ConfigError("ppo.reward_model", "empty; name the reward model's workdir (or set ppo.reward=count)")
     # A setting that another one makes inert is an error naming both, never silently ignored.
@@ -143,12 +151,41 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
             raise ConfigError("ppo.ptx." + e.field.split(".", 1)[-1], str(e).split(": ", 1)[1]) from None
     if num_devices is not None:
         shards = batch_shards(resolve_mesh_shape(cfg.mesh, num_devices), cfg.mesh.logical_rules())
+        if (b // p.group_size) % shards:
+            raise ConfigError("ppo.group_size", f"the {b // p.group_size} prompts per rollout (train.global_batch_size="
+                              f"{b} rows / {p.group_size} samples each) must divide over the {shards} batch shards")
         if (b // p.minibatches) % shards:
             raise ConfigError("ppo.minibatches", f"each minibatch ({b} / {p.minibatches} rows) must divide over the "
                               f"{shards} batch shards")
         if p.ptx_coef > 0 and p.ptx_batch_size % shards:
             raise ConfigError("ppo.ptx_batch_size",
                               f"must divide over the {shards} batch shards, got {p.ptx_batch_size}")
+
+
+def validate_algorithm(cfg: Config) -> None:
+    """ppo.algorithm's own rules: a group of k >= 2 samples per prompt for rloo / grpo, dividing the rollout; no
+    setting that only a value model or the adaptive controller reads left on where it would be ignored."""
+    p = cfg.ppo
+    b = cfg.train.global_batch_size
+    if p.group_size < 1:
+        raise ConfigError("ppo.group_size", f"must be >= 1, got {p.group_size}")
+    if b % p.group_size:
+        raise ConfigError("ppo.group_size", f"must divide train.global_batch_size={b} (rows per rollout, "
+                          f"{p.group_size} per prompt), got {p.group_size}")
+    if p.kl_in == "loss" and p.adaptive_kl:
+        raise ConfigError("ppo.adaptive_kl", "the adaptive controller moves the KL coefficient of the reward; with "
+                          "ppo.kl_in='loss' the loss term uses a fixed ppo.kl_coef: clear one of the two")
+    if p.algorithm in GROUP_ALGORITHMS:
+        if p.group_size < 2:
+            raise ConfigError("ppo.group_size", f"{p.algorithm} compares each response with the other samples of "
+                              f"its prompt: needs >= 2, got {p.group_size}")
+        for name, default in (("value_learning_rate", 0.0), ("whiten_rewards", False), ("value_clip", 0.2)):
+            if getattr(p, name) != default:
+                raise ConfigError(f"ppo.{name}", f"{getattr(p, name)!r} would be ignored: ppo.algorithm="
+                                  f"{p.algorithm!r} has no value model and no GAE; leave it at {default!r}")
+    elif not p.group_std_normalize:
+        raise ConfigError("ppo.group_std_normalize", "only grpo normalises by its group's std; ppo.algorithm="
+                          f"{p.algorithm!r} would ignore it")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -184,8 +221,9 @@ class PPOSetup:
         cfg = self.cfg
         policy = create_train_state(self.policy_init, self.policy_tx, self.mesh, self.rules, cfg.seed,
                                     params=self.copy(policy_params, self.shardings.policy.params))
-        value = create_train_state(self.value_init, self.value_tx, self.mesh, self.rules, cfg.seed,
-                                   params=self.copy(value_params, self.shardings.value.params))
+        value = {} if not has_critic(cfg.ppo) else create_train_state(
+            self.value_init, self.value_tx, self.mesh, self.rules, cfg.seed,
+            params=self.copy(value_params, self.shardings.value.params))
         ema = self.copy(policy_params, self.shardings.policy.params) if cfg.ppo.ema_decay > 0 else {}
         return PPOState(policy=policy, value=value, ema=ema)
 
@@ -222,10 +260,11 @@ def ppo_trees(cfg: Config, mesh) -> PPOTrees:
     # ---- Shard
     p = cfg.ppo
     opt_steps = cfg.train.steps * p.epochs * p.minibatches
-    policy_tx = make_ppo_optimizer(cfg.optim, opt_steps, p.tf_adam_eps)
-    value_tx = make_ppo_optimizer(cfg.optim, opt_steps, p.tf_adam_eps, learning_rate=p.value_learning_rate)
+    policy_tx = freeze_base(make_ppo_optimizer(cfg.optim, opt_steps, p.tf_adam_eps), cfg.model)
+    value_tx = freeze_base(make_ppo_optimizer(cfg.optim, opt_steps, p.tf_adam_eps,
+                                                 learning_rate=p.value_learning_rate), cfg.model)
     abstract_policy, policy_sh = state_shardings_for(policy_init, policy_tx, mesh, rules)
-    abstract_value, value_sh = state_shardings_for(value_init, value_tx, mesh, rules)
+    abstract_value, value_sh = state_shardings_for(value_init, value_tx, mesh, rules) if has_critic(p) else ({}, {})
     ema_on = p.ema_decay > 0
     abstract = PPOState(abstract_policy, abstract_value, abstract_policy.params if ema_on else {})
     shardings = PPOState(policy_sh, value_sh, policy_sh.params if ema_on else {})
@@ -287,7 +326,8 @@ def synthetic_prompt_messages(n: int, seed: int) -> list[list[dict]]:
 
 
 def build_prompt_loader(cfg: Config, tokenizer: Tokenizer, template: ChatTemplate) -> tuple[Loader, DataStats]:
-    """Left-padded prompt batches [B, T] (+ lengths [B]); batch i is a pure function of (seed, i)."""
+    """Left-padded prompt batches [B / k, T] (+ lengths), k = ppo.group_size (each prompt is then sampled k times:
+    PPOSteps.expand); batch i is a pure function of (seed, i)."""
     t = prompt_len(cfg)
     if cfg.ppo.synthetic_prompts:
         stats = DataStats(name="prompts")
@@ -303,7 +343,7 @@ def build_prompt_loader(cfg: Config, tokenizer: Tokenizer, template: ChatTemplat
         load = load_stored_data if cfg.data.store else load_data
         data = load(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
         examples, stats = data.train, data.train_stats
-    loader = Loader(examples, cfg.train.global_batch_size, cfg.train.seq_len, cfg.seed, pad_id=tokenizer.pad_id,
+    loader = Loader(examples, cfg.train.global_batch_size // cfg.ppo.group_size, cfg.train.seq_len, cfg.seed, pad_id=tokenizer.pad_id,
                     packing=False, prompt_len=t, padding_side="left", prefetch=cfg.data.prefetch)
     return loader, stats
 
@@ -336,6 +376,8 @@ def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
         policy = load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params)
     else:
         policy = setup.fresh_policy_params()
+    if not has_critic(cfg.ppo):
+        return policy, None
     if cfg.ppo.reward == "model":
         rm = reward_params["params"]
         with mesh_and_rules(setup.mesh, setup.rules):  # the head alone: the trunk is not copied
@@ -352,8 +394,11 @@ def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
 
 
 def reference_params(setup: PPOSetup):
-    """The frozen reference: the same params the policy started from (re-read on resume)."""
+    """The frozen reference: the same params the policy started from (re-read on resume); with LoRA none ({}): the
+    policy's own frozen base is the reference (rl/ppo/step.py), one copy of the weights."""
     cfg = setup.cfg
+    if base_is_reference(cfg.model):
+        return {}
     if cfg.train.init_from:
         return load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params)
     return setup.fresh_policy_params()
@@ -452,12 +497,12 @@ class PPOPhase(Phase):
     def step(self, state, index: int):
         steps = self.setup.steps
         rng = jax.random.fold_in(state.policy.rng, index)
-        batch = next(self.prompt_batches)
+        batch = steps.expand(next(self.prompt_batches))  # ppo.group_size samples of each prompt
         prompt = ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"])
         sample = steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
         beta = self.kl_ctl.kl_coef  # this rollout's coefficient; the controller then sets the next one
         reward_params = self.reward_params if self.host_reward is None else self.host_scores(batch, sample)
-        exp, stats = steps.experience(state.policy.params, self.ref, state.value.params, reward_params, prompt,
+        exp, stats = steps.experience(state.policy.params, self.ref, value_params_of(state), reward_params, prompt,
                                       sample, np.float32(beta))
         args = (state, exp, jax.random.fold_in(rng, 1)) + ((next(self.ptx_batches),) if self.ptx_batches else ())
         state, update_stats = steps.update(*args)
@@ -499,7 +544,8 @@ class PPOPhase(Phase):
         every = self.cfg.ppo.export_every
         if every and done % every == 0 and done != self.cfg.train.steps:
             # Snapshots for evaluating the policy along the way (rewritten identically on resume).
-            export_params(os.path.join(self.workdir, "snapshots", str(done)), state.policy.params)
+            export_params(os.path.join(self.workdir, "snapshots", str(done)),
+                          merged_for_export(state.policy.params, self.cfg.model))
 
     def close(self) -> None:
         for batches in (self.prompt_batches, self.ptx_batches):
@@ -508,10 +554,12 @@ class PPOPhase(Phase):
 
     def export(self, state) -> None:
         """The policy (an LM export, like SFT's), its EMA, the value model."""
-        export_params(os.path.join(self.workdir, "params"), state.policy.params)
+        m = self.cfg.model
+        export_params(os.path.join(self.workdir, "params"), merged_for_export(state.policy.params, m))
         if self.cfg.ppo.ema_decay > 0:
-            export_params(os.path.join(self.workdir, "ema_params"), state.ema)
-        export_params(os.path.join(self.workdir, "value_params"), state.value.params)
+            export_params(os.path.join(self.workdir, "ema_params"), merged_for_export(state.ema, m))
+        if has_critic(self.cfg.ppo):
+            export_params(os.path.join(self.workdir, "value_params"), merged_for_export(state.value.params, m))
 
     def summary(self, result: dict) -> None:
         log(self.prompt_stats.report())

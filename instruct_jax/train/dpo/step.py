@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from instruct_jax.model.lora import base_is_reference, base_only, freeze_base_grads, has_adapters
 from instruct_jax.parallel.context import in_mesh_context
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.train.dpo.losses import preference_loss_sum, sequence_logprobs
@@ -31,6 +32,12 @@ def dpo_shardings(mesh, rules) -> dict:
     return {**out, "targets": seq, "loss_mask": seq}
 
 
+def reference_of(params, reference):
+    """The reference's params: `reference`, or with LoRA ({} passed: model/lora.py base_is_reference) the policy's
+    own base (adapters off), so the frozen base doubles as the reference and no second copy is held."""
+    return base_only(params) if isinstance(reference, dict) and not reference and has_adapters(params) else reference
+
+
 def dpo_loss_and_grads(model, params, reference, batch: dict, num_micro: int, rules, grad_shardings, beta: float,
                        loss: str):
     """(loss, grads, stats): loss = sum of per-prompt losses / prompts with a pair, over all microbatches; stats
@@ -38,7 +45,7 @@ def dpo_loss_and_grads(model, params, reference, batch: dict, num_micro: int, ru
 
     def loss_sum(p, micro):
         policy = sequence_logprobs(model, p, micro)
-        ref = jax.lax.stop_gradient(sequence_logprobs(model, reference, micro))
+        ref = jax.lax.stop_gradient(sequence_logprobs(model, reference_of(p, reference), micro))
         total, prompts, stats = preference_loss_sum(policy, ref, micro["ranks"], beta, loss)
         return total, (prompts, stats)
 
@@ -48,6 +55,7 @@ def dpo_loss_and_grads(model, params, reference, batch: dict, num_micro: int, ru
     def accumulate(carry, micro):
         grads_acc, total, prompts, sums = carry
         (s, (n, stats)), g = grad_fn(params, micro)
+        g = freeze_base_grads(g, model.cfg.lora_train)  # LoRA: adapters (+ head) only
         grads_acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads_acc, g), grad_shardings)
         return (grads_acc, total + s, prompts + n, tuple(a + stats[k] for a, k in zip(sums, names))), None
 
@@ -75,7 +83,8 @@ def make_dpo_train_step(model, tx: optax.GradientTransformation, schedule: optax
         new, guard_stats = guarded_optimizer_step(tx, state, grads, value, guard)
         return new, {"loss": value, "lr": schedule(applied_updates(state.opt_state)), **stats, **guard_stats}
 
-    jitted = jax.jit(step, in_shardings=(state_shardings, state_shardings.params, dpo_shardings(mesh, rules)),
+    ref_shardings = {} if base_is_reference(model.cfg) else state_shardings.params
+    jitted = jax.jit(step, in_shardings=(state_shardings, ref_shardings, dpo_shardings(mesh, rules)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
     return _select_keys(in_mesh_context(jitted, mesh, rules), batch_arg=2)
 
@@ -84,9 +93,11 @@ def make_dpo_eval_step(model, mesh, rules, param_shardings, beta: float) -> Call
     """eval(params, reference params, batch) -> implicit rewards [B, K], replicated (host-side metrics)."""
 
     def rewards(params, reference, batch):
-        return beta * (sequence_logprobs(model, params, batch) - sequence_logprobs(model, reference, batch))
+        return beta * (sequence_logprobs(model, params, batch)
+                       - sequence_logprobs(model, reference_of(params, reference), batch))
 
-    jitted = jax.jit(rewards, in_shardings=(param_shardings, param_shardings, dpo_shardings(mesh, rules)),
+    ref_shardings = {} if base_is_reference(model.cfg) else param_shardings
+    jitted = jax.jit(rewards, in_shardings=(param_shardings, ref_shardings, dpo_shardings(mesh, rules)),
                      out_shardings=replicated(mesh))
     return _select_keys(in_mesh_context(jitted, mesh, rules), batch_arg=2)
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from instruct_jax.model.lora import base_is_reference, merged_for_export
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import DPO_LOSSES, Config, save_config
 from instruct_jax.data.tokenizer import check_tokenizer_fits
@@ -139,7 +140,7 @@ class DPOPhase(Phase):
             self.batches.close()
 
     def export(self, state) -> None:
-        export_params(f"{self.workdir.rstrip('/')}/params", state.params)
+        export_params(f"{self.workdir.rstrip('/')}/params", merged_for_export(state.params, self.cfg.model))
 
     def summary(self, result: dict) -> None:
         log(self.data.report())
@@ -166,7 +167,7 @@ def run_dpo(cfg: Config, workdir: str) -> dict:
         f"{cfg.dpo.loss} loss, beta {cfg.dpo.beta}")
 
     # ---- the frozen reference, then Checkpoint, Train, Export: the one loop
-    reference = starting_params(setup)
+    reference = {} if base_is_reference(cfg.model) else starting_params(setup)  # LoRA: the policy's frozen base
     return run_phase(DPOPhase(setup, data, reference, workdir), cfg, workdir, setup.abstract_state)
 
 

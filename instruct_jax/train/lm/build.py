@@ -15,7 +15,7 @@ from instruct_jax.config import Config, validate
 from instruct_jax.model.transformer import Transformer, init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.train.guards import GuardConfig
-from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from instruct_jax.train.optimizer import freeze_base, learning_rate_schedule, make_optimizer
 from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
 from instruct_jax.train.step import make_eval_step, make_train_step
 
@@ -31,7 +31,7 @@ def abstract_lm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:
     checked from a laptop).
     """
     init_boxed = functools.partial(init_params_boxed, Transformer(cfg.model))
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = freeze_base(make_optimizer(cfg.optim, cfg.train.steps), cfg.model)
     return state_shardings_for(init_boxed, tx, mesh, cfg.mesh.logical_rules())
 
 
@@ -45,7 +45,7 @@ def build_lm(cfg: Config, devices: Sequence | None = None) -> LMSetup:
     model = Transformer(cfg.model)
     init_boxed = functools.partial(init_params_boxed, model)
     # ---- Shard
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = freeze_base(make_optimizer(cfg.optim, cfg.train.steps), cfg.model)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     abstract_state, shardings = state_shardings_for(init_boxed, tx, mesh, rules)
     # ---- Update

@@ -14,6 +14,7 @@ from typing import Optional
 
 import jax
 
+from instruct_jax.model.lora import merged_for_export
 from instruct_jax.checkpoint import export_params, load_params, resolve_params_dir
 from instruct_jax.config import Config, save_config
 from instruct_jax.data.build import LMData, build_lm_data
@@ -119,7 +120,7 @@ class LMPhase(Phase):
             self.batches.close()
 
     def export(self, state) -> None:
-        export_params(os.path.join(self.workdir, "params"), state.params)
+        export_params(os.path.join(self.workdir, "params"), merged_for_export(state.params, self.cfg.model))
 
     def summary(self, result: dict) -> None:
         log(self.data.report())

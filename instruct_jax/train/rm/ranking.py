@@ -30,6 +30,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from instruct_jax.model.heads import RewardModel
+from instruct_jax.model.lora import freeze_base_grads
 from instruct_jax.model.transformer import ModelInput
 from instruct_jax.parallel.context import in_mesh_context, logical_constraint
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
@@ -156,6 +157,7 @@ def reward_loss_and_grads(model: RewardModel, params, batch: dict, num_micro: in
     def accumulate(carry, micro):
         grads_acc, total, prompts, correct, pairs = carry
         (s, (n, stats)), g = grad_fn(params, micro)
+        g = freeze_base_grads(g, model.cfg.lora_train)  # LoRA: adapters (+ head) only
         grads_acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads_acc, g), grad_shardings)
         return (grads_acc, total + s, prompts + n, correct + stats["correct"], pairs + stats["pairs"]), None
 

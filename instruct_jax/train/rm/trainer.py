@@ -48,13 +48,14 @@ from instruct_jax.errors import ConfigError
 from instruct_jax.inference.scorer import load_reward_model, score_batch_size
 from instruct_jax.inference.scorer import make_score_step, put_global, score_token_sequences
 from instruct_jax.metrics import MetricsWriter, log, model_flops_per_token
+from instruct_jax.model.lora import merged_for_export
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.transformer import Transformer, init_params_boxed
 from instruct_jax.parallel.mesh import make_mesh
 from instruct_jax.parallel.sharding import param_shardings_for, unbox
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.loop import Phase, run_phase
-from instruct_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from instruct_jax.train.optimizer import freeze_base, learning_rate_schedule, make_optimizer
 from instruct_jax.train.rm.ranking import (IDENTITY_NORM, RANKING_KEYS, fit_normalization, make_reward_eval_step,
                                            make_reward_train_step, ranking_metrics, ranking_shardings)
 from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
@@ -89,7 +90,7 @@ def validate_reward(cfg: Config) -> None:
 def abstract_rm_state(cfg: Config, mesh) -> tuple[TrainState, TrainState]:
     """(abstract reward-model TrainState with shardings, sharding tree); `mesh` may be an AbstractMesh."""
     init_boxed = functools.partial(init_reward_params_boxed, RewardModel(cfg.model))
-    return state_shardings_for(init_boxed, make_optimizer(cfg.optim, cfg.train.steps), mesh, cfg.mesh.logical_rules())
+    return state_shardings_for(init_boxed, freeze_base(make_optimizer(cfg.optim, cfg.train.steps), cfg.model), mesh, cfg.mesh.logical_rules())
 
 
 def build_rm(cfg: Config, devices: Optional[Sequence] = None) -> RMSetup:
@@ -102,7 +103,7 @@ def build_rm(cfg: Config, devices: Optional[Sequence] = None) -> RMSetup:
     model = RewardModel(cfg.model)
     init_boxed = functools.partial(init_reward_params_boxed, model)
     # ---- Shard
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = freeze_base(make_optimizer(cfg.optim, cfg.train.steps), cfg.model)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     abstract_state, shardings = state_shardings_for(init_boxed, tx, mesh, rules)
     # ---- Update
@@ -141,8 +142,9 @@ def fresh_params(setup: RMSetup):
         return jax.jit(lambda: unbox(setup.init_boxed(init_rng)), out_shardings=setup.state_shardings.params)()
 
 
-def export_reward_model(workdir: str, params, norm: dict) -> None:
+def export_reward_model(workdir: str, params, norm: dict, model_cfg=None) -> None:
     """<workdir>/params (orbax, with manifest) and the human-readable <workdir>/reward_norm.json."""
+    params = merged_for_export(params, model_cfg) if model_cfg is not None else params  # LoRA: merged
     export_params(files.join(workdir, "params"), {"params": params, "norm": {
         k: np.float32(v) for k, v in norm.items()}})
     if jax.process_index() == 0:
@@ -344,7 +346,7 @@ class RMPhase(Phase):
         return self.result, {"norm": norm}
 
     def export(self, state) -> None:
-        export_reward_model(self.workdir, state.params, self.norm)
+        export_reward_model(self.workdir, state.params, self.norm, self.cfg.model)
         if jax.process_index() == 0:
             data = self.data.data
             files.write_text(files.join(self.workdir, EVAL_FILE), json.dumps(
