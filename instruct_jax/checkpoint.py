@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import signal
 import threading
@@ -45,14 +44,13 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 from instruct_jax import files
-from instruct_jax.model.lora import SUFFIX_A, SUFFIX_B, drop_adapters, has_adapters, with_fresh_adapters
+from instruct_jax.model.lora import drop_adapters, fresh_adapters, has_adapters, with_fresh_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +448,7 @@ def load_params(path: Any, abstract_params: Any, adapter_seed: int = 0) -> Any:
 
     Exports hold no LoRA adapters (they are merged on export, model/lora.py); when `abstract_params` has some (a
     LoRA run starting from an export), the base is read and the adapters start fresh: B = 0, so the model is
-    exactly the export, and A ~ N(0, 1 / fan_in) from PRNGKey(adapter_seed)."""
+    exactly the export, and A as model/lora.py initialises it, from PRNGKey(adapter_seed) (callers pass cfg.seed)."""
     path = _absolute(path)
     reason = check_manifest(path)  # each process: the files it wrote
     if not _all_agree(reason is None):
@@ -463,26 +461,6 @@ def load_params(path: Any, abstract_params: Any, adapter_seed: int = 0) -> Any:
     finally:
         checkpointer.close()
     return with_fresh_adapters(base, fresh_adapters(abstract_params, adapter_seed))
-
-
-def fresh_adapters(abstract_params: Any, seed: int) -> Any:
-    """`abstract_params` with each LoRA leaf created on its sharding: B = 0, A ~ N(0, 1 / fan_in) (fan_in: A's dims
-    but its last, rank, and, under "layers", its first, the stacked layer axis); other leaves stay abstract."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
-    out = []
-    for i, (p, x) in enumerate(leaves):
-        name = str(getattr(p[-1], "key", p[-1]))
-        if name.endswith(SUFFIX_B):
-            out.append(jax.jit(lambda shape=x.shape, dtype=x.dtype: jnp.zeros(shape, dtype), out_shardings=x.sharding)())
-        elif name.endswith(SUFFIX_A):
-            stacked = any(str(getattr(e, "key", e)) == "layers" for e in p)
-            fan_in = math.prod(x.shape[1 if stacked else 0:-1])
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            out.append(jax.jit(lambda k, shape=x.shape, dtype=x.dtype, std=fan_in ** -0.5:
-                               std * jax.random.normal(k, shape, dtype), out_shardings=x.sharding)(key))
-        else:
-            out.append(x)
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -113,7 +113,7 @@ class RewardConfig:
 
 
 # ----------------------------------------------------------------------------- DPO
-DPO_LOSSES = ("sigmoid", "ipo")
+DPO_LOSSES = ("sigmoid", "ipo", "plackett_luce")
 
 
 @dataclass
@@ -122,7 +122,9 @@ class DPOConfig:
     (pairwise / ranking) or `reward.synthetic`; the policy and its frozen reference start from `train.init_from`."""
 
     beta: float = 0.1  # implicit reward = beta * (log pi(y|x) - log pi_ref(y|x)); larger = closer to the reference
-    loss: str = "sigmoid"  # sigmoid: DPO, -log sigmoid(r_better - r_worse) | ipo: (h - 1 / (2 beta))^2, h the log-ratio gap
+    # sigmoid: DPO, -log sigmoid(r_better - r_worse) per pair | ipo: (h - 1 / (2 beta))^2, h the log-ratio gap |
+    # plackett_luce: the K-wise ranking's likelihood as successive choices (train/dpo/losses.py)
+    loss: str = "sigmoid"
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -168,10 +170,14 @@ class PPOConfig:
     kl_in: str = "reward"  # reward: -kl_coef * KL in the reward (ppo per token; rloo/grpo in the sequence reward) |
     #                         loss: + kl_coef * the k3 KL to the reference as a loss term (GRPO), kl_coef fixed
     # ---- reward
-    # model: the reward model at reward_model | count: toy score = occurrences of count_token | host: a Python
-    # function passed to run_ppo scores each rollout on the host (the pipeline's oracle run: the gold judge)
+    # model: the reward model at reward_model | dpo: a DPO policy's implicit reward | count: toy score = occurrences
+    # of count_token | host: a Python function passed to run_ppo scores each rollout on the host (the pipeline's
+    # oracle run: the gold judge)
     reward: str = "model"
-    reward_model: str = ""  # reward-model workdir or export ({"params", "norm"}); the value model starts from it
+    # model: the reward model's workdir or export ({"params", "norm"}), the value model starts from it | dpo: the DPO
+    # policy's workdir or export, scored by its implicit reward dpo.beta * (log pi - log pi_ref)
+    reward_model: str = ""
+    implicit_reference: str = ""  # reward=dpo: the DPO run's reference policy ("" = train.init_from)
     count_token: int = -1  # reward=count: the token id counted in each response (-1 = the single token of count_text)
     count_text: str = " good"  # reward=count with count_token=-1: text that the tokenizer encodes as one token
     missing_eos: str = "replace"  # response with no stop token: replace (score := missing_eos_score) | subtract | none
@@ -281,11 +287,18 @@ class PipelineConfig:
     # The upper reference: a second PPO run whose reward is the gold judge itself (standardized on the SFT
     # samples the labeler ranked), evaluated beside the reward-model run; never the headline
     oracle: bool = False
+    oracle_algorithm: str = "ppo"  # the oracle run's algorithm: ppo (pipeline.ppo's budget) | rloo | grpo (theirs)
     # ---- methods compared (docs/ALGORITHMS.md): each trains from the same SFT policy on the same rankings
     # (ppo, rloo and grpo through the reward model, dpo on the rankings directly) and is evaluated beside the
     # others; the main job runs ppo alone, --set pipeline.algorithms=ppo,dpo,rloo,grpo adds the comparison
     algorithms: tuple = ("ppo",)
     group_size: int = 4  # rloo / grpo stages: samples per prompt (their stage's global_batch_size counts samples)
+    # rft stage (rejection-sampling fine-tuning): each round samples rft_samples responses per prompt for the first
+    # rft_prompts PPO prompts from the current policy (ppo.temperature), keeps the reward model's best of each and
+    # fine-tunes the current policy on them with pipeline.rft's steps / batch / learning rate
+    rft_samples: int = 4
+    rft_prompts: int = 1024
+    rft_rounds: int = 1
     # ---- evaluation
     decode_temperature: float = 0.0  # how every policy is decoded for scoring (0 = greedy)
     max_new_tokens: int = 24  # response buffer for evaluation decoding
@@ -314,6 +327,12 @@ class PipelineConfig:
                                                      learning_rate=3e-4, warmup_steps=0))
     grpo: StageConfig = field(default_factory=_stage(steps=60, global_batch_size=64, seq_len=64,
                                                      learning_rate=3e-4, warmup_steps=0))
+    # RLOO rewarded by the dpo stage's implicit reward instead of the reward model (pipeline.algorithms with dpo)
+    rloo_dpo: StageConfig = field(default_factory=_stage(steps=60, global_batch_size=64, seq_len=64,
+                                                         learning_rate=3e-4, warmup_steps=0))
+    # rejection-sampling fine-tuning: each round's supervised fine-tuning on the reward model's best samples
+    rft: StageConfig = field(default_factory=_stage(steps=40, global_batch_size=32, seq_len=64,
+                                                    learning_rate=3e-4))
 
 
 @dataclass

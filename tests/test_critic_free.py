@@ -197,3 +197,59 @@ def test_bad_algorithm_settings_name_their_field(override, field):
     cfg.ppo = dataclasses.replace(cfg.ppo, **override)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_ppo(cfg, num_devices=8)
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(reward="dpo", reward_model=""), "ppo.reward_model"),
+    (dict(reward="count", implicit_reference="/runs/sft"), "ppo.implicit_reference"),
+])
+def test_bad_implicit_reward_settings_name_their_field(override, field):
+    cfg = toy_config(mesh=MeshConfig(data=2, fsdp=-1))
+    cfg.ppo = dataclasses.replace(cfg.ppo, **override)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate_ppo(cfg, num_devices=8)
+
+
+def test_implicit_reward_is_dpos_own_log_ratio_of_the_answer():
+    """ppo.reward=dpo scores a rollout (left-padded prompt, response, end-of-turn appended when cut) with
+    beta * (log pi - log pi_ref) summed over the answer and its end-of-turn: equal to DPO's `sequence_logprobs` on
+    the same texts laid out as the DPO phase reads them (right-padded, one row per response, answer mask)."""
+    from instruct_jax.model.config import ModelConfig
+    from instruct_jax.model.transformer import ModelInput, Transformer
+    from instruct_jax.rl.rewards import implicit_reward, scoring_input
+    from instruct_jax.train.dpo.losses import sequence_logprobs
+
+    cfg = ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                      max_seq_len=32, dtype="float32")
+    model = Transformer(cfg)
+    policy = model.init(jax.random.PRNGKey(1), ModelInput.left_padded(jnp.ones((1, 4), jnp.int32), [4]))["params"]
+    reference = model.init(jax.random.PRNGKey(2), ModelInput.left_padded(jnp.ones((1, 4), jnp.int32), [4]))["params"]
+    eot, beta = 2, 0.7
+    prompt_rows = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
+    responses = np.array([[30, 31, eot, 0, 0], [33, 34, 35, 36, 37], [eot, 0, 0, 0, 0]], np.int32)
+    lengths, done = np.array([3, 5, 1]), np.array([True, False, True])
+    t = 6
+    tokens = np.zeros((3, t), np.int32)
+    for i, row in enumerate(prompt_rows):
+        tokens[i, t - len(row):] = row
+    prompt = ModelInput.left_padded(jnp.asarray(tokens), jnp.asarray([len(r) for r in prompt_rows]))
+    inputs, index = scoring_input(prompt, jnp.asarray(responses), jnp.asarray(lengths), jnp.asarray(done), eot)
+    got = implicit_reward(cfg, beta)({"policy": policy, "reference": reference}, inputs, index,
+                                     jnp.asarray(responses), jnp.ones_like(jnp.asarray(responses)))
+    # DPO's layout: prompt + answer (+ end-of-turn when the rollout was cut), right-padded; the answer's mask
+    # marks the positions whose *next* token is an answer token
+    length = 12
+    batch = {k: np.zeros((3, 1, length), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    batch["loss_mask"] = np.zeros((3, 1, length), np.float32)
+    for i, row in enumerate(prompt_rows):
+        answer = list(responses[i, :lengths[i]]) + ([] if done[i] else [eot])
+        seq = row + answer
+        batch["tokens"][i, 0, :len(seq)] = seq
+        batch["targets"][i, 0, :len(seq) - 1] = seq[1:]
+        batch["positions"][i, 0, :len(seq)] = np.arange(len(seq))
+        batch["segment_ids"][i, 0, :len(seq)] = 1
+        batch["loss_mask"][i, 0, len(row) - 1:len(seq) - 1] = 1.0
+    batch = jax.tree.map(jnp.asarray, batch)
+    want = beta * (sequence_logprobs(model, policy, batch) - sequence_logprobs(model, reference, batch))[:, 0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert np.all(np.abs(np.asarray(want)) > 1e-3)  # the two models differ: not a trivially zero reward

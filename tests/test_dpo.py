@@ -61,7 +61,50 @@ def test_preference_losses_equal_a_loop_over_pairs(loss, beta):
     assert want[1] == 2 and want[3] == 3  # two prompts with pairs, three pairs
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def naive_plackett_luce(policy, reference, ranks, beta):
+    """Per prompt: the ranking as successive choices, best first, with plain floats; a tied group's members each
+    chosen against the group and everything below it (Breslow); the last group chooses nothing."""
+    per_prompt = []
+    for p, r, k in zip(policy, reference, ranks):
+        reward = {i: beta * (float(p[i]) - float(r[i])) for i in range(len(k)) if k[i]}
+        terms = []
+        for i in reward:
+            if not any(k[j] > k[i] for j in reward):
+                continue
+            rest = [reward[j] for j in reward if k[j] >= k[i]]
+            terms.append(-math.log(math.exp(reward[i]) / sum(math.exp(x) for x in rest)))
+        if terms:
+            per_prompt.append(sum(terms) / len(terms))
+    return sum(per_prompt), len(per_prompt)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_plackett_luce_equals_a_loop_over_the_rankings_choices_and_is_dpo_at_k2(beta):
+    ranks = np.concatenate([RANKS, [[3, 1, 4, 2], [2, 1, 1, 3]]]).astype(np.int32)  # a full order; a tie on top
+    policy = np.concatenate([POLICY, [[-3.0, -2.0, -6.0, -4.0], [-1.0, -3.0, -2.0, -2.0]]]).astype(np.float32)
+    reference = np.concatenate([REFERENCE, [[-2.0, -2.5, -5.0, -4.5], [-1.5, -2.0, -2.5, -1.0]]]).astype(np.float32)
+    total, prompts, stats = preference_loss_sum(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(ranks), beta,
+                                                "plackett_luce")
+    want_total, want_prompts = naive_plackett_luce(policy, reference, ranks, beta)
+    assert want_prompts == 4
+    np.testing.assert_allclose([float(total), float(prompts)], [want_total, want_prompts], rtol=1e-5, atol=1e-6)
+    # the stats are the pairwise ones, whatever the loss
+    pairwise = preference_loss_sum(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(ranks), beta, "sigmoid")[2]
+    for key in ("correct", "pairs", "chosen", "rejected"):
+        assert float(stats[key]) == pytest.approx(float(pairwise[key]))
+    # pairwise data (K = 2, empty slots): exactly DPO's sigmoid loss
+    pair_ranks = np.array([[1, 2, 0, 0], [2, 1, 0, 0], [1, 1, 0, 0]], np.int32)
+    pl = preference_loss_sum(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(pair_ranks), beta,
+                             "plackett_luce")
+    dpo = preference_loss_sum(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(pair_ranks), beta, "sigmoid")
+    np.testing.assert_allclose([float(pl[0]), float(pl[1])], [float(dpo[0]), float(dpo[1])], rtol=1e-6)
+    # a ranking of three: the gradient raises the best, lowers the worst, and is finite despite the empty slot
+    grad = jax.grad(lambda x: preference_loss_sum(x, jnp.zeros((1, 4)), jnp.array([[1, 2, 3, 0]]), beta,
+                                                  "plackett_luce")[0])(jnp.zeros((1, 4)))
+    assert grad[0, 0] < 0 < grad[0, 2] and bool(jnp.all(jnp.isfinite(grad))) and float(grad[0, 3]) == 0.0
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "plackett_luce"])
 def test_the_gradient_raises_the_better_answer_and_lowers_the_worse(loss):
     """Pairwise, better answer first: the loss falls as the better answer's log-prob rises (DPO always; IPO
     while the log-ratio gap is below its target 1 / (2 beta))."""

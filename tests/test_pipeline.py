@@ -51,8 +51,8 @@ def _finite(tree) -> bool:
 
 def test_ci_pipeline_runs_every_stage_with_finite_metrics(ci_run):
     workdir, stdout = ci_run
-    for stage in STAGES:  # every stage but dpo, rloo, grpo, which the CI config's pipeline.algorithms leaves out
-        assert (workdir / stage / "DONE.json").is_file() == (stage not in ("dpo", "rloo", "grpo")), stage
+    for stage in STAGES:  # every stage but the methods the CI config's pipeline.algorithms leaves out
+        assert (workdir / stage / "DONE.json").is_file() == (stage not in ("dpo", "rloo", "grpo", "rft")), stage
     report = json.loads((workdir / "report.json").read_text())
     for key in ("seed", "gold_score", "win_rate_ppo_vs_sft", "win_rate_ci_low", "win_rate_ci_high",
                 "correctness_gain_ci_low", "rm_accuracy", "labeler_agreement", "kl_ppo_sft", "gold_calls",
@@ -272,7 +272,7 @@ def test_rerun_skips_finished_stages_and_stage_alone_needs_its_inputs(ci_run, tm
     proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(workdir)], workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in STAGES:
-        if stage not in ("dpo", "rloo", "grpo"):  # not in the CI config's pipeline.algorithms: never run or reported
+        if stage not in ("dpo", "rloo", "grpo", "rft"):  # not in the CI config's pipeline.algorithms: never run
             assert f"[{stage}] finished earlier: skipped" in proc.stdout
     assert "[dpo]" not in proc.stdout and "[rloo]" not in proc.stdout
     assert (workdir / "ppo" / "DONE.json").read_text() == before
@@ -329,9 +329,10 @@ def test_label_stage_with_twins_ranks_them_beside_the_samples_and_the_reward_mod
                                                                  if "loss" in m), rm
 
 
-def test_dpo_rloo_grpo_stages_from_the_same_sft_are_evaluated_beside_ppo(ci_run, tmp_path):
-    """pipeline.algorithms=ppo,dpo,rloo,grpo: DPO trains from the SFT export on the label stage's rankings (the reward
-    model's split), RLOO and GRPO from the same export against the same reward model with no value model; the
+def test_dpo_rloo_grpo_rft_stages_from_the_same_sft_are_evaluated_beside_ppo(ci_run, tmp_path):
+    """pipeline.algorithms=ppo,dpo,rloo,grpo,rft: DPO trains from the SFT export on the label stage's rankings (the
+    reward model's split), RLOO and GRPO from the same export against the same reward model with no value model, RFT
+    fine-tunes it on the reward model's best samples for two rounds (the second from the first's export); the
     evaluation adds them to the policies, the win rates vs SFT, KL and tau = 1, and report.json's `algorithms` table
     carries every method."""
     import shutil
@@ -340,17 +341,38 @@ def test_dpo_rloo_grpo_stages_from_the_same_sft_are_evaluated_beside_ppo(ci_run,
     run = tmp_path / "run"
     shutil.copytree(workdir, run)
     (run / "eval" / "DONE.json").unlink()
-    sets = ["--set", "pipeline.algorithms=ppo,dpo,rloo,grpo", "pipeline.dpo.steps=6"] + [
-        f"pipeline.{m}.{k}" for m in ("rloo", "grpo") for k in ("steps=2", "global_batch_size=32", "seq_len=64")]
-    for stage in ("dpo", "rloo", "grpo", "eval"):
+    sets = ["--set", "pipeline.algorithms=ppo,dpo,rloo,grpo,rft,rloo_dpo", "pipeline.dpo.steps=6", "pipeline.rft_prompts=32",
+            "pipeline.rft_samples=3", "pipeline.rft_rounds=2", "pipeline.rft.steps=3",
+            "pipeline.rft.global_batch_size=16"] + [
+        f"pipeline.{m}.{k}" for m in ("rloo", "grpo", "rloo_dpo") for k in ("steps=2", "global_batch_size=32",
+                                                                            "seq_len=64")]
+    logs = {}
+    for stage in ("dpo", "rloo", "grpo", "rft", "rloo_dpo", "eval"):
         proc = _cli(["pipeline", "--experiment", EXPERIMENT + ":ci", "--workdir", str(run), "--stage", stage, *sets],
                     run)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[stage] = proc.stdout + proc.stderr
     dpo_rows = [json.loads(line) for line in open(run / "dpo" / "metrics.jsonl")]
     assert dpo_rows[-1]["step"] == 6 and "eval_accuracy" in dpo_rows[-1] and math.isfinite(dpo_rows[-1]["loss"])
     report = json.loads((run / "report.json").read_text())
-    assert sorted(report["algorithms"]) == ["dpo", "grpo", "ppo", "rloo"]
-    for method in ("rloo", "grpo"):  # 2 iterations of 8 prompts x pipeline.group_size samples, no value model
+    assert sorted(report["algorithms"]) == ["dpo", "grpo", "ppo", "rft", "rloo", "rloo_dpo"]
+    assert f"implicit reward 0.5 * (log pi(y|x) - log pi_ref(y|x)) of the DPO policy {run / 'dpo'} against " \
+           f"{run / 'sft'}" in logs["rloo_dpo"]
+    rft = json.loads((run / "rft" / "DONE.json").read_text())
+    assert [r["round"] for r in rft["rounds"]] == [0, 1]
+    for r in rft["rounds"]:  # 32 prompts x 3 samples of at most ppo.response_len tokens, the best of each kept
+        assert r["prompts"] == 32 and r["kept"] + r["skipped_all_empty"] == 32 and r["rm_kept"] >= r["rm_all"]
+        assert 32 * 3 <= r["generated_tokens"] <= 32 * 3 * 24
+    assert report["algorithms"]["rft"]["generated_tokens"] == sum(r["generated_tokens"] for r in rft["rounds"])
+    kept = [json.loads(line) for line in open(run / "rft" / "best_1.jsonl")]
+    assert len(kept) == rft["rounds"][1]["kept"] and [m["role"] for m in kept[0]["messages"]] == ["user", "assistant"]
+    round0 = json.loads((run / "rft" / "round_0" / "config.json").read_text())
+    round1 = json.loads((run / "rft" / "config.json").read_text())  # the last round trains in rft/ itself
+    assert round0["train"]["init_from"] == str(run / "sft")
+    assert round1["train"]["init_from"] == str(run / "rft" / "round_0")
+    assert round1["data"]["source"] == str(run / "rft" / "best_1.jsonl")
+    assert json.loads(open(run / "rft" / "metrics.jsonl").readlines()[-1])["step"] == 3
+    for method in ("rloo", "grpo", "rloo_dpo"):  # 2 iterations of 8 prompts x pipeline.group_size samples, no value
         rows = [json.loads(line) for line in open(run / method / "metrics.jsonl")]
         assert rows[-1]["step"] == 2 and "group_reward_std" in rows[-1] and "value_loss" not in rows[-1]
         assert not (run / method / "value_params").exists()
@@ -361,6 +383,40 @@ def test_dpo_rloo_grpo_stages_from_the_same_sft_are_evaluated_beside_ppo(ci_run,
     assert report["algorithms"]["dpo"]["generated_tokens"] == 0 and report["algorithms"]["ppo"]["generated_tokens"] > 0
     assert report["algorithms"]["ppo"]["win_rate"] == report["win_rate_ppo_vs_sft"]
     assert "dpo_vs_sft" in report["win_rates"] and "## Methods from the same SFT policy" in (run / "report.md").read_text()
+
+
+def test_best_of_samples_keeps_each_prompts_highest_scored_non_empty_sample():
+    """The rft stage's selection against a loop over plain numbers: sample k uses seed + k; empty samples never
+    win; a prompt whose samples are all empty is skipped and counted."""
+    from types import SimpleNamespace
+
+    from instruct_jax.instructgpt.pipeline import best_of_samples
+
+    texts = {0: ["a", "", "c", ""], 1: ["aa", "bb", "", ""], 2: ["aaa", "b", "cc", ""]}  # seed -> one text per prompt
+    scores = {"a": 0.1, "aa": 0.5, "aaa": -1.0, "bb": 0.2, "b": 2.0, "c": 0.3, "cc": 0.0, "": 9.0}
+
+    class Runner:
+        def generate(self, params, prompts, *, temperature, max_new_tokens, seed):
+            t = texts[seed - 40]
+            return SimpleNamespace(texts=t, lengths=np.array([len(x) + 1 for x in t]))
+
+    class Scorer:
+        def score(self, pairs):
+            return np.array([scores[text] for _, text in pairs])
+
+    prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(4)]
+    best, info = best_of_samples(Runner(), None, Scorer(), prompts, 3, temperature=1.0, max_new_tokens=8, seed=40)
+    expected = []
+    for i, m in enumerate(prompts):
+        options = [texts[k][i] for k in range(3) if texts[k][i]]
+        if options:
+            expected.append((m, max(options, key=scores.get)))
+    assert best == expected == [(prompts[0], "aa"), (prompts[1], "b"), (prompts[2], "c")]
+    assert info["kept"] == 3 and info["skipped_all_empty"] == 1 and info["samples_per_prompt"] == 3
+    assert info["generated_tokens"] == sum(len(x) + 1 for t in texts.values() for x in t)
+    assert info["rm_kept"] == pytest.approx(np.mean([0.5, 2.0, 0.3]))
+    non_empty = [scores[x] for t in texts.values() for x in t if x]
+    assert info["rm_all"] == pytest.approx(np.mean(non_empty))
 
 
 def test_eval_command_on_the_pipeline_checkpoints(ci_run, tmp_path):
@@ -400,6 +456,11 @@ def test_pipeline_validation_names_the_field():
                             ("pipeline.group_size=1", "pipeline.group_size"),
                             ("pipeline.dpo.steps=0", "pipeline.dpo.steps"),
                             ("pipeline.rloo.steps=0", "pipeline.rloo.steps"),
+                            ("pipeline.rft_samples=1", "pipeline.rft_samples"),
+                            ("pipeline.algorithms=ppo,rloo_dpo", "pipeline.algorithms"),
+                            ("pipeline.oracle_algorithm=dpo", "pipeline.oracle_algorithm"),
+                            ("pipeline.rft_rounds=0", "pipeline.rft_rounds"),
+                            ("pipeline.rft.learning_rate=0", "pipeline.rft.learning_rate"),
                             ("pipeline.twins=-1", "pipeline.twins")):
         bad = apply_overrides(load_experiment(EXPERIMENT + ":ci"), [override])
         with pytest.raises(ConfigError) as e:
@@ -425,6 +486,16 @@ def test_pipeline_validation_names_the_field():
     assert ppo.train.init_from == "/tmp/x/sft" and ppo.ppo.reward_model == "/tmp/x/rm"
     assert ppo.train.steps == cfg.pipeline.ppo.steps and ppo.ppo.export_every == 2
     assert ppo.ppo.ptx_coef == 0 and not ppo.ppo.ptx.source  # PPO-ptx off by default
+    oracle = stage_config(cfg, "oracle", paths)
+    assert (oracle.ppo.algorithm, oracle.ppo.reward, oracle.ppo.reward_model) == ("ppo", "host", "")
+    rloo = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["pipeline.oracle_algorithm=rloo",
+                                                                 "pipeline.rloo.steps=7"])
+    oracle = stage_config(rloo, "oracle", paths)  # the verifier case of RLOO: its own stage's budget, gold reward
+    assert (oracle.ppo.algorithm, oracle.ppo.group_size, oracle.train.steps) == ("rloo", 4, 7)
+    assert oracle.ppo.reward == "host" and oracle.train.global_batch_size == rloo.pipeline.rloo.global_batch_size
+    rloo_dpo = stage_config(cfg, "rloo_dpo", paths)  # rewarded by the DPO policy against the SFT export
+    assert (rloo_dpo.ppo.algorithm, rloo_dpo.ppo.reward, rloo_dpo.ppo.reward_model) == ("rloo", "dpo", "/tmp/x/dpo")
+    assert rloo_dpo.train.init_from == "/tmp/x/sft" and not rloo_dpo.ppo.implicit_reference
     ptx = stage_config(apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["ppo.ptx_coef=1.0"]), "ppo", paths)
     assert ptx.ppo.ptx.source == paths.file("corpus.txt") and ptx.ppo.ptx.format == "text"  # the base LM's corpus
     own = apply_overrides(load_experiment(EXPERIMENT + ":ci"), ["ppo.ptx_coef=1.0", "ppo.ptx.source=/data/x.txt"])

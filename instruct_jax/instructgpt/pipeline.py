@@ -12,9 +12,15 @@ Stages (each in <workdir>/<stage>/, finished when <stage>/DONE.json exists):
               (a Plackett-Luce sample of the gold totals + random flips; gold ties stay ties)
     rm        the reward model on those rankings, from the SFT model (`rm` phase)
     ppo       PPO against the reward model, from the SFT policy; policy snapshots along the way
+    dpo, rloo, grpo, rft, rloo_dpo
+              (pipeline.algorithms, opt-in) the other methods from the same SFT policy, compared in the
+              report's algorithms table (docs/ALGORITHMS.md); rft: rejection-sampling fine-tuning;
+              rloo_dpo: RLOO rewarded by the dpo stage's implicit reward instead of the reward model
     oracle    (pipeline.oracle) the upper reference: the same PPO run with the gold judge itself as the reward,
               standardized on SFT samples; it measures the headroom of this policy, KL
-              coefficient and step budget. Never the headline; its gold calls are counted apart
+              coefficient and step budget (pipeline.oracle_algorithm=rloo|grpo: the verifier case of the
+              critic-free methods, with their stage's budget). Never the headline nor in the methods table; its
+              gold calls are counted apart
     eval      every policy decoded the same way on held-out prompts; report.md / report.json / plots
 
 Re-running skips finished stages, and a stage interrupted mid-training resumes from its newest
@@ -44,9 +50,11 @@ from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt,
 from instruct_jax.metrics import log
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 
-STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "dpo", "rloo", "grpo", "oracle", "eval")
-ALGORITHMS = ALGORITHM_ORDER  # pipeline.algorithms: the methods trained from SFT and compared (ppo, dpo, rloo, grpo)
-ONLINE = ("ppo", "rloo", "grpo")  # the methods that sample while training, against the reward model
+STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "dpo", "rloo", "grpo", "rft", "rloo_dpo", "oracle",
+          "eval")
+METHODS = ALGORITHM_ORDER  # pipeline.algorithms: the methods trained from SFT and compared (ppo ... rloo_dpo)
+ONLINE = ("ppo", "rloo", "grpo", "rloo_dpo")  # the PPO phase's methods: sampling while training
+GROUPED = ("rloo", "grpo", "rloo_dpo")  # critic-free: pipeline.group_size samples per prompt
 DONE_FILE = "DONE.json"
 
 
@@ -91,16 +99,28 @@ def validate_pipeline(cfg: Config) -> None:
         raise ConfigError("pipeline.best_of", f"every n must be >= 1, got {p.best_of}")
     p.algorithms = tuple(p.algorithms) if isinstance(p.algorithms, (list, tuple)) else p.algorithms
     if (not isinstance(p.algorithms, tuple) or "ppo" not in p.algorithms or len(set(p.algorithms)) != len(p.algorithms)
-            or any(a not in ALGORITHMS for a in p.algorithms)):
-        raise ConfigError("pipeline.algorithms", f"expected distinct methods from {list(ALGORITHMS)}, ppo among them "
+            or any(a not in METHODS for a in p.algorithms)):
+        raise ConfigError("pipeline.algorithms", f"expected distinct methods from {list(METHODS)}, ppo among them "
                           f"(the main job), got {p.algorithms!r}")
+    if p.rft_samples < 2:
+        raise ConfigError("pipeline.rft_samples", f"best-of-n needs n >= 2 samples per prompt, got {p.rft_samples}")
+    for name in ("rft_prompts", "rft_rounds"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"pipeline.{name}", f"must be >= 1, got {getattr(p, name)}")
     if p.group_size < 2:
         raise ConfigError("pipeline.group_size", f"rloo / grpo need >= 2 samples per prompt, got {p.group_size}")
-    for method in ("rloo", "grpo"):
-        if method in p.algorithms and getattr(p, method).global_batch_size % p.group_size:
+    if p.oracle_algorithm not in ("ppo", "rloo", "grpo"):
+        raise ConfigError("pipeline.oracle_algorithm", f"expected one of ['ppo', 'rloo', 'grpo'], got "
+                          f"{p.oracle_algorithm!r}")
+    if "rloo_dpo" in p.algorithms and "dpo" not in p.algorithms:
+        raise ConfigError("pipeline.algorithms", f"rloo_dpo is rewarded by the dpo stage's policy: add dpo, got "
+                          f"{p.algorithms!r}")
+    for method in GROUPED:
+        if ((method in p.algorithms or (p.oracle and p.oracle_algorithm == method))
+                and getattr(p, method).global_batch_size % p.group_size):
             raise ConfigError(f"pipeline.{method}.global_batch_size", f"counts samples: must be a multiple of "
                               f"pipeline.group_size={p.group_size}, got {getattr(p, method).global_batch_size}")
-    for stage in ("pretrain", "sft", "rm") + ALGORITHMS:
+    for stage in ("pretrain", "sft", "rm") + METHODS:
         st: StageConfig = getattr(p, stage)
         for name in ("steps", "global_batch_size", "seq_len", "learning_rate"):
             if getattr(st, name) <= 0:
@@ -169,7 +189,7 @@ def read_jsonl(path: str) -> list[dict]:
 def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
     """The experiment's config with the stage's steps / batch / lr, data and init paths filled in."""
     c = copy.deepcopy(cfg)
-    st: StageConfig = getattr(cfg.pipeline, "ppo" if stage == "oracle" else stage)
+    st: StageConfig = getattr(cfg.pipeline, cfg.pipeline.oracle_algorithm if stage == "oracle" else stage)
     c.name = f"{cfg.name}-{stage}"
     c.train.steps, c.train.global_batch_size, c.train.seq_len = st.steps, st.global_batch_size, st.seq_len
     c.train.eval_every, c.train.microbatches = st.eval_every, 1
@@ -190,6 +210,10 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.reward.synthetic = 0
         c.reward.reference = DataConfig(format="sft")  # source "": the best-ranked training responses
         c.train.init_from = paths.stage("sft")
+    elif stage == "rft":  # supervised fine-tuning on the best samples; stage_rft sets each round's source and init
+        c.data = DataConfig(source=os.path.join(paths.stage("rft"), "best_0.jsonl"), format="sft",
+                            messages_field="messages", eval_fraction=0.1, **common)
+        c.train.init_from = paths.stage("sft")
     elif stage in ONLINE + ("oracle",):  # the oracle run is the PPO run with another reward
         c.data = DataConfig(source=paths.file("ppo_prompts.jsonl"), format="prompt", max_prompt_len=prompt_len(cfg),
                             **common)
@@ -198,8 +222,12 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         if c.ppo.ptx_coef > 0 and not c.ppo.ptx.source:  # PPO-ptx mixes in the base model's own corpus
             c.ppo.ptx = DataConfig(eval_fraction=0.0, **corpus)
         c.train.init_from = paths.stage("sft")
-        if stage in ("rloo", "grpo"):  # critic-free: the ppo section's settings, a group of samples per prompt
-            c.ppo.algorithm, c.ppo.group_size, c.ppo.export_every = stage, cfg.pipeline.group_size, 0
+        if stage in GROUPED or (stage == "oracle" and cfg.pipeline.oracle_algorithm != "ppo"):
+            # critic-free: the ppo section's settings, a group of samples per prompt
+            algorithm = cfg.pipeline.oracle_algorithm if stage == "oracle" else stage[:4]
+            c.ppo.algorithm, c.ppo.group_size, c.ppo.export_every = algorithm, cfg.pipeline.group_size, 0
+        if stage == "rloo_dpo":  # the DPO policy's implicit reward; its reference is the same SFT export
+            c.ppo.reward, c.ppo.reward_model = "dpo", paths.stage("dpo")
         if stage == "oracle":
             c.ppo.reward, c.ppo.reward_model, c.ppo.export_every = "host", "", 0
     else:
@@ -263,6 +291,84 @@ def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
     from instruct_jax.rl.ppo.trainer import run_ppo  # ppo, rloo, grpo
 
     return run_ppo(c, workdir)
+
+
+def stage_rft(cfg: Config, paths: Paths) -> dict:
+    """Rejection-sampling fine-tuning (Llama 2's rejection sampling, RAFT): each of `pipeline.rft_rounds` rounds
+    samples `pipeline.rft_samples` responses per prompt for the first `pipeline.rft_prompts` PPO prompts from the
+    current policy (at ppo.temperature, ppo.response_len tokens), keeps the reward model's best non-empty one and
+    fine-tunes the current policy on those (the sft phase with pipeline.rft's settings); the next round samples
+    from the result. Round r lives in rft/round_<r>/ (the last in rft/ itself, the stage's policy); a round with
+    rft/round_<r>.json finished, and an interrupted one resumes its training from its checkpoint."""
+    from instruct_jax.inference.scorer import RewardScorer
+    from instruct_jax.train.lm.trainer import run_lm
+
+    p = cfg.pipeline
+    rows = read_jsonl(paths.file("ppo_prompts.jsonl"))
+    if len(rows) < p.rft_prompts:
+        raise ConfigError("pipeline.rft_prompts", f"{p.rft_prompts} asked for, but the task stage wrote {len(rows)} "
+                          f"to {paths.file('ppo_prompts.jsonl')}")
+    prompts = [list(TaskPrompt.from_row(r).messages) for r in rows[:p.rft_prompts]]
+    root = paths.stage("rft")
+    os.makedirs(root, exist_ok=True)
+    runner, scorer = None, None
+    policy, rounds = paths.stage("sft"), []
+    for r in range(p.rft_rounds):
+        workdir = root if r == p.rft_rounds - 1 else os.path.join(root, f"round_{r}")
+        marker, data = os.path.join(root, f"round_{r}.json"), os.path.join(root, f"best_{r}.jsonl")
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                rounds.append(json.load(f))
+            policy = workdir
+            continue
+        if not os.path.isfile(data):  # sampling is deterministic for a seed; an interrupted round skips it
+            if runner is None:
+                runner = _runner(cfg, paths, stage_config(cfg, "sft", paths))
+                scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
+            best, info = best_of_samples(runner, runner.load(policy), scorer, prompts, p.rft_samples,
+                                         temperature=cfg.ppo.temperature, max_new_tokens=cfg.ppo.response_len,
+                                         seed=cfg.seed * 7919 + 5000 + 100 * r)
+            _write_jsonl(data, [{"messages": m + [{"role": "assistant", "content": t}]} for m, t in best])
+            with open(os.path.join(root, f"sampled_{r}.json"), "w") as f:
+                json.dump(info, f, indent=2)
+        with open(os.path.join(root, f"sampled_{r}.json")) as f:
+            info = json.load(f)
+        c = stage_config(cfg, "rft", paths)
+        c.data.source, c.train.init_from, c.name = data, policy, f"{cfg.name}-rft-{r}"
+        out = run_lm(c, workdir, phase="sft")
+        info = {"round": r, **info, "eval_loss": out.get("eval_loss")}
+        log(f"rft: round {r}: {info['kept']} best of {p.rft_samples} kept (reward model: all samples "
+            f"{info['rm_all']:.3f}, kept {info['rm_kept']:.3f}); fine-tuned from {policy}")
+        with open(marker, "w") as f:
+            json.dump(info, f, indent=2, default=float)
+        rounds.append(info)
+        policy = workdir
+    return {"rounds": rounds, "generated_tokens": int(sum(x["generated_tokens"] for x in rounds)),
+            "rm_kept_first": rounds[0]["rm_kept"], "rm_kept_last": rounds[-1]["rm_kept"]}
+
+
+def best_of_samples(runner, params, scorer, prompts: Sequence[list], n: int, *, temperature: float,
+                    max_new_tokens: int, seed: int) -> tuple[list[tuple[list, str]], dict]:
+    """n samples per prompt (sample k with seed + k), the reward model's best non-empty one of each:
+    ([(messages, best text)] for the prompts with one, counts and mean reward-model scores)."""
+    texts, lengths = [], 0
+    for k in range(n):
+        gen = runner.generate(params, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + k)
+        texts.append(gen.texts)
+        lengths += int(gen.lengths.sum())
+    scores = scorer.score([(m, texts[k][i]) for k in range(n) for i, m in enumerate(prompts)])
+    scores = np.asarray(scores, np.float64).reshape(n, len(prompts))
+    empty = np.array([[not texts[k][i].strip() for i in range(len(prompts))] for k in range(n)])
+    masked = np.where(empty, -np.inf, scores)
+    pick = masked.argmax(axis=0)
+    keep = [i for i in range(len(prompts)) if not empty[:, i].all()]
+    best = [(prompts[i], texts[pick[i]][i]) for i in keep]
+    info = {"prompts": len(prompts), "samples_per_prompt": n, "kept": len(best),
+            "skipped_all_empty": len(prompts) - len(best), "generated_tokens": lengths,
+            "rm_all": float(scores[~empty].mean()) if (~empty).any() else float("nan"),
+            "rm_kept": float(np.mean([masked[pick[i], i] for i in keep])) if keep else float("nan"),
+            "distinct_kept": len({t for _, t in best})}
+    return best, info
 
 
 def stage_oracle(cfg: Config, paths: Paths) -> dict:
@@ -427,10 +533,10 @@ def stage_eval(cfg: Config, paths: Paths, judge: GoldJudge) -> dict:
     runner = _runner(cfg, paths, c)
     scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
     prompts = [EvalPrompt.from_task(TaskPrompt.from_row(r)) for r in read_jsonl(paths.file("eval_prompts.jsonl"))]
-    named = (("base", "pretrain"), ("sft", "sft")) + tuple((m, m) for m in ALGORITHMS) + (("oracle", "oracle"),)
+    named = (("base", "pretrain"), ("sft", "sft")) + tuple((m, m) for m in METHODS) + (("oracle", "oracle"),)
     policies = {name: runner.load(paths.stage(stage)) for name, stage in named
-                if is_done(paths, stage) and (stage not in ALGORITHMS or stage in p.algorithms)}
-    methods = tuple(m for m in ALGORITHMS if m in policies)
+                if is_done(paths, stage) and (stage not in METHODS or stage in p.algorithms)}
+    methods = tuple(m for m in METHODS if m in policies)
     settings = EvalSettings(temperature=p.decode_temperature, max_new_tokens=p.max_new_tokens, best_of=p.best_of,
                             best_of_policy="sft", best_of_temperature=p.sample_temperature,
                             kl_pairs=tuple((m, "sft") for m in methods), kl_samples=p.kl_samples,
@@ -498,7 +604,7 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
     for stage in STAGES:
         if stage == "oracle" and not cfg.pipeline.oracle and only != "oracle":
             continue
-        if stage in ALGORITHMS and stage not in cfg.pipeline.algorithms:
+        if stage in METHODS and stage not in cfg.pipeline.algorithms:
             continue
         if only is not None and stage != only:
             if is_done(paths, stage):
@@ -517,6 +623,8 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
             out = stage_label(cfg, paths, judge)
         elif stage == "oracle":
             out = stage_oracle(cfg, paths)
+        elif stage == "rft":
+            out = stage_rft(cfg, paths)
         elif stage == "eval":
             out = stage_eval(cfg, paths, judge)
         else:
@@ -537,7 +645,8 @@ def _require_inputs(paths: Paths, stage: str) -> None:
     """A stage run alone needs the stages before it to have finished."""
     needs = {"pretrain": ("task",), "sft": ("task", "pretrain"), "label": ("task", "sft"),
              "rm": ("task", "label", "sft"), "ppo": ("task", "sft", "rm"), "dpo": ("task", "label", "sft"),
-             "rloo": ("task", "sft", "rm"), "grpo": ("task", "sft", "rm"),
+             "rloo": ("task", "sft", "rm"), "grpo": ("task", "sft", "rm"), "rft": ("task", "sft", "rm"),
+             "rloo_dpo": ("task", "sft", "dpo"),
              "oracle": ("task", "sft"), "eval": ("task", "pretrain", "sft", "rm", "ppo")}
     missing = [s for s in needs.get(stage, ()) if not is_done(paths, s)]
     if missing:

@@ -38,7 +38,7 @@ CHECKS = ("ppo_beats_sft_greedy", "original_kinds_gold_gain", "tau1_gold_gain", 
 WALL_TIME_LIMIT = 900.0  # seconds per seed (issue 25)
 
 POLICY_ORDER = ("base", "sft", "best_of_4", "best_of_16", "ppo")
-ALGORITHM_ORDER = ("ppo", "dpo", "rloo", "grpo")  # the methods table's rows (pipeline.ALGORITHMS)
+ALGORITHM_ORDER = ("ppo", "dpo", "rloo", "grpo", "rft", "rloo_dpo")  # the methods table's rows (pipeline.ALGORITHMS)
 ALGORITHM_FIELDS = ("gold_greedy", "gold_tau1", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "win_rate_tau1",
                     "kl", "generated_tokens", "gold_calls", "seconds")
 
@@ -109,11 +109,12 @@ def oracle_win_rate(results: dict):
 
 
 def algorithms_table(cfg: Config, ev: dict, results: dict) -> dict:
-    """Issue 30's comparison, one entry per method trained from SFT and evaluated (ppo, dpo, rloo, grpo): gold score
+    """Issue 30's comparison, one entry per method trained from SFT and evaluated (ALGORITHM_ORDER): gold score
     greedy and at tau = 1, win rate vs SFT (greedy, ties 1/2) with its CI and at tau = 1, KL from SFT on the method's
-    tau = 1 samples, tokens the method generated while training (the online methods: iterations x sampled rows x
-    their last iteration's mean response length, an estimate; DPO: none), gold calls of its own (0: all read the
-    label stage's rankings, through the reward model or directly) and its stage's wall time."""
+    tau = 1 samples, tokens the method generated while training (the PPO phase's methods: iterations x sampled rows
+    x their last iteration's mean response length, an estimate; rft: the tokens it sampled, counted; DPO: none),
+    gold calls of its own (0: all read the label stage's rankings, through the reward model, the DPO policy or
+    directly) and its stage's wall time."""
     out = {}
     for method in ALGORITHM_ORDER:
         if method not in ev["policies"] or f"{method}_vs_sft" not in ev["win_rates"]:
@@ -121,7 +122,9 @@ def algorithms_table(cfg: Config, ev: dict, results: dict) -> dict:
         h, t1 = ev["win_rates"][f"{method}_vs_sft"], _get(ev, "tau1", "win_rates", f"{method}_vs_sft") or {}
         stage = results.get(method, {})
         generated = 0
-        if method != "dpo":
+        if "generated_tokens" in stage:  # rft counts what it sampled
+            generated = int(stage["generated_tokens"])
+        elif method != "dpo":
             st = getattr(cfg.pipeline, method)
             generated = round(st.steps * st.global_batch_size * stage["response_length"]) \
                 if "response_length" in stage else None

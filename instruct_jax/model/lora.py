@@ -35,13 +35,40 @@ def adapter_delta(module: nn.Module, name: str, x: jax.Array, in_shape: tuple, i
     if cfg.lora_rank <= 0 or name not in cfg.lora_targets:
         return None
     r, dtype = cfg.lora_rank, jnp.dtype(cfg.dtype)
-    std = 1.0 / math.sqrt(math.prod(in_shape))
-    a = module.param(name + SUFFIX_A, nn.with_logical_partitioning(nn.initializers.normal(std), in_axes + ("lora_rank",)),
+    a = module.param(name + SUFFIX_A, nn.with_logical_partitioning(nn.initializers.normal(a_std(in_shape)),
+                                                                   in_axes + ("lora_rank",)),
                      tuple(in_shape) + (r,), jnp.float32)
     b = module.param(name + SUFFIX_B, nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + out_axes),
                      (r,) + tuple(out_shape), jnp.float32)
     h = jnp.tensordot(x, a.astype(dtype), axes=len(in_shape))  # [..., r]
     return (cfg.lora_alpha / r) * jnp.tensordot(h, b.astype(dtype), axes=1)
+
+
+def a_std(in_shape: tuple) -> float:
+    """A's initial standard deviation, 1 / sqrt(fan_in), fan_in the product of the projection's input dims."""
+    return 1.0 / math.sqrt(math.prod(in_shape))
+
+
+def fresh_adapters(abstract_params, seed: int):
+    """`abstract_params` (ShapeDtypeStructs with shardings) with each adapter leaf created on its sharding as
+    `adapter_delta` initialises it (B = 0, A ~ N(0, a_std) from fold_in(PRNGKey(seed), leaf index)); other leaves
+    stay abstract. A's input dims are all but its last (rank), less the leading layer axis of the scanned stack
+    (model/transformer.py's "layers")."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    out = []
+    for i, (path, x) in enumerate(leaves):
+        name = _key_name(path[-1])
+        if name.endswith(SUFFIX_B):
+            out.append(jax.jit(lambda shape=x.shape, dtype=x.dtype: jnp.zeros(shape, dtype),
+                               out_shardings=x.sharding)())
+        elif name.endswith(SUFFIX_A):
+            stacked = any(_key_name(e) == "layers" for e in path)
+            std, key = a_std(x.shape[1 if stacked else 0:-1]), jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            out.append(jax.jit(lambda k, shape=x.shape, dtype=x.dtype, std=std:
+                               std * jax.random.normal(k, shape, dtype), out_shardings=x.sharding)(key))
+        else:
+            out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _key_name(entry) -> str:

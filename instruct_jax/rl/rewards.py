@@ -161,7 +161,8 @@ class KLController:
 
 # ----------------------------------------------------------------------------- reward functions
 # A reward function: (reward_params, scoring input [B, T + N + 1], score_index [B], response tokens [B, N],
-# response mask [B, N]) -> scores [B]. Pure and jittable; reward_params is any pytree ({} for the toy).
+# response mask [B, N]) -> scores [B]. Pure and jittable; reward_params is any pytree ({} for the toy). The rewards:
+# reward_model_reward (ppo.reward=model), implicit_reward (dpo), token_count_reward (count), host_scores_reward (host).
 RewardFn = Callable[[Any, ModelInput, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -199,6 +200,33 @@ def reward_model_reward(model_cfg) -> RewardFn:
     def reward(params, inputs, score_index, response, mask):
         del response, mask
         return score(params["params"], params["norm"], inputs, score_index)
+
+    return reward
+
+
+def implicit_reward(model_cfg, beta: float) -> RewardFn:
+    """A DPO policy's implicit reward, beta * (log pi_dpo(y | x) - log pi_ref(y | x)) (train/dpo/losses.py), the
+    log-probs summed over the answer's tokens and its end-of-turn, as DPO trained them: the scoring input's
+    positions from the response's first token to `score_index`.
+
+    reward_params = {"policy": the DPO export's params, "reference": its reference's} (`load_implicit_reward`).
+    """
+    from instruct_jax.model.transformer import Transformer
+    from instruct_jax.train.losses import token_nll
+
+    model = Transformer(model_cfg)
+
+    def reward(params, inputs, score_index, response, mask):
+        del mask
+        length, start = inputs.tokens.shape[1], inputs.tokens.shape[1] - response.shape[1] - 1
+        targets = jnp.concatenate([inputs.tokens[:, 1:], jnp.zeros_like(inputs.tokens[:, :1])], axis=1)
+        target_pos = jnp.arange(length)[None, :] + 1  # the position of the token logits[:, p] predicts
+        answer = ((target_pos >= start) & (target_pos <= score_index[:, None])).astype(jnp.float32)
+
+        def logp(p):
+            return -jnp.sum(token_nll(model.apply({"params": p}, inputs).logits, targets) * answer, axis=1)
+
+        return beta * (logp(params["policy"]) - logp(params["reference"]))
 
     return reward
 

@@ -50,19 +50,19 @@ from instruct_jax.model.lora import base_is_reference, merged_for_export
 from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
-from instruct_jax.parallel.sharding import batch_sharding, unbox
+from instruct_jax.parallel.sharding import batch_sharding, param_shardings_for, unbox
 from instruct_jax.train.optimizer import freeze_base
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
 from instruct_jax.rl.advantages import GROUP_ALGORITHMS, LOSS_AGGREGATIONS
 from instruct_jax.rl.ppo.step import PPOState, PPOSteps, has_critic, make_ppo_steps, value_params_of
 from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, host_scores_reward,
-                                     reward_model_reward, token_count_reward)
+                                     implicit_reward, reward_model_reward, token_count_reward)
 from instruct_jax.train.guards import GuardConfig, guard_metrics
 from instruct_jax.train.loop import Phase, run_phase
 from instruct_jax.train.state import create_train_state, state_shardings_for
 
 SAMPLES_FILE = "samples.jsonl"
-REWARDS = ("model", "count", "host")
+REWARDS = ("model", "dpo", "count", "host")
 ALGORITHMS = ("ppo",) + GROUP_ALGORITHMS  # ppo.algorithm
 KL_PLACEMENTS = ("reward", "loss")  # ppo.kl_in
 # A host reward: (prompt token ids, one array per row; decoded responses) -> scores [B]. Deterministic, so that
@@ -97,6 +97,14 @@ def validate_ppo(cfg: Config, num_devices: Optional[int] = None) -> None:
     validate_algorithm(cfg)
     if p.reward == "model" and not p.reward_model:
         raise ConfigError("ppo.reward_model", "empty; name the reward model's workdir (or set ppo.reward=count)")
+    if p.reward == "dpo" and not p.reward_model:
+        raise ConfigError("ppo.reward_model", "empty; ppo.reward='dpo' needs the DPO policy's workdir or export")
+    if p.reward == "dpo" and not (p.implicit_reference or cfg.train.init_from):
+        raise ConfigError("ppo.implicit_reference", "empty, and so is train.init_from: ppo.reward='dpo' needs the "
+                          "DPO run's reference policy")
+    if p.implicit_reference and p.reward != "dpo":
+        raise ConfigError("ppo.implicit_reference", f"{p.implicit_reference!r} would be ignored: only "
+                          f"ppo.reward='dpo' reads it, got ppo.reward={p.reward!r}")
     # A setting that another one makes inert is an error naming both, never silently ignored.
     if p.reward == "host" and p.reward_model:
         raise ConfigError("ppo.reward_model", f"{p.reward_model!r} would be ignored: ppo.reward='host' scores "
@@ -311,11 +319,27 @@ def load_reward(cfg: Config, tokenizer: Tokenizer, mesh, rules) -> tuple[RewardF
         return token_count_reward(count_token_id(cfg, tokenizer)), {}, {}
     if cfg.ppo.reward == "host":
         return host_scores_reward(), {}, {"scores": batch_sharding(mesh, rules, ndim=1)}
+    if cfg.ppo.reward == "dpo":
+        return load_implicit_reward(cfg, mesh, rules)
     from instruct_jax.inference.scorer import load_reward_model
 
     params, norm = load_reward_model(cfg.ppo.reward_model, cfg.model, mesh, rules)
     reward_params = {"params": params, "norm": norm}
     return reward_model_reward(cfg.model), reward_params, jax.tree.map(lambda x: x.sharding, reward_params)
+
+
+def load_implicit_reward(cfg: Config, mesh, rules) -> tuple[RewardFn, Any, Any]:
+    """ppo.reward = "dpo": the DPO export at ppo.reward_model and its reference (ppo.implicit_reference, else
+    train.init_from, the policy's own start, which is the DPO run's when both started from one SFT export), read as
+    plain models (no adapters), scored with dpo.beta, the beta the DPO run trained with."""
+    model_cfg = dataclasses.replace(cfg.model, lora_rank=0)
+    abstract, _ = param_shardings_for(functools.partial(init_params_boxed, Transformer(model_cfg)), mesh, rules)
+    reference = cfg.ppo.implicit_reference or cfg.train.init_from
+    params = {"policy": load_params(resolve_params_dir(cfg.ppo.reward_model), abstract),
+              "reference": load_params(resolve_params_dir(reference), abstract)}
+    log(f"reward: implicit reward {cfg.dpo.beta} * (log pi(y|x) - log pi_ref(y|x)) of the DPO policy "
+        f"{cfg.ppo.reward_model} against {reference}")
+    return implicit_reward(model_cfg, cfg.dpo.beta), params, jax.tree.map(lambda x: x.sharding, params)
 
 
 # ----------------------------------------------------------------------------- input
@@ -373,7 +397,7 @@ def initial_params(setup: PPOSetup, reward_params: Any) -> tuple[Any, Any]:
     """
     cfg = setup.cfg
     if cfg.train.init_from:
-        policy = load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params)
+        policy = load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params, cfg.seed)
     else:
         policy = setup.fresh_policy_params()
     if not has_critic(cfg.ppo):
@@ -400,7 +424,7 @@ def reference_params(setup: PPOSetup):
     if base_is_reference(cfg.model):
         return {}
     if cfg.train.init_from:
-        return load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params)
+        return load_params(resolve_params_dir(cfg.train.init_from), setup.abstract_state.policy.params, cfg.seed)
     return setup.fresh_policy_params()
 
 

@@ -6,6 +6,12 @@ response is r = beta * (log pi(y | x) - log pi_ref(y | x)), the log-probs summed
 
     sigmoid (DPO):  per non-tied pair (i ranked above j):  -log sigmoid(r_i - r_j)
     ipo:            per pair:  (h_ij - 1 / (2 beta))^2,  h_ij = (log-ratio of i) - (log-ratio of j)
+    plackett_luce:  per response i ranked above some other:  -log( exp(r_i) / sum_{j ranked no better} exp(r_j) )
+
+The Plackett-Luce form (the DPO paper's K-wise model) is the negative log-likelihood of the whole ranking as
+successive choices: the best response chosen from all, the next from the rest, ...; a tied group is chosen as
+Breslow's partial likelihood does (each member against the group and everything below it). Its terms are averaged
+over a ranking's choices, so at K = 2 it is exactly the sigmoid loss.
 
 Every non-tied pair of a ranking counts (pairwise data is K = 2); a prompt's pairs are averaged, then prompts,
 as in the reward model's K-wise loss (train/rm/ranking.py), so a K = 9 ranking does not weigh 36 times a pair.
@@ -54,13 +60,29 @@ def preference_loss_sum(policy_logps: jax.Array, reference_logps: jax.Array, ran
         per_pair = jnp.square(gap - 1.0 / (2.0 * beta))
         n = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)
         per_prompt = jnp.sum(jnp.where(pairs, per_pair, 0.0), axis=(1, 2)) / jnp.maximum(n, 1.0)
-        diff = rewards[:, :, None] - rewards[:, None, :]
-        credit = jnp.sum(pairs & (diff > 0)) + 0.5 * jnp.sum(pairs & (diff == 0))
         total, prompts = jnp.sum(jnp.where(n > 0, per_prompt, 0.0)), jnp.sum(n > 0).astype(jnp.float32)
-        stats = {"correct": credit.astype(jnp.float32), "pairs": jnp.sum(n)}
+        stats = _pair_stats(rewards, pairs)
+    elif loss == "plackett_luce":
+        real = ranks > 0
+        # at_risk[b, i, j]: j is still to be chosen when i is (ranked no better than i: i itself, ties, below)
+        at_risk = (ranks[:, None, :] >= ranks[:, :, None]) & real[:, :, None] & real[:, None, :]
+        chooses = jnp.any(pairs, axis=2)  # i is ranked above some response: its choice is a term
+        log_z = jax.nn.logsumexp(jnp.where(at_risk, rewards[:, None, :], -1e30), axis=2)  # finite where all masked
+        n = jnp.sum(chooses, axis=1).astype(jnp.float32)
+        per_prompt = jnp.sum(jnp.where(chooses, log_z - rewards, 0.0), axis=1) / jnp.maximum(n, 1.0)
+        total, prompts = jnp.sum(jnp.where(n > 0, per_prompt, 0.0)), jnp.sum(n > 0).astype(jnp.float32)
+        stats = _pair_stats(rewards, pairs)
     else:
-        raise ValueError(f"unknown DPO loss {loss!r}; expected sigmoid or ipo")
+        raise ValueError(f"unknown DPO loss {loss!r}; expected sigmoid, ipo or plackett_luce")
     weights = pairs.astype(jnp.float32)
     stats["chosen"] = jnp.sum(weights * rewards[:, :, None])
     stats["rejected"] = jnp.sum(weights * rewards[:, None, :])
     return total, prompts, stats
+
+
+def _pair_stats(rewards: jax.Array, pairs: jax.Array) -> dict:
+    """The sigmoid loss's stats for the other losses: pair credit of the implicit rewards over the non-tied pairs
+    (1, 1/2 on a tie, 0; integer sums, as `ranking_loss_sum` counts them) and the number of pairs."""
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    credit = jnp.sum(pairs & (diff > 0)) + 0.5 * jnp.sum(pairs & (diff == 0))
+    return {"correct": credit.astype(jnp.float32), "pairs": jnp.sum(pairs.astype(jnp.float32))}

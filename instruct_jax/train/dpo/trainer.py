@@ -70,7 +70,7 @@ def starting_params(setup: DPOSetup) -> Any:
     """The policy's starting params (a new copy each call): `train.init_from`, else the seeded init."""
     init_from = setup.cfg.train.init_from
     if init_from:
-        return load_params(resolve_params_dir(init_from), setup.abstract_state.params)
+        return load_params(resolve_params_dir(init_from), setup.abstract_state.params, setup.cfg.seed)
     return setup.init_state().params
 
 

@@ -80,7 +80,7 @@ class LMPhase(Phase):
     def fresh_state(self):
         init_from, params = self.cfg.train.init_from, None
         if init_from:
-            params = load_params(resolve_params_dir(init_from), self.setup.abstract_state.params)
+            params = load_params(resolve_params_dir(init_from), self.setup.abstract_state.params, self.cfg.seed)
             log(f"initialised params from {init_from}")
         return self.setup.init_state(params=params)
 

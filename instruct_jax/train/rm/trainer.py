@@ -131,7 +131,7 @@ def load_trunk_params(setup: RMSetup, path: str) -> dict:
     """Reward-model params: the trunk from an LM export (its lm_head dropped), a freshly initialised head."""
     lm_init = functools.partial(init_params_boxed, Transformer(setup.cfg.model))
     abstract_lm, _ = param_shardings_for(lm_init, setup.mesh, setup.rules)
-    lm = load_params(path, abstract_lm)
+    lm = load_params(path, abstract_lm, setup.cfg.seed)
     return {"trunk": {k: v for k, v in lm.items() if k != "lm_head"}, "head": fresh_params(setup)["head"]}
 
 
