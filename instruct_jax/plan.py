@@ -275,8 +275,10 @@ def plan_dpo(cfg, devices) -> dict:
 
 
 def ppo_flops(cfg, num_devices: int) -> dict[str, tuple[float, float]]:
-    """(model, hardware) FLOPs per device of sampling, scoring and updating one rollout batch."""
+    """(model, hardware) FLOPs per device of sampling, scoring and updating one rollout batch (rloo / grpo: no value
+    model to run or train)."""
     from instruct_jax.metrics import model_flops_per_token
+    from instruct_jax.rl.ppo.step import has_critic
     from instruct_jax.rl.ppo.trainer import prompt_len
 
     m, p, b = cfg.model, cfg.ppo, cfg.train.global_batch_size
@@ -285,9 +287,11 @@ def ppo_flops(cfg, num_devices: int) -> dict[str, tuple[float, float]]:
     fwd_rm = model_flops_per_token(m, seq, output_size=1) / 3
     # sampling: prefill the prompt, then one token at a time against the cache (~ a forward pass per token)
     sample = fwd_lm * b * (prompt_len(cfg) + p.response_len) / num_devices
-    experience = (2 * fwd_lm + 2 * fwd_rm) * b * seq / num_devices  # policy, reference, value, reward forwards
+    critic = has_critic(p)
+    # policy, reference, value (ppo only) and reward forwards
+    experience = (2 * fwd_lm + (2 if critic else 1) * fwd_rm) * b * seq / num_devices
     policy = train_flops(m, seq, p.epochs * b * seq, num_devices)
-    value = train_flops(m, seq, p.epochs * b * seq, num_devices, output_size=1)
+    value = train_flops(m, seq, p.epochs * b * seq, num_devices, output_size=1) if critic else (0.0, 0.0)
     update = [policy[0] + value[0], policy[1] + value[1]]
     if p.ptx_coef > 0:
         ptx = train_flops(m, cfg.train.seq_len, p.epochs * p.minibatches * p.ptx_batch_size * cfg.train.seq_len,

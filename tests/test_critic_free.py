@@ -253,3 +253,23 @@ def test_implicit_reward_is_dpos_own_log_ratio_of_the_answer():
     want = beta * (sequence_logprobs(model, policy, batch) - sequence_logprobs(model, reference, batch))[:, 0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     assert np.all(np.abs(np.asarray(want)) > 1e-3)  # the two models differ: not a trivially zero reward
+
+
+def test_plan_counts_no_value_model_flops_for_the_critic_free_algorithms():
+    """`plan`'s FLOPs for rloo / grpo: the policy's update alone, and one scalar-head forward (the reward model's)
+    where PPO has two (value and reward)."""
+    from instruct_jax.metrics import model_flops_per_token
+    from instruct_jax.plan import ppo_flops, train_flops
+    from instruct_jax.rl.ppo.trainer import prompt_len
+
+    cfg = toy_config(mesh=MeshConfig(data=2, fsdp=-1))
+    ppo = ppo_flops(cfg, 8)
+    for algorithm in ("rloo", "grpo"):
+        c = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, algorithm=algorithm, group_size=2))
+        flops = ppo_flops(c, 8)
+        seq, b = prompt_len(c) + c.ppo.response_len + 1, c.train.global_batch_size
+        policy_only = train_flops(c.model, seq, c.ppo.epochs * b * seq, 8)
+        assert flops["update"] == pytest.approx(tuple(policy_only)) and flops["update"][0] < ppo["update"][0]
+        scalar_forward = model_flops_per_token(c.model, seq, output_size=1) / 3 * b * seq / 8
+        assert ppo["experience"][0] - flops["experience"][0] == pytest.approx(scalar_forward)
+        assert flops["sample"] == ppo["sample"]
