@@ -22,6 +22,7 @@ from instruct_jax.data.config import DataConfig, DataConfigError, validate_data_
 from instruct_jax.errors import ConfigError
 from instruct_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES, ROPE_TYPES, ModelConfig
 from instruct_jax.model.lora import LORA_TARGETS
+from instruct_jax.model.vision import validate_vision
 from instruct_jax.parallel.distributed import DistributedConfig
 from instruct_jax.parallel.mesh import MeshConfig, batch_axes, batch_shards, resolve_mesh_shape
 from instruct_jax.parallel.sharding import check_rules
@@ -294,11 +295,14 @@ class PipelineConfig:
     algorithms: tuple = ("ppo",)
     group_size: int = 4  # rloo / grpo stages: samples per prompt (their stage's global_batch_size counts samples)
     # rft stage (rejection-sampling fine-tuning): each round samples rft_samples responses per prompt for the first
-    # rft_prompts PPO prompts from the current policy (ppo.temperature), keeps the reward model's best of each and
+    # rft_prompts PPO prompts from the current policy (at rft_temperature), keeps the reward model's best of each and
     # fine-tunes the current policy on them with pipeline.rft's steps / batch / learning rate
     rft_samples: int = 4
     rft_prompts: int = 1024
     rft_rounds: int = 1
+    # the candidates' sampling temperature: below 1 keeps them near the greedy answer, whose quality best-of-n at
+    # temperature 1 may not reach (then fine-tuning on the best lowers the greedy policy: docs/ALGORITHMS.md)
+    rft_temperature: float = 1.0
     # ---- evaluation
     decode_temperature: float = 0.0  # how every policy is decoded for scoring (0 = greedy)
     max_new_tokens: int = 24  # response buffer for evaluation decoding
@@ -558,6 +562,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
         raise ConfigError("model.rope_factor", f"must be >= 1 for rope_type={m.rope_type!r}, got {m.rope_factor}")
     if m.loss_chunk < 0:
         raise ConfigError("model.loss_chunk", f"must be >= 0 (0 = full logits), got {m.loss_chunk}")
+    validate_vision(m)
     if m.lora_rank:
         if not 0 < m.lora_rank <= m.d_model // 8:
             raise ConfigError("model.lora_rank", f"must be in 1..d_model / 8 = {m.d_model // 8} (0 = off), got "

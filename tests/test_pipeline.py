@@ -460,6 +460,7 @@ def test_pipeline_validation_names_the_field():
                             ("pipeline.algorithms=ppo,rloo_dpo", "pipeline.algorithms"),
                             ("pipeline.oracle_algorithm=dpo", "pipeline.oracle_algorithm"),
                             ("pipeline.rft_rounds=0", "pipeline.rft_rounds"),
+                            ("pipeline.rft_temperature=0", "pipeline.rft_temperature"),
                             ("pipeline.rft.learning_rate=0", "pipeline.rft.learning_rate"),
                             ("pipeline.twins=-1", "pipeline.twins")):
         bad = apply_overrides(load_experiment(EXPERIMENT + ":ci"), [override])

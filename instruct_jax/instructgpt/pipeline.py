@@ -104,6 +104,8 @@ def validate_pipeline(cfg: Config) -> None:
                           f"(the main job), got {p.algorithms!r}")
     if p.rft_samples < 2:
         raise ConfigError("pipeline.rft_samples", f"best-of-n needs n >= 2 samples per prompt, got {p.rft_samples}")
+    if not p.rft_temperature > 0:
+        raise ConfigError("pipeline.rft_temperature", f"must be > 0 (sampled candidates), got {p.rft_temperature}")
     for name in ("rft_prompts", "rft_rounds"):
         if getattr(p, name) < 1:
             raise ConfigError(f"pipeline.{name}", f"must be >= 1, got {getattr(p, name)}")
@@ -296,7 +298,7 @@ def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
 def stage_rft(cfg: Config, paths: Paths) -> dict:
     """Rejection-sampling fine-tuning (Llama 2's rejection sampling, RAFT): each of `pipeline.rft_rounds` rounds
     samples `pipeline.rft_samples` responses per prompt for the first `pipeline.rft_prompts` PPO prompts from the
-    current policy (at ppo.temperature, ppo.response_len tokens), keeps the reward model's best non-empty one and
+    current policy (at pipeline.rft_temperature, ppo.response_len tokens), keeps the reward model's best non-empty one and
     fine-tunes the current policy on those (the sft phase with pipeline.rft's settings); the next round samples
     from the result. Round r lives in rft/round_<r>/ (the last in rft/ itself, the stage's policy); a round with
     rft/round_<r>.json finished, and an interrupted one resumes its training from its checkpoint."""
@@ -326,7 +328,7 @@ def stage_rft(cfg: Config, paths: Paths) -> dict:
                 runner = _runner(cfg, paths, stage_config(cfg, "sft", paths))
                 scorer = RewardScorer(stage_config(cfg, "rm", paths), paths.stage("rm"))
             best, info = best_of_samples(runner, runner.load(policy), scorer, prompts, p.rft_samples,
-                                         temperature=cfg.ppo.temperature, max_new_tokens=cfg.ppo.response_len,
+                                         temperature=p.rft_temperature, max_new_tokens=cfg.ppo.response_len,
                                          seed=cfg.seed * 7919 + 5000 + 100 * r)
             _write_jsonl(data, [{"messages": m + [{"role": "assistant", "content": t}]} for m, t in best])
             with open(os.path.join(root, f"sampled_{r}.json"), "w") as f:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 # ----------------------------------------------------------------------------- model
@@ -16,6 +16,33 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 # with [T, S] scores; blockwise: flash-style, linear memory; ring: sequence-parallel over the mesh
 # axis of "length"; splash: TPU Pallas kernel; cudnn: GPU fused kernel (packed rows -> blockwise).
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "ring", "splash", "cudnn")
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower (model/vision.py): off while image_size is 0. Sizes of a SigLIP-style encoder and its
+    projector; images arrive resized to image_size x image_size x channels and normalised."""
+
+    image_size: int = 0  # pixels per side; 0 = text only (no tower, no params)
+    patch_size: int = 4  # pixels per patch side: (image_size / patch_size)^2 image tokens per image
+    channels: int = 3
+    d_model: int = 64  # the tower's width
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 128
+    norm_eps: float = 1e-6
+    projector: str = "mlp"  # linear (PaliGemma) | mlp (LLaVA: linear, GELU, linear)
+    max_images: int = 1  # image slots per row (unused slots are masked out by placement)
+    image_token_id: int = -1  # the placeholder token the chat template writes num_patches times per image
+    freeze: bool = False  # stop gradients at the tower's output (the projector still trains)
+
+    @property
+    def enabled(self) -> bool:
+        return self.image_size > 0
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclass
@@ -59,3 +86,8 @@ class ModelConfig:
     # the limit it changes nothing measurable (2-core CPU, SmolLM2-135M SFT step: 123 tokens/s with 0,
     # 125 with 64, docs/BENCHMARKS.md), and 0 is the plain loss.
     loss_chunk: int = 0
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image inputs (issue 29); off by default
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):  # ModelConfig(**dataclasses.asdict(cfg)), e.g. a model.json's "model"
+            self.vision = VisionConfig(**self.vision)

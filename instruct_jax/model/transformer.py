@@ -43,6 +43,8 @@ class ModelInput:
     tokens: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
+    # [B, M, H, W, C] float32: M image slots per row (model.vision), placed at the image tokens; None: text only
+    images: jax.Array | None = None
 
     @classmethod
     def from_batch(cls, batch) -> "ModelInput":
@@ -111,6 +113,8 @@ class Transformer(nn.Module):
         # on D, which the partitioner can only turn into batch-split ones by replicating them.
         table = constrain(embedding, ("vocab", None))
         x = jnp.take(table, inputs.tokens, axis=0).astype(dtype)  # [B, T, D]
+        if cfg.vision.enabled and (inputs.images is not None or self.is_initializing()):
+            x = self.with_images(x, inputs)
         x = constrain(x, ("batch", "length", "act_embed"))
 
         block = Block
@@ -150,6 +154,20 @@ class Transformer(nn.Module):
                           nn.initializers.normal(cfg.init_std))
             logits = jnp.einsum("BTD,DV->BTV", picked, head.astype(dtype), preferred_element_type=jnp.float32)
         return ModelOutput(constrain(logits, ("batch", "length", "act_vocab")), hidden, cache)
+
+    def with_images(self, x, inputs: ModelInput) -> jax.Array:
+        """x with each row's image tokens replaced by its images' embeddings (model/vision.py). At init without
+        images, the tower runs on one blank image so its params exist; x is returned unchanged."""
+        from instruct_jax.model.vision import VisionTower, place_images
+
+        v = self.cfg.vision
+        tower = VisionTower(self.cfg, name="vision")
+        if inputs.images is None:
+            tower(jnp.zeros((1, v.image_size, v.image_size, v.channels), jnp.float32))
+            return x
+        b, m = inputs.images.shape[:2]
+        embeds = tower(inputs.images.reshape((b * m,) + inputs.images.shape[2:]))  # [B * M, P, D]
+        return place_images(x, inputs.tokens, embeds.reshape(b, m * v.num_patches, -1), v.image_token_id)
 
     def cached_layers(self, x, inputs: ModelInput, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
         """The blocks one after another (unrolled, not scanned) over the KV cache: decoding's layer loop.
