@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.common import machine, write_json  # noqa: E402
-from instruct_jax.config import load_experiment  # noqa: E402
+from instruct_jax.config import load_experiment, section_from_dict  # noqa: E402
 from instruct_jax.data.build import build_chat_template, build_tokenizer  # noqa: E402
 from instruct_jax.inference.logprobs import policy_outputs  # noqa: E402
 from instruct_jax.inference.runner import PolicyRunner, _SampleLike  # noqa: E402
@@ -152,9 +152,8 @@ def other_rm_config(experiment: str, workdir: str):
     """The `rm` stage config of another pipeline workdir, with the model shape it was trained with."""
     cfg = load_experiment(experiment)
     cfg.mesh = MeshConfig(data=1, fsdp=1)
-    with open(os.path.join(workdir, "config.json")) as f:
-        for key, value in json.load(f)["model"].items():
-            setattr(cfg.model, key, value)
+    with open(os.path.join(workdir, "config.json")) as f:  # nested sections (model.vision) rebuilt
+        cfg.model = section_from_dict(type(cfg.model), json.load(f)["model"], "config.json:model")
     return stage_config(cfg, "rm", Paths(workdir, cfg.data.vocab_size))
 
 

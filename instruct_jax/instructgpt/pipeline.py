@@ -298,8 +298,8 @@ def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
 def stage_rft(cfg: Config, paths: Paths) -> dict:
     """Rejection-sampling fine-tuning (Llama 2's rejection sampling, RAFT): each of `pipeline.rft_rounds` rounds
     samples `pipeline.rft_samples` responses per prompt for the first `pipeline.rft_prompts` PPO prompts from the
-    current policy (at pipeline.rft_temperature, ppo.response_len tokens), keeps the reward model's best non-empty one and
-    fine-tunes the current policy on those (the sft phase with pipeline.rft's settings); the next round samples
+    current policy (at pipeline.rft_temperature, ppo.response_len tokens), keeps the reward model's best non-empty
+    one and fine-tunes the current policy on those (the sft phase with pipeline.rft's settings); the next round samples
     from the result. Round r lives in rft/round_<r>/ (the last in rft/ itself, the stage's policy); a round with
     rft/round_<r>.json finished, and an interrupted one resumes its training from its checkpoint."""
     from instruct_jax.inference.scorer import RewardScorer
@@ -330,9 +330,9 @@ def stage_rft(cfg: Config, paths: Paths) -> dict:
             best, info = best_of_samples(runner, runner.load(policy), scorer, prompts, p.rft_samples,
                                          temperature=p.rft_temperature, max_new_tokens=cfg.ppo.response_len,
                                          seed=cfg.seed * 7919 + 5000 + 100 * r)
-            _write_jsonl(data, [{"messages": m + [{"role": "assistant", "content": t}]} for m, t in best])
-            with open(os.path.join(root, f"sampled_{r}.json"), "w") as f:
+            with open(os.path.join(root, f"sampled_{r}.json"), "w") as f:  # before the data: its presence skips this
                 json.dump(info, f, indent=2)
+            _write_jsonl(data, [{"messages": m + [{"role": "assistant", "content": t}]} for m, t in best])
         with open(os.path.join(root, f"sampled_{r}.json")) as f:
             info = json.load(f)
         c = stage_config(cfg, "rft", paths)

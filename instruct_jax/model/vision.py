@@ -136,6 +136,9 @@ def validate_vision(cfg: ModelConfig) -> None:
     v = cfg.vision
     if not v.enabled:
         return
+    for name in ("patch_size", "d_model", "num_heads", "num_layers", "mlp_dim", "max_images", "channels"):
+        if getattr(v, name) < 1:
+            raise ConfigError(f"model.vision.{name}", f"must be >= 1, got {getattr(v, name)}")
     if v.image_size % v.patch_size:
         raise ConfigError("model.vision.patch_size", f"must divide image_size={v.image_size}, got {v.patch_size}")
     if v.d_model % v.num_heads:
@@ -145,6 +148,3 @@ def validate_vision(cfg: ModelConfig) -> None:
     if not 0 <= v.image_token_id < cfg.vocab_size:
         raise ConfigError("model.vision.image_token_id", f"must be a token id below vocab_size={cfg.vocab_size}, "
                           f"got {v.image_token_id}")
-    for name in ("num_layers", "mlp_dim", "max_images", "channels"):
-        if getattr(v, name) < 1:
-            raise ConfigError(f"model.vision.{name}", f"must be >= 1, got {getattr(v, name)}")
