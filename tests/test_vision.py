@@ -191,3 +191,56 @@ def test_bad_vision_settings_name_their_field(override, field):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert e.value.field == field
+
+
+# ----------------------------------------------------------------------------- images as data
+def test_every_image_form_loads_to_the_same_normalised_pixels(tmp_path):
+    """A path, PNG bytes, a uint8 array, a [0, 1] float array, a PIL image and a datasets Image dict give the same
+    [size, size, 3] float32 in [-1, 1]; a constant image stays constant through the resize."""
+    from PIL import Image
+
+    from instruct_jax.data.images import load_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(pixels).save(path)
+    data = path.read_bytes()
+    forms = [str(path), data, pixels, pixels / 255.0, Image.fromarray(pixels), {"bytes": data, "path": None},
+             {"bytes": None, "path": str(path)}]
+    first = load_image(forms[0], 8)
+    assert first.shape == (8, 8, 3) and first.dtype == np.float32 and -1 <= first.min() < first.max() <= 1
+    for form in forms[1:]:
+        np.testing.assert_allclose(load_image(form, 8), first, atol=1e-6)
+    grey = load_image(np.full((5, 7), 51, np.uint8), 8)  # H x W: grey to RGB; 51 / 255 = 0.2 -> -0.6
+    np.testing.assert_allclose(grey, np.full((8, 8, 3), -0.6, np.float32), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (b"not an image", "cannot read the image"),
+    (np.full((4, 4), 2.0), "floats in \\[0, 1\\]"),
+    (np.zeros((4, 4, 5), np.uint8), "got shape"),
+    ({"bytes": None, "path": None}, "needs 'bytes' or 'path'"),
+    (3.5, "got float"),
+])
+def test_unreadable_images_are_named(bad, match):
+    from instruct_jax.data.images import load_image
+    from instruct_jax.data.stats import MalformedDataError
+
+    with pytest.raises(MalformedDataError, match=match):
+        load_image(bad, 8)
+
+
+def test_marker_and_image_counts_must_agree_and_the_row_is_named():
+    from instruct_jax.data.images import check_image_markers
+    from instruct_jax.data.stats import MalformedDataError
+
+    two = [{"role": "user", "content": "<image> then <image>: which is larger?"}, {"role": "assistant", "content": "x"}]
+    check_image_markers(two, ["a", "b"], "chat.jsonl:3", max_images=2)
+    with pytest.raises(MalformedDataError) as e:
+        check_image_markers(two, ["a"], "chat.jsonl:3", max_images=2)
+    assert str(e.value) == ("chat.jsonl:3: field 'images': 2 image marker(s) '<image>' in the messages but 1 "
+                            "image(s)")
+    with pytest.raises(MalformedDataError, match="chat.jsonl:4: field 'images': 2 images, more than "
+                                                 "model.vision.max_images=1"):
+        check_image_markers(two, ["a", "b"], "chat.jsonl:4", max_images=1)
