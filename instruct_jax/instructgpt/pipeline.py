@@ -48,13 +48,14 @@ from instruct_jax.instructgpt.report import ALGORITHM_ORDER
 from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
 from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt, phrase_twins
 from instruct_jax.metrics import log
+from instruct_jax.rl.ppo.trainer import ALGORITHMS as PPO_ALGORITHMS
 from instruct_jax.rl.ppo.trainer import prompt_len as ppo_prompt_len
 
 STAGES = ("task", "pretrain", "sft", "label", "rm", "ppo", "dpo", "rloo", "grpo", "rft", "rloo_dpo", "oracle",
           "eval")
 METHODS = ALGORITHM_ORDER  # pipeline.algorithms: the methods trained from SFT and compared (ppo ... rloo_dpo)
 ONLINE = ("ppo", "rloo", "grpo", "rloo_dpo")  # the PPO phase's methods: sampling while training
-GROUPED = ("rloo", "grpo", "rloo_dpo")  # critic-free: pipeline.group_size samples per prompt
+GROUPED = {"rloo": "rloo", "grpo": "grpo", "rloo_dpo": "rloo"}  # critic-free method -> its ppo.algorithm
 DONE_FILE = "DONE.json"
 
 
@@ -111,8 +112,8 @@ def validate_pipeline(cfg: Config) -> None:
             raise ConfigError(f"pipeline.{name}", f"must be >= 1, got {getattr(p, name)}")
     if p.group_size < 2:
         raise ConfigError("pipeline.group_size", f"rloo / grpo need >= 2 samples per prompt, got {p.group_size}")
-    if p.oracle_algorithm not in ("ppo", "rloo", "grpo"):
-        raise ConfigError("pipeline.oracle_algorithm", f"expected one of ['ppo', 'rloo', 'grpo'], got "
+    if p.oracle_algorithm not in PPO_ALGORITHMS:
+        raise ConfigError("pipeline.oracle_algorithm", f"expected one of {list(PPO_ALGORITHMS)}, got "
                           f"{p.oracle_algorithm!r}")
     if "rloo_dpo" in p.algorithms and "dpo" not in p.algorithms:
         raise ConfigError("pipeline.algorithms", f"rloo_dpo is rewarded by the dpo stage's policy: add dpo, got "
@@ -226,7 +227,7 @@ def stage_config(cfg: Config, stage: str, paths: Paths) -> Config:
         c.train.init_from = paths.stage("sft")
         if stage in GROUPED or (stage == "oracle" and cfg.pipeline.oracle_algorithm != "ppo"):
             # critic-free: the ppo section's settings, a group of samples per prompt
-            algorithm = cfg.pipeline.oracle_algorithm if stage == "oracle" else stage[:4]
+            algorithm = cfg.pipeline.oracle_algorithm if stage == "oracle" else GROUPED[stage]
             c.ppo.algorithm, c.ppo.group_size, c.ppo.export_every = algorithm, cfg.pipeline.group_size, 0
         if stage == "rloo_dpo":  # the DPO policy's implicit reward; its reference is the same SFT export
             c.ppo.reward, c.ppo.reward_model = "dpo", paths.stage("dpo")
