@@ -30,6 +30,14 @@ Worked example (S = 6, one row, prompt [a, b] left-padded to 3, then one decoded
                                       segments  [0,  1, 1, 1, 0, 0]
     c (position 2, segment 1) attends to slots {1, 2, 3}.
 
+Prefix-LM (attention/masks.py) needs no cache field. Beyond causality, a prefix query
+sees only the later prefix tokens of its own example, and when the whole prefix is prefilled
+in one call those are keys of that same call: earlier slots hold earlier positions, which
+causality already shows. So `slots(write_index, prefix)` marks just this call's slots with
+its prefix flags ([B, S], zeros elsewhere); a prefill with a prefix gives the logits of a
+full forward with it, and decode steps pass no prefix and stay causal. A prefix split over
+two calls would leave the first call's queries blind to the second's keys: don't.
+
 Each row has its own write index ([B] int32), so a server can hold requests of different
 lengths in one batch and reuse a finished row's slots; batch-synchronous decoding (PPO
 rollouts) passes the same index for every row.
@@ -61,6 +69,7 @@ class CacheSlots:
     positions: jax.Array  # [B, S] int32
     segment_ids: jax.Array  # [B, S] int32
     write_index: jax.Array  # [B] int32: slot of each row's first new token
+    prefix: jax.Array | None = None  # [B, S] int32: this call's prefix-LM flags at its slots, 0 elsewhere; or None
 
 
 @flax.struct.dataclass
@@ -118,9 +127,14 @@ class KVCache:
         return self.replace(positions=write(self.positions, positions, write_index),
                             segment_ids=write(self.segment_ids, segment_ids, write_index))
 
-    def slots(self, write_index: jax.Array) -> CacheSlots:
+    def slots(self, write_index: jax.Array, prefix: jax.Array | None = None) -> CacheSlots:
+        """The slot metadata for a call writing at write_index; prefix: the call's [B, T] prefix-LM flags."""
         index = jnp.broadcast_to(jnp.asarray(write_index, jnp.int32), self.positions.shape[:1])  # [B]
-        return CacheSlots(self.positions, self.segment_ids, index)
+        slot_prefix = None
+        if prefix is not None:
+            slot_prefix = write(jnp.zeros_like(self.positions), jnp.asarray(prefix, jnp.int32), index)
+            slot_prefix = logical_constraint(slot_prefix, SLOT_AXES)
+        return CacheSlots(self.positions, self.segment_ids, index, slot_prefix)
 
 
 def write(buffer: jax.Array, new: jax.Array, write_index: jax.Array) -> jax.Array:

@@ -9,6 +9,9 @@ Decoding threads a KV cache through the blocks functionally (see kv_cache.py): a
 takes this layer's cache buffers `kv` and the shared slot metadata `slots`, and returns
 the buffers with the new keys/values written. Without a cache both are None and the
 block is exactly the training block.
+
+prefix ([B, T] int32 or None) marks prefix-LM tokens (attention/masks.py): they attend to
+each other bidirectionally. None adds nothing to the program.
 """
 
 from __future__ import annotations
@@ -52,12 +55,16 @@ class Attention(nn.Module):
     (k, v), each [B, S, K, H]; the new tokens' keys/values are written at
     slots.write_index and the queries attend over the whole cache, masked by the slots'
     positions and segment ids. The returned kv is the updated pair (or None).
+
+    prefix: [B, T] prefix-LM flags of the queries, or None; the keys' flags are the same
+    array in training, slots.prefix with a cache (only this call's tokens can be prefix
+    keys there: kv_cache.py).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None):
+    def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None, prefix=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(cfg.init_std)
@@ -87,15 +94,16 @@ class Attention(nn.Module):
         k_ = apply_rope(k_, positions, inv_freq, scaling)
 
         if kv is None:
-            kv_pos, kv_seg = positions, segment_ids
+            kv_pos, kv_seg, kv_prefix = positions, segment_ids, prefix
         else:
             k_ = constrain(write(kv[0], k_, slots.write_index), LAYER_KV_AXES)  # [B, S, K, H]
             v = constrain(write(kv[1], v, slots.write_index), LAYER_KV_AXES)  # [B, S, K, H]
-            kv_pos, kv_seg = slots.positions, slots.segment_ids  # [B, S]
+            kv_pos, kv_seg, kv_prefix = slots.positions, slots.segment_ids, slots.prefix  # [B, S]
             kv = (k_, v)
         out = dot_product_attention(q, k_, v, positions, kv_pos, segment_ids, kv_seg,
                                     implementation=cfg.attention, block_q=cfg.attention_block_q,
-                                    block_kv=cfg.attention_block_kv, self_attention=kv is None)  # [B, T, N, H]
+                                    block_kv=cfg.attention_block_kv, self_attention=kv is None,
+                                    q_prefix=prefix, kv_prefix=kv_prefix)  # [B, T, N, H]
         out = checkpoint_name(out, "attn_out")
         y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype))
         delta = adapter_delta(self, "o", out, (n, h), ("heads", "head_dim"), (d,), ("embed",), cfg)
@@ -133,23 +141,23 @@ class Block(nn.Module):
     shared by both branches, so attention and the MLP read the same input and their input
     matmuls can run side by side (PaLM section 2: ~15% faster at scale, same quality).
 
-    positions, segment_ids and slots are broadcast to every layer; kv (this layer's
-    cache buffers, or None) is scanned over the stacked layer axis, and the updated
+    positions, segment_ids, slots and prefix are broadcast to every layer; kv (this
+    layer's cache buffers, or None) is scanned over the stacked layer axis, and the updated
     buffers are the scan's per-layer output (None without a cache).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None):
+    def __call__(self, x, positions, segment_ids, kv=None, slots: CacheSlots | None = None, prefix=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         if cfg.parallel_block:
             normed = RMSNorm(cfg.norm_eps, dtype, name="norm")(x)
-            attn_out, kv = Attention(cfg, name="attn")(normed, positions, segment_ids, kv, slots)
+            attn_out, kv = Attention(cfg, name="attn")(normed, positions, segment_ids, kv, slots, prefix)
             out = x + attn_out + MLP(cfg, name="mlp")(normed)
             return constrain(out, ("batch", "length", "act_embed")), kv
         attn_out, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x),
-                                                   positions, segment_ids, kv, slots)
+                                                   positions, segment_ids, kv, slots, prefix)
         h = x + attn_out
         out = h + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(h))
         return constrain(out, ("batch", "length", "act_embed")), kv

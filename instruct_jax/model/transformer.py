@@ -45,10 +45,15 @@ class ModelInput:
     segment_ids: jax.Array
     # [B, M, H, W, C] float32: M image slots per row (model.vision), placed at the image tokens; None: text only
     images: jax.Array | None = None
+    # [B, T] int32: 1 where a token is in its example's bidirectional prefix (vision.prefix_lm: the image tokens
+    # and the prompt), 0 elsewhere; None: causal everywhere
+    prefix: jax.Array | None = None
 
     @classmethod
     def from_batch(cls, batch) -> "ModelInput":
-        return cls(batch["tokens"], batch["positions"], batch["segment_ids"])
+        """A batch dict's tokens, positions, segment_ids and, when present, its images and prefix."""
+        return cls(batch["tokens"], batch["positions"], batch["segment_ids"], batch.get("images"),
+                   batch.get("prefix"))
 
     @classmethod
     def unpacked(cls, tokens, lengths=None) -> "ModelInput":
@@ -104,6 +109,11 @@ class Transformer(nn.Module):
             ([B, 1, V] or [B, K, V]): prefill needs one row of logits, PPO's scoring and update
             the N response positions, not a [B, T, V] tensor (the vocabulary projection is the
             model's largest matmul, and its logits its largest activation).
+
+        inputs.prefix (prefix-LM, attention/masks.py) is applied whenever it is given, whatever
+        model.vision.prefix_lm says: that switch tells the data path to fill it. None: causal,
+        and the same program as before prefixes existed. With a cache, a prefix must be
+        prefilled in one call (kv_cache.py); decode steps pass none.
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -125,19 +135,19 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            # positions, segment ids, cache slots: the same for every layer; kv: one layer's slice.
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            # positions, segment ids, cache slots, prefix: the same for every layer; kv: one layer's slice.
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
         if cache is None or self.is_initializing():
-            x, _ = blocks(x, inputs.positions, inputs.segment_ids, None, None)
+            x, _ = blocks(x, inputs.positions, inputs.segment_ids, None, None, inputs.prefix)
         else:
             if write_index is None:
                 raise ValueError("decoding with a cache needs write_index (the slot of each row's first token)")
             # Record the new tokens' positions / segments first: every layer's queries must see them.
             cache = cache.write_slots(inputs.positions, inputs.segment_ids, write_index)
-            x, cache = self.cached_layers(x, inputs, cache, cache.slots(write_index))
+            x, cache = self.cached_layers(x, inputs, cache, cache.slots(write_index, inputs.prefix))
         hidden = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
 
         if not compute_logits:
@@ -167,7 +177,7 @@ class Transformer(nn.Module):
             return x
         b, m = inputs.images.shape[:2]
         embeds = tower(inputs.images.reshape((b * m,) + inputs.images.shape[2:]))  # [B * M, P, D]
-        return place_images(x, inputs.tokens, embeds.reshape(b, m * v.num_patches, -1), v.image_token_id)
+        return place_images(x, inputs.tokens, embeds.reshape(b, m * v.tokens_per_image, -1), v.image_token_id)
 
     def cached_layers(self, x, inputs: ModelInput, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
         """The blocks one after another (unrolled, not scanned) over the KV cache: decoding's layer loop.
@@ -186,7 +196,8 @@ class Transformer(nn.Module):
         for i in range(self.cfg.num_layers):
             params_i = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda p: p[i], layers)
             x, (k, v) = Block(self.cfg, parent=None).apply({"params": params_i}, x, inputs.positions,
-                                                           inputs.segment_ids, (cache.k[i], cache.v[i]), slots)
+                                                           inputs.segment_ids, (cache.k[i], cache.v[i]), slots,
+                                                           inputs.prefix)
             keys.append(k)
             values.append(v)
         if cache.is_per_layer:

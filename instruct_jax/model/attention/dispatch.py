@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from instruct_jax.errors import ConfigError
 from instruct_jax.model.attention import blockwise, fused, ring, shard_local
 from instruct_jax.model.attention.masks import attention_mask, reference_attention
 
+logger = logging.getLogger(__name__)
 
 # `auto` keeps the einsum reference below this many query tokens: its [T, S] scores are
 # small there, and one fused einsum beats a scan over blocks.
@@ -18,7 +20,7 @@ AUTO_MIN_BLOCKWISE_LEN = 2048
 
 
 def select_implementation(requested: str, *, q_len: int, self_attention: bool, backend: str,
-                          sequence_shards: int, dtype) -> str:
+                          sequence_shards: int, dtype, prefix: bool = False) -> str:
     """The kernel that runs for one attention call (pure: decided from static shapes and context).
 
     requested: model.attention. self_attention is False when decoding from a KV cache (the
@@ -28,6 +30,10 @@ def select_implementation(requested: str, *, q_len: int, self_attention: bool, b
     else Splash on TPU, cuDNN on GPU with 16-bit compute (packed batches divert to
     blockwise inside it), else blockwise. An explicit ring without a sharded length axis is
     blockwise; explicit splash / cudnn on the wrong backend is a ConfigError.
+
+    prefix: the call has prefix-LM flags (masks.py). Splash's mask is fixed when its kernel
+    is built and cuDNN's is a causal flag, so neither can take a per-example prefix: such a
+    call runs blockwise instead, and says so once (log). Reference, blockwise and ring take it.
     """
     if requested in ("splash", "cudnn"):
         want = {"splash": "tpu", "cudnn": "gpu"}[requested]
@@ -43,16 +49,32 @@ def select_implementation(requested: str, *, q_len: int, self_attention: bool, b
     if requested == "ring":
         return "ring" if ring_fits else "blockwise"
     if requested != "auto":
-        return requested
+        return _without_fixed_mask(requested, requested) if prefix else requested
     if ring_fits:
         return "ring"
     if q_len < AUTO_MIN_BLOCKWISE_LEN:
         return "reference"
     if backend == "tpu":
-        return "splash"
+        return _without_fixed_mask("splash", requested) if prefix else "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
+        return _without_fixed_mask("cudnn", requested) if prefix else "cudnn"
     return "blockwise"
+
+
+def _without_fixed_mask(impl: str, requested: str) -> str:
+    """impl, or blockwise when impl is a vendor kernel whose mask cannot hold a prefix-LM prefix."""
+    if impl not in ("splash", "cudnn"):
+        return impl
+    _say_prefix_fallback(impl, requested)
+    return "blockwise"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_prefix_fallback(impl: str, requested: str) -> None:
+    """Log once per (kernel, request) that a prefix-LM call runs blockwise instead (at trace time)."""
+    logger.warning("model.attention=%r: the %s kernel's mask is fixed at compile time and cannot take a "
+                   "per-example prefix-LM prefix; attention with a prefix runs the blockwise kernel instead",
+                   requested, impl)
 
 
 def target_backend() -> str:
@@ -63,22 +85,29 @@ def target_backend() -> str:
 
 
 def dot_product_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, implementation: str = "reference",
-                          block_q: int = 512, block_kv: int = 512, self_attention: bool = True):
+                          block_q: int = 512, block_kv: int = 512, self_attention: bool = True,
+                          q_prefix=None, kv_prefix=None):
     """The model's one attention entry point.
 
     q: [B, T, N, H]; k, v: [B, S, K, H]; positions / segment ids [B, T] for q, [B, S] for kv.
     implementation: model.attention (see select_implementation); block_q / block_kv: the
-    blockwise and ring kernels' tile sizes. Returns [B, T, N, H] in q.dtype.
+    blockwise and ring kernels' tile sizes. q_prefix / kv_prefix: prefix-LM flags [B, T] /
+    [B, S] (masks.py), or None: causal, and the same program as without them. Splash and
+    cuDNN cannot take a prefix: with one they run blockwise (select_implementation).
+    Returns [B, T, N, H] in q.dtype.
     """
     _, shards = shard_local.sequence_mesh_axes()
     impl = select_implementation(implementation, q_len=q.shape[1], self_attention=self_attention,
-                                 backend=target_backend(), sequence_shards=shards, dtype=q.dtype)
+                                 backend=target_backend(), sequence_shards=shards, dtype=q.dtype,
+                                 prefix=q_prefix is not None)
     if impl == "reference":
-        return reference_attention(q, k, v, attention_mask(q_pos, kv_pos, q_seg, kv_seg))
+        return reference_attention(q, k, v, attention_mask(q_pos, kv_pos, q_seg, kv_seg, q_prefix, kv_prefix))
     if impl == "blockwise":
-        return blockwise.blockwise_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv)
+        return blockwise.blockwise_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv,
+                                             q_prefix, kv_prefix)
     if impl == "ring":
-        return ring.ring_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv)
+        return ring.ring_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv,
+                                   q_prefix=q_prefix, kv_prefix=kv_prefix)
     # The vendor kernels are custom calls XLA cannot split: run them on each device's shard.
     if impl == "splash":
         kernel = functools.partial(fused.splash_attention, block=block_q)

@@ -12,6 +12,10 @@ left padding all satisfy.
   batches whose rows are each one right-padded sequence; any other batch (packed rows,
   left padding) takes the blockwise kernel instead. The check runs on the data, inside
   the jitted step (`lax.cond`), so a packed batch can never be attended wrongly.
+
+Neither kernel can take a per-example prefix-LM prefix (masks.py): Splash's mask is built
+into the kernel at compile time, cuDNN's is a causal flag. Calls with a prefix therefore
+run the blockwise kernel instead (dispatch.select_implementation, which logs it once).
 """
 
 from __future__ import annotations

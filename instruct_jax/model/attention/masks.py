@@ -9,6 +9,11 @@ tokens: a query may attend to a key iff both belong to the same non-zero segment
 key's position is not after the query's. This one rule covers causal training, packed
 rows (segment ids differ between examples), left/right padding (segment 0) and decoding
 from a KV cache (cache slots carry their positions and segment ids).
+
+Prefix-LM (PaliGemma): with per-token prefix flags (1 for an example's image tokens and
+prompt, 0 elsewhere) a query also sees every key of its segment when both are prefix
+tokens, so the prefix attends bidirectionally and the rest stays causal. Positions stay
+sequential (RoPE is unchanged), which is why the prefix is its own mask input.
 """
 
 from __future__ import annotations
@@ -22,16 +27,25 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_mask(q_pos, kv_pos, q_seg, kv_seg):
+def attention_mask(q_pos, kv_pos, q_seg, kv_seg, q_prefix=None, kv_prefix=None):
     """Boolean [B, T, S]: key s is visible to query t.
+
+    q_prefix [B, T] / kv_prefix [B, S] (both or neither): non-zero for prefix tokens, which
+    see each other whatever their positions. None: causal everywhere, and no extra op.
 
     Worked example (one packed row: example A of 3 tokens, example B of 2, one pad):
         segment_ids = [1, 1, 1, 2, 2, 0]      positions = [0, 1, 2, 0, 1, 0]
         row t=4 (B's 2nd token) sees keys {3, 4}; row t=2 sees {0, 1, 2}; row t=5 sees nothing.
+    With prefix = [1, 1, 0, 1, 1, 0] (A's first two tokens, all of B): row t=0 sees {0, 1},
+    row t=3 sees {3, 4}; row t=2 (A's answer) still sees {0, 1, 2}.
     """
     same_segment = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
-    return same_segment & causal
+    visible = kv_pos[:, None, :] <= q_pos[:, :, None]
+    if (q_prefix is None) != (kv_prefix is None):
+        raise ValueError("attention_mask: give prefix flags for both queries and keys, or for neither")
+    if q_prefix is not None:
+        visible = visible | ((q_prefix[:, :, None] != 0) & (kv_prefix[:, None, :] != 0))
+    return same_segment & visible
 
 
 def reference_attention(q, k, v, mask):

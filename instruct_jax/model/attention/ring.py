@@ -20,6 +20,9 @@ does the same work at every step (block pairs hidden by the mask are skipped by 
 kernels). The mask comes from positions and segment ids, never from array indices, so
 reordering tokens changes nothing else; the output is put back in order at the end.
 
+A prefix-LM prefix (masks.py) travels the same way: the queries keep their prefix flags and
+each key chunk carries its own, so every step masks exactly as one device would.
+
 Model code names no mesh axis: the axis is whatever the active logical rules map the
 activation axis "length" to, in the mesh set by `jax.set_mesh`. Without such an axis (or
 of size 1) this is plain blockwise attention.
@@ -82,12 +85,12 @@ def _merge(out, lse, out_s, lse_s):
     return out * weight(lse) + out_s * weight(lse_s), lse_new
 
 
-def _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, block_kv):
+def _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, axis, size, block_q, block_kv):
     perm = [(i, (i + 1) % size) for i in range(size)]
 
     def attend(out, lse, chunk):
-        kb, vb, kp, ks = chunk
-        out_s, lse_s = flash_forward(q, kb, vb, q_pos, q_seg, kp, ks, block_q, block_kv)
+        kb, vb, kp, ks, kpre = chunk
+        out_s, lse_s = flash_forward(q, kb, vb, q_pos, q_seg, kp, ks, block_q, block_kv, q_prefix, kpre)
         return _merge(out, lse, out_s, lse_s)
 
     def step(carry, _):
@@ -97,40 +100,43 @@ def _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, bl
 
     b, t, kh, g, h = q.shape
     init = (jnp.zeros((b, t, kh, g, h), jnp.float32), jnp.full((b, kh, g, t), EMPTY_LSE, jnp.float32),
-            (k, v, kv_pos, kv_seg))
+            (k, v, kv_pos, kv_seg, kv_prefix))
     (out, lse, last), _ = jax.lax.scan(step, init, None, length=size - 1)
     return attend(out, lse, last)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _ring(q, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, block_kv):
-    out, _ = _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, block_kv)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _ring(q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, axis, size, block_q, block_kv):
+    out, _ = _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, axis, size, block_q,
+                           block_kv)
     return out.astype(q.dtype)
 
 
-def _ring_fwd(q, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, block_kv):
-    out, lse = _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, block_kv)
+def _ring_fwd(q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, axis, size, block_q, block_kv):
+    out, lse = _ring_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, axis, size, block_q,
+                             block_kv)
     out = out.astype(q.dtype)
-    return out, (q, k, v, q_pos, q_seg, kv_pos, kv_seg, out, lse)
+    return out, (q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, out, lse)
 
 
 def _ring_bwd(axis, size, block_q, block_kv, residuals, dout):
-    q, k, v, q_pos, q_seg, kv_pos, kv_seg, out, lse = residuals
+    q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, out, lse = residuals
     delta = row_delta(out, dout)
     perm = [(i, (i + 1) % size) for i in range(size)]
 
     def step(carry, _):
         dq, chunk, dk, dv = carry
-        kb, vb, kp, ks = chunk
-        dq_s, dk_s, dv_s = flash_backward(q, kb, vb, q_pos, q_seg, kp, ks, lse, dout, delta, block_q, block_kv)
+        kb, vb, kp, ks, kpre = chunk
+        dq_s, dk_s, dv_s = flash_backward(q, kb, vb, q_pos, q_seg, kp, ks, lse, dout, delta, block_q, block_kv,
+                                          q_prefix, kpre)
         # dk / dv belong to the visiting chunk: they travel on with it and are home after P steps.
         chunk, dk, dv = jax.lax.ppermute((chunk, dk + dk_s, dv + dv_s), axis, perm)
         return (dq + dq_s, chunk, dk, dv), None
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    init = (zeros(q), (k, v, kv_pos, kv_seg), zeros(k), zeros(v))
+    init = (zeros(q), (k, v, kv_pos, kv_seg, kv_prefix), zeros(k), zeros(v))
     (dq, _, dk, dv), _ = jax.lax.scan(step, init, None, length=size)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -138,15 +144,16 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 # ----------------------------------------------------------------------------- public entry
 def ring_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q: int = 512, block_kv: int = 512,
-                   load_balance: bool = True):
+                   load_balance: bool = True, q_prefix=None, kv_prefix=None):
     """Self-attention with the sequence sharded over the mesh axis of logical "length".
 
-    q: [B, T, N, H]; k, v: [B, T, K, H]; positions / segment ids [B, T]. Same contract as
-    blockwise_attention (to which it falls back when "length" is not sharded).
+    q: [B, T, N, H]; k, v: [B, T, K, H]; positions / segment ids and optional prefix-LM flags
+    [B, T]. Same contract as blockwise_attention (to which it falls back when "length" is
+    not sharded).
     """
     axes, size = sequence_mesh_axes()
     if size == 1:
-        return blockwise_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv)
+        return blockwise_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, q_prefix, kv_prefix)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"ring attention is self-attention: query length {q.shape[1]} != key length {k.shape[1]}")
     if q.shape[1] % size:
@@ -154,16 +161,19 @@ def ring_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q: int = 512, bl
     axis = axes[0] if len(axes) == 1 else axes
     balance = load_balance and (q.shape[1] // size) % 2 == 0
 
-    def local(q, k, v, q_pos, q_seg, kv_pos, kv_seg):
+    def local(q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix=None, kv_prefix=None):
         b, t, n, h = q.shape  # this device's share
         kv_heads = k.shape[2]
         if balance:
             order = functools.partial(_move_halves, axis=axis, size=size, dest=_zigzag_dest(size, False))
             q, k, v, q_pos, q_seg, kv_pos, kv_seg = map(order, (q, k, v, q_pos, q_seg, kv_pos, kv_seg))
+            q_prefix, kv_prefix = (None if x is None else order(x) for x in (q_prefix, kv_prefix))
         q5 = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T_l, K, G, H]
-        out = _ring(q5, k, v, q_pos, q_seg, kv_pos, kv_seg, axis, size, block_q, block_kv).reshape(b, t, n, h)
+        out = _ring(q5, k, v, q_pos, q_seg, kv_pos, kv_seg, q_prefix, kv_prefix, axis, size, block_q, block_kv)
+        out = out.reshape(b, t, n, h)
         if balance:
             out = _move_halves(out, axis, size, _zigzag_dest(size, True))
         return out
 
-    return per_shard(local, q, k, v, q_pos, q_seg, kv_pos, kv_seg, shard_length=True)
+    prefix = () if q_prefix is None else (q_prefix, kv_prefix)
+    return per_shard(local, q, k, v, q_pos, q_seg, kv_pos, kv_seg, *prefix, shard_length=True)
