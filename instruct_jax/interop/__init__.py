@@ -6,7 +6,8 @@
     export_hf("out/", params, cfg, tokenizer="runs/x/tokenizer")          # transformers loads out/
 
 Families: Llama 2/3/3.1/3.2 (with their RoPE scaling), Mistral, Qwen2 (q/k/v biases),
-SmolLM/SmolLM2. `python -m instruct_jax interop import|export` wraps these for the command line.
+SmolLM/SmolLM2; import_hf also reads LLaVA (a SigLIP tower, its projector and one of those
+decoders: llava.py). `python -m instruct_jax interop import|export` wraps these for the command line.
 """
 
 from instruct_jax.interop.gguf import gguf_hf_config, gguf_tokenizer, import_gguf

@@ -2,6 +2,7 @@
 
     python -m instruct_jax interop import SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
     python -m instruct_jax interop import path/to/Qwen2-0.5B-Instruct --out runs/qwen2
+    python -m instruct_jax interop import path/to/llava-siglip --out runs/llava     # tower + projector too
     python -m instruct_jax interop export --experiment experiments/smollm2_sft.py --workdir runs/smollm2-sft \
         --out runs/smollm2-sft-hf
 
@@ -10,7 +11,8 @@ An import folder holds what the next phase reads:
     params/      params export (orbax + manifest): --set train.init_from=<out>
     tokenizer/   tokenizer.json + tokenizer_config.json with the model's chat template:
                  --set data.tokenizer=<out>/tokenizer data.chat_template=model
-    model.json   {"model": ModelConfig fields, "hf_config": the source's config, "source": ...}
+    model.json   {"model": ModelConfig fields, "hf_config": the source's config, "source": ...}; a LLaVA
+                 source's `model.vision` holds its tower's settings (interop/llava.py)
 
 Its embedding table has room for the tokenizer's reserved pad id (data/tokenizer.py), so its
 `model.vocab_size` may be one more than the checkpoint's; `export` writes every row unless
@@ -25,7 +27,8 @@ import json
 import os
 import sys
 
-IMPORT_HELP = "Hugging Face folder (config.json + safetensors) or .gguf file -> params export + tokenizer folder"
+IMPORT_HELP = ("Hugging Face folder (config.json + safetensors; Llama family or LLaVA) or .gguf file -> params "
+               "export + tokenizer folder")
 EXPORT_HELP = "a run's params (policy or reward model) -> Hugging Face folder that transformers loads"
 
 
@@ -69,6 +72,7 @@ def run_import(args) -> int:
     from instruct_jax.data.tokenizer import load_tokenizer
     from instruct_jax.interop.gguf import gguf_hf_config, gguf_tokenizer, import_gguf
     from instruct_jax.interop.hf import export_tokenizer, import_hf, read_hf_config
+    from instruct_jax.interop.hf_config import text_config_of
 
     source, out = args.source, args.out
     is_gguf = source.endswith(".gguf")
@@ -83,7 +87,7 @@ def run_import(args) -> int:
             export_tokenizer(source, tokenizer_dir)
         else:
             print(f"warning: {source} has no tokenizer.json; {tokenizer_dir} is not written", file=sys.stderr)
-    rows = args.vocab_size or int(hf["vocab_size"])
+    rows = args.vocab_size or int(text_config_of(hf)["vocab_size"])
     if os.path.isdir(tokenizer_dir) and not args.vocab_size:
         rows = max(rows, load_tokenizer(tokenizer_dir).vocab_size)
     mesh, rules = _mesh(args.experiment)
@@ -91,7 +95,10 @@ def run_import(args) -> int:
     export_params(os.path.join(out, "params"), params)
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump({"model": dataclasses.asdict(cfg), "hf_config": hf, "source": os.path.abspath(source)}, f, indent=2)
-    print(f"imported {source} -> {out} ({cfg.num_layers} layers, d_model {cfg.d_model}, vocab rows {cfg.vocab_size})")
+    tower = (f", a {cfg.vision.depth}-block vision tower, {cfg.vision.tokens_per_image} tokens per image"
+             if cfg.vision.enabled else "")
+    print(f"imported {source} -> {out} ({cfg.num_layers} layers, d_model {cfg.d_model}, vocab rows {cfg.vocab_size}"
+          f"{tower})")
     print(f"use it with: --set train.init_from={out} data.tokenizer={tokenizer_dir} data.chat_template=model "
           f"(and model.* as in {os.path.join(out, 'model.json')})")
     return 0

@@ -23,7 +23,7 @@ from typing import Optional
 
 import jax
 
-from instruct_jax.interop.hf_config import REWARD_OFFSET_KEY, hf_config_from_model, model_config_from_hf
+from instruct_jax.interop.hf_config import REWARD_OFFSET_KEY, hf_config_from_model, is_llava, model_config_from_hf
 from instruct_jax.interop.layout import (PaddedVocab, TensorSource, check_source, dim_sizes, hf_entries, hf_shape,
                                          hf_tensor, load_tree, tensor_maps, to_host)
 from instruct_jax.interop.safetensors_io import DTYPES, SafetensorsCheckpoint, write_checkpoint
@@ -69,16 +69,24 @@ def load_from_source(source: TensorSource, cfg: ModelConfig, source_vocab: int, 
     maps = tensor_maps(cfg, reward)
     sizes = dim_sizes(cfg)
     check_source(source, maps, sizes, dim_sizes(cfg, source_vocab))
-    expected = {m.hf_name.format(i=i) for m in maps for i in range(cfg.num_layers)}
-    if cfg.tie_embeddings:
-        expected.add("lm_head.weight")  # some tied checkpoints still store the copy
-    unused = [n for n in extra_names if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
-    if unused:
-        raise ValueError(f"checkpoint tensors this model has no place for (unsupported architecture?): {unused[:8]}")
+    check_unused(extra_names, expected_names(maps, sizes, cfg.tie_embeddings))
     if cfg.vocab_size > source_vocab:
         source = PaddedVocab(source, cfg.vocab_size)
     shardings = None if mesh is None else target_params(cfg, mesh, rules, reward)[1]
     return load_tree(source, maps, sizes, shardings)
+
+
+def expected_names(maps: list, sizes: dict[str, int], tied: bool = False) -> set[str]:
+    """Every HF tensor name the maps read (tied: plus the lm_head copy some tied checkpoints still store)."""
+    names = {m.hf_name.format(i=i) for m in maps for i in range(sizes["L"])}
+    return (names | {"lm_head.weight"}) if tied else names
+
+
+def check_unused(names, expected: set[str]) -> None:
+    """A checkpoint tensor outside `expected` means a feature we would silently drop: an error."""
+    unused = [n for n in names if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    if unused:
+        raise ValueError(f"checkpoint tensors this model has no place for (unsupported architecture?): {unused[:8]}")
 
 
 def import_hf(path: str, mesh=None, rules=None, vocab_size: Optional[int] = None,
@@ -87,8 +95,13 @@ def import_hf(path: str, mesh=None, rules=None, vocab_size: Optional[int] = None
 
     mesh, rules: place each parameter as training would (rules default to config.DEFAULT_RULES);
     vocab_size: embedding rows, >= the checkpoint's (see PaddedVocab); overrides: ModelConfig fields.
+    A LLaVA folder (config.json model_type "llava") goes to interop/llava.py, which also takes max_images.
     """
     hf = read_hf_config(path)
+    if is_llava(hf):
+        from instruct_jax.interop.llava import import_llava  # llava.py builds on this module
+
+        return import_llava(path, mesh, rules, vocab_size, **overrides)
     cfg = model_config_from_hf(hf, vocab_size, **overrides)
     source = SafetensorsCheckpoint(path)
     return load_from_source(source, cfg, int(hf["vocab_size"]), mesh, rules, extra_names=tuple(source.names())), cfg

@@ -42,14 +42,25 @@ SEQUENCE_CLASSIFIER = {"llama": "LlamaForSequenceClassification", "mistral": "Mi
 LLAMA_ALIASES = ("smollm", "smollm2")
 DEFAULT_THETA = 10000.0  # transformers' default when a config omits rope_theta
 REWARD_OFFSET_KEY = "instruct_jax_reward_offset"  # see hf.py: HF's score head has no bias
+LLAVA = "LlavaForConditionalGeneration"  # a vision tower + projector around a decoder (interop/llava.py)
 
 
 class UnsupportedConfig(ValueError):
     """The checkpoint uses a feature this model cannot reproduce exactly; names the config key."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config.json '{key}': {message}")
+
+
+def is_llava(hf: dict) -> bool:
+    """A LLaVA config.json: its decoder is `text_config`, read by interop/llava.py."""
+    return hf.get("model_type") == "llava" or LLAVA in (hf.get("architectures") or ())
+
+
+def text_config_of(hf: dict) -> dict:
+    """The decoder's config.json keys: the dict itself, or a LLaVA config's `text_config`."""
+    return (hf.get("text_config") or {}) if is_llava(hf) else hf
 
 
 def family_of(hf: dict) -> str:

@@ -24,7 +24,7 @@ class VisionConfig:
     projector; images arrive resized to image_size x image_size x channels and normalised."""
 
     image_size: int = 0  # pixels per side; 0 = text only (no tower, no params)
-    patch_size: int = 4  # pixels per patch side: (image_size / patch_size)^2 image tokens per image
+    patch_size: int = 4  # pixels per patch side: (image_size / patch_size)^2 patches per image
     channels: int = 3
     d_model: int = 64  # the tower's width
     num_layers: int = 2
@@ -33,8 +33,19 @@ class VisionConfig:
     norm_eps: float = 1e-6
     projector: str = "mlp"  # linear (PaliGemma) | mlp (LLaVA: linear, GELU, linear)
     max_images: int = 1  # image slots per row (unused slots are masked out by placement)
-    image_token_id: int = -1  # the placeholder token the chat template writes num_patches times per image
+    image_token_id: int = -1  # the placeholder token the chat template writes tokens_per_image times per image
     freeze: bool = False  # stop gradients at the tower's output (the projector still trains)
+    # Which tower output feeds the projector. 0: the native tower (PaliGemma), every layer then the final
+    # LayerNorm. -k (1 <= k <= num_layers): Hugging Face LLaVA's `vision_feature_layer` -k, i.e. hidden_states[-k]
+    # of the num_layers + 1 states (patch embeddings, then each block's output): the first num_layers + 1 - k
+    # blocks run, with no final LayerNorm; later blocks never run and hold no params (`depth`).
+    feature_layer: int = 0
+    # Which of those tokens the projector gets (LLaVA's `vision_feature_select_strategy`): full = every patch;
+    # default = all but the first (CLIP's class token; a SigLIP tower has none, so its first patch is dropped).
+    feature_select: str = "full"
+    # prefix-LM (PaliGemma): each example's prompt (its image tokens and prompt text, ModelInput.prefix) attends
+    # bidirectionally; the answer stays causal. False: causal everywhere.
+    prefix_lm: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +54,16 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def depth(self) -> int:
+        """Tower blocks that run (and hold params): all of them, or those up to feature_layer."""
+        return self.num_layers if self.feature_layer >= 0 else self.num_layers + 1 + self.feature_layer
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens the chat template writes per image (= the projector's outputs per image)."""
+        return self.num_patches - (1 if self.feature_select == "default" else 0)
 
 
 @dataclass

@@ -6,10 +6,15 @@ stack of pre-norm transformer blocks (LayerNorm, bidirectional multi-head attent
 and a final LayerNorm give P vectors of `vision.d_model`; the projector (`linear`, or LLaVA's two-layer `mlp`
 with a GELU) maps them to the decoder's d_model: P image tokens per image.
 
-Placement (`place_images`) is static-shaped: the chat template writes P copies of `vision.image_token_id` per
-image; the k-th such token of a row takes the row's k-th image-token embedding (images in slot order, slot j's
-P tokens after slot j - 1's). A row with fewer images than `vision.max_images` slots never reaches the unused
-slots' embeddings; the data path checks that placeholders and images agree (P x images per row).
+A LLaVA checkpoint (interop/llava.py) feeds the projector an earlier block's output instead, without the final
+LayerNorm (`vision.feature_layer` < 0: only the blocks up to it run), and may drop the first token
+(`vision.feature_select` = "default"); `vision.tokens_per_image` is then P - 1.
+
+Placement (`place_images`) is static-shaped: the chat template writes `vision.tokens_per_image` (P, or P - 1)
+copies of `vision.image_token_id` per image; the k-th such token of a row takes the row's k-th image-token
+embedding (images in slot order, slot j's tokens after slot j - 1's). A row with fewer images than `vision.max_images`
+slots never reaches the unused slots' embeddings; the data path checks that placeholders and images agree
+(tokens_per_image x images per row).
 
 Every weight carries logical axes of the decoder's rules ("embed" for the tower's width, "heads" / "head_dim",
 "mlp", "layers" for the scanned stack), so the tower shards with the same mesh rules as the decoder.
@@ -86,7 +91,8 @@ class VisionBlock(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Images [N, H, W, C] -> image-token embeddings [N, P, decoder d_model] (encoder, then projector)."""
+    """Images [N, H, W, C] -> image-token embeddings [N, vision.tokens_per_image, decoder d_model]: the encoder
+    (its first `vision.depth` blocks), the feature selection, then the projector."""
 
     cfg: ModelConfig
 
@@ -100,9 +106,12 @@ class VisionTower(nn.Module):
         pos = _param(self, "position_embedding", (v.num_patches, v.d_model), (None, "embed"), init)
         x = jnp.einsum("NPC,CD->NPD", patches, w.astype(dtype)) + b.astype(dtype) + pos.astype(dtype)[None]
         blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=v.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                         length=v.depth, metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(v, dtype, self.cfg.init_std, name="layers")(x, None)
-        x = LayerNorm(v.norm_eps, dtype, name="post_norm")(x)
+        if v.feature_layer == 0:  # the native tower; an earlier layer's features (LLaVA) skip the final norm
+            x = LayerNorm(v.norm_eps, dtype, name="post_norm")(x)
+        if v.feature_select == "default":  # LLaVA drops the first token (CLIP's class token)
+            x = x[:, 1:]
         if v.freeze:
             x = jax.lax.stop_gradient(x)
         d = self.cfg.d_model
@@ -145,6 +154,15 @@ def validate_vision(cfg: ModelConfig) -> None:
         raise ConfigError("model.vision.num_heads", f"must divide d_model={v.d_model}, got {v.num_heads}")
     if v.projector not in ("linear", "mlp"):
         raise ConfigError("model.vision.projector", f"expected 'linear' or 'mlp', got {v.projector!r}")
+    if not -v.num_layers <= v.feature_layer <= 0:
+        raise ConfigError("model.vision.feature_layer", f"expected 0 (every block, then the final norm) or an "
+                          f"earlier block's output -k, 1 <= k <= num_layers={v.num_layers}, got {v.feature_layer}")
+    if v.feature_select not in ("full", "default"):
+        raise ConfigError("model.vision.feature_select", f"expected 'full' (every patch) or 'default' (drop the "
+                          f"first), got {v.feature_select!r}")
+    if v.tokens_per_image < 1:
+        raise ConfigError("model.vision.feature_select", f"'default' drops the only patch of a "
+                          f"{v.image_size}px image with patch_size={v.patch_size}")
     if not 0 <= v.image_token_id < cfg.vocab_size:
         raise ConfigError("model.vision.image_token_id", f"must be a token id below vocab_size={cfg.vocab_size}, "
                           f"got {v.image_token_id}")
