@@ -33,6 +33,7 @@ from instruct_jax.data.chat import ChatTemplate, load_chat_template
 from instruct_jax.data.config import TRAIN_SENTENCEPIECE, DataConfig, DataConfigError
 from instruct_jax.data.examples import encode_conversation, encode_prompt, encode_ranking, encode_text
 from instruct_jax.data.formats import Ranking, prompt_key, row_to_record, self_instruct_config
+from instruct_jax.data.images import ImageLayout, WithImages, check_image_markers, record_messages, row_images
 from instruct_jax.data.loader import Loader
 from instruct_jax.data.sources import iter_rows, local_files
 from instruct_jax.data.stats import DataStats, FilteredRow, MalformedDataError
@@ -73,15 +74,22 @@ def build_tokenizer(cfg: DataConfig, workdir: Optional[str] = None) -> Tokenizer
     return SentencePieceTokenizer(files.local_copy(model))
 
 
-def build_chat_template(cfg: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:
-    return load_chat_template(cfg.chat_template, tokenizer)
+def build_chat_template(cfg: DataConfig, tokenizer: Tokenizer, images: Optional[ImageLayout] = None) -> ChatTemplate:
+    """cfg.chat_template for `tokenizer`; with an image layout, image markers expand to its image tokens."""
+    template = load_chat_template(cfg.chat_template, tokenizer)
+    return template.with_images(images.token_id, images.tokens_per_image) if images else template
 
 
 # ----------------------------------------------------------------------------- rows -> records
 def read_records(source: str, cfg: DataConfig, stats: Optional[DataStats] = None,
-                 split: Optional[str] = None, shard: tuple[int, int] = (0, 1)) -> tuple[list[tuple[str, object]], DataStats]:
+                 split: Optional[str] = None, shard: tuple[int, int] = (0, 1),
+                 images: Optional[ImageLayout] = None) -> tuple[list[tuple[str, object]], DataStats]:
     """Parse every row of `source` (or host shard[0]'s share of shard[1], see `iter_rows`) with cfg's format
-    and field mapping: [(where, record)], stats."""
+    and field mapping: [(where, record)], stats.
+
+    With an image layout (a model with a vision tower), each row's `cfg.images_field` is loaded and checked
+    against the row's image markers here, before any batch exists: a mismatch is a MalformedDataError naming
+    the row and both counts (or, with on_malformed=skip, a counted skip), and the record comes as WithImages."""
     stats = stats if stats is not None else DataStats(name=source)
     records = []
     rows = iter_rows(source, split=split or cfg.split, hub_config=cfg.hub_config, hub_data_dir=cfg.hub_data_dir,
@@ -91,6 +99,10 @@ def read_records(source: str, cfg: DataConfig, stats: Optional[DataStats] = None
             if isinstance(row, MalformedDataError):
                 raise row
             record = row_to_record(row, cfg)
+            if images is not None and cfg.format != "text":
+                pixels = row_images(row, cfg.images_field, images, where)
+                check_image_markers(record_messages(record), pixels, where, images.max_images)
+                record = WithImages(record, pixels)
         except FilteredRow as f:
             stats.skip(f.reason, where)
             continue
@@ -111,11 +123,16 @@ def load_self_instruct_sft(path: str, on_malformed: str = "error") -> tuple[list
     return [conversation for _, conversation in records], stats
 
 
+def unwrap(record):
+    """A record without its images."""
+    return record.record if isinstance(record, WithImages) else record
+
+
 def is_eval(record, fraction: float, seed: int) -> bool:
     """Seeded hash of the record's prompt: one prompt is always on one side, whatever the row order."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}\x00{prompt_key(record)}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{prompt_key(unwrap(record))}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0 ** 64 < fraction
 
 
@@ -126,15 +143,17 @@ def encode_records(records: Sequence[tuple[str, object]], cfg: DataConfig, token
     max_prompt_len = cfg.max_prompt_len or seq_len // 2
     examples = []
     for where, record in records:
+        images = record.images if isinstance(record, WithImages) else None
+        record = record.record if isinstance(record, WithImages) else record
         if cfg.format == "text":
             made = encode_text(record, tokenizer, seq_len, stats)
         elif cfg.format == "sft":
-            made = [encode_conversation(record, template, seq_len, cfg.on_overlength, stats, where)]
+            made = [encode_conversation(record, template, seq_len, cfg.on_overlength, stats, where, images)]
         elif cfg.format == "prompt":
-            made = [encode_prompt(record, template, max_prompt_len, cfg.on_overlength, stats, where)]
+            made = [encode_prompt(record, template, max_prompt_len, cfg.on_overlength, stats, where, images)]
         else:
             assert isinstance(record, Ranking)
-            made = [encode_ranking(record, template, seq_len, cfg.on_overlength, stats, where)]
+            made = [encode_ranking(record, template, seq_len, cfg.on_overlength, stats, where, images)]
         made = [m for m in made if m is not None]
         stats.kept += bool(made)
         examples += made
@@ -157,18 +176,19 @@ class Data:
 
 
 def load_data(cfg: DataConfig, tokenizer: Tokenizer, template: Optional[ChatTemplate] = None, *,
-              seq_len: int, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> Data:
+              seq_len: int, seed: int = 0, shard: tuple[int, int] = (0, 1), images: Optional[ImageLayout] = None) -> Data:
     """Read cfg.source (and eval_source), split off eval by prompt, and tokenize both sides.
 
-    shard = (i, n): only host i's share of n (`iter_rows`), as `prepare_store` writes it."""
+    shard = (i, n): only host i's share of n (`iter_rows`), as `prepare_store` writes it. images: the model's
+    image layout (`ImageLayout.of(cfg.model.vision)`), or None for a text-only model."""
     if not cfg.source:
         raise DataConfigError("data.source", "empty; name a Hub dataset or local files")
-    template = template or build_chat_template(cfg, tokenizer)
+    template = template or build_chat_template(cfg, tokenizer, images)
     train_stats, eval_stats = DataStats(name="train"), DataStats(name="eval")
-    records, _ = read_records(cfg.source, cfg, train_stats, shard=shard)
+    records, _ = read_records(cfg.source, cfg, train_stats, shard=shard, images=images)
     if cfg.eval_source:
         eval_records, _ = read_records(cfg.eval_source, cfg, eval_stats, split=cfg.eval_split or cfg.split,
-                                       shard=shard)
+                                       shard=shard, images=images)
     else:
         held_out = [is_eval(r, cfg.eval_fraction, seed) for _, r in records]
         eval_records = [r for r, out in zip(records, held_out) if out]
@@ -260,11 +280,11 @@ def prepare_command(cfg, workdir: Optional[str] = None) -> None:
 
 
 def make_loader(examples: Sequence, cfg: DataConfig, tokenizer: Tokenizer, *, global_batch_size: int,
-                seq_len: int, seed: int, shuffle: bool = True) -> Loader:
-    """A Loader with the config's packing, prompt length, response slots and prefetch."""
+                seq_len: int, seed: int, shuffle: bool = True, images: Optional[ImageLayout] = None) -> Loader:
+    """A Loader with the config's packing, prompt length, response slots and prefetch (and image slots)."""
     return Loader(examples, global_batch_size, seq_len, seed, pad_id=tokenizer.pad_id, packing=cfg.packing,
                   shuffle=shuffle, prompt_len=cfg.max_prompt_len or seq_len // 2, padding_side="left",
-                  max_responses=cfg.max_responses, prefetch=cfg.prefetch)
+                  max_responses=cfg.max_responses, prefetch=cfg.prefetch, images=images)
 
 
 # ----------------------------------------------------------------------------- the LM phases
@@ -291,10 +311,16 @@ def build_lm_data(cfg, workdir: Optional[str] = None) -> LMData:
     d, t = cfg.data, cfg.train
     if d.format not in ("sft", "text"):
         raise DataConfigError("data.format", f"next-token training reads 'sft' or 'text', got {d.format!r}")
+    images = ImageLayout.of(cfg.model.vision)
+    if images and d.store:
+        raise DataConfigError("data.store", "stores hold token examples only; a model with images "
+                                            "(model.vision) reads its data in memory: leave it empty")
     tokenizer = build_tokenizer(d, workdir)
-    load = load_stored_data if d.store else load_data
-    data = load(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed)
-    common = dict(global_batch_size=t.global_batch_size, seq_len=t.seq_len, seed=cfg.seed)
+    if d.store:
+        data = load_stored_data(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed)
+    else:
+        data = load_data(d, tokenizer, seq_len=t.seq_len, seed=cfg.seed, images=images)
+    common = dict(global_batch_size=t.global_batch_size, seq_len=t.seq_len, seed=cfg.seed, images=images)
     train = make_loader(data.train, d, tokenizer, **common)
     held_out = make_loader(data.eval, d, tokenizer, shuffle=False, **common) if data.eval else None
     return LMData(tokenizer, data.template, train, held_out, data)

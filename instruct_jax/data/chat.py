@@ -13,6 +13,11 @@ position t predicts token t + 1); see packing.py.
 When a conversation ends with an assistant turn, `render` stops right after that turn's
 end-of-turn token (a template's trailing newline would be a target that teaches nothing), so a
 reward model can read its score at the last token.
+
+Images (model.vision): `template.with_images(token_id, count)` makes every `<image>` marker in a message's
+text (data/images.py IMAGE_MARKER) expand to `count` copies of the image token, where the model places one
+image's embeddings. Image tokens are never targets: their mask is 0 even inside an answer. Without it the
+marker is ordinary text.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import re
 from typing import Sequence
 
+from instruct_jax.data.images import IMAGE_MARKER
 from instruct_jax.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -37,6 +43,31 @@ class ChatTemplate:
     """Interface: `render(messages) -> (ids, assistant_mask)` and `render_prompt(messages) -> ids`."""
 
     tokenizer: Tokenizer
+    image_tokens: tuple[int, int] | None = None  # (image token id, tokens per image) once `with_images` is called
+
+    def with_images(self, token_id: int, count: int) -> "ChatTemplate":
+        """Expand each image marker to `count` copies of `token_id` from now on; returns self."""
+        self.image_tokens = (int(token_id), int(count))
+        return self
+
+    def expand_images(self, text: str, encode) -> list[int]:
+        """encode(text) with each image marker replaced by the image tokens (when `with_images` was called)."""
+        if self.image_tokens is None or IMAGE_MARKER not in text:
+            return encode(text)
+        token_id, count = self.image_tokens
+        ids = []
+        for i, piece in enumerate(text.split(IMAGE_MARKER)):
+            if i:
+                ids += [token_id] * count
+            if piece:
+                ids += encode(piece)
+        return ids
+
+    def mask_images(self, ids: list[int], mask: list[int]) -> list[int]:
+        """mask with 0 at every image token: no loss on image tokens."""
+        if self.image_tokens is None:
+            return mask
+        return [0 if i == self.image_tokens[0] else m for i, m in zip(ids, mask)]
 
     def render(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
         raise NotImplementedError
@@ -78,10 +109,11 @@ class BuiltinChatTemplate(ChatTemplate):
         ids = self._start()
         mask = [0] * len(ids)
         for m in messages:
-            header, body = self.headers[m["role"]], self.tokenizer.encode(m["content"]) + [self.tokenizer.eot_id]
+            body = self.expand_images(m["content"], self.tokenizer.encode) + [self.tokenizer.eot_id]
+            header = self.headers[m["role"]]
             ids += header + body
             mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body)
-        return ids, mask
+        return ids, self.mask_images(ids, mask)
 
     def render_prompt(self, messages: Sequence[dict]) -> list[int]:
         return self.render(messages)[0] + self.headers["assistant"]
@@ -129,7 +161,11 @@ class JinjaChatTemplate(ChatTemplate):
                                     bos_token=self._bos_text or "", eos_token=self._eos_text)
 
     def encode_text(self, text: str) -> list[int]:
-        """Ids of rendered template text: special token strings become their ids, the rest is encoded."""
+        """Ids of rendered template text: special token strings become their ids, image markers the image
+        tokens (`with_images`), the rest is encoded."""
+        return self.expand_images(text, self._encode_specials)
+
+    def _encode_specials(self, text: str) -> list[int]:
         if self._special is None:
             return self.tokenizer.encode(text)
         ids, pos = [], 0
@@ -176,7 +212,7 @@ class JinjaChatTemplate(ChatTemplate):
                 mask += [is_answer] * len(piece_ids)
             pos = end
         tail = self.encode_text(text[pos:])
-        return ids + tail, mask + [0] * len(tail)
+        return ids + tail, self.mask_images(ids + tail, mask + [0] * len(tail))
 
     def render_prompt(self, messages: Sequence[dict]) -> list[int]:
         _check_messages(messages)

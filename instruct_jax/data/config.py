@@ -40,6 +40,7 @@ class DataConfig:
     rejected_field: str = "rejected"  # pairwise: the other answer
     responses_field: str = "responses"  # ranking: list of K answers, 2 <= K <= 9
     ranks_field: str = "ranks"  # ranking: list of K integers, 1 = best, ties allowed
+    images_field: str = "images"  # with model.vision: the row's images, one per "<image>" marker, in order
     transcript: str = "none"  # none | hh: string fields hold "\n\nHuman: …\n\nAssistant: …" dialogues (HH-RLHF)
     text_unit: str = "paragraph"  # rows of .txt files: line | paragraph (blank-line separated) | document
     # ---- tokenizer and chat template

@@ -37,6 +37,7 @@ from instruct_jax.data.tokenizer import Tokenizer
 class LMExample:
     ids: np.ndarray  # int32 [n], n >= 2
     weights: np.ndarray  # float32 [n]; 1.0 where ids[i] is a training target
+    images: Optional[np.ndarray] = None  # float32 [m, H, W, C]: the images its image tokens show, in order
 
     @property
     def length(self) -> int:
@@ -47,20 +48,34 @@ class LMExample:
 @dataclass(frozen=True)
 class PromptExample:
     ids: np.ndarray  # int32 [n]: prompt ending with the assistant header
+    images: Optional[np.ndarray] = None  # float32 [m, H, W, C]
 
 
 @dataclass(frozen=True)
 class RankingExample:
-    responses: tuple  # K LMExamples: prompt + answer + end-of-turn, weights on the answer
+    responses: tuple  # K LMExamples: prompt + answer + end-of-turn, weights on the answer (and the prompt's images)
     ranks: tuple  # K ints, 1 = best
+
+    @property
+    def images(self) -> Optional[np.ndarray]:
+        return self.responses[0].images
 
     @property
     def k(self) -> int:
         return len(self.responses)
 
 
-def _lm(ids: Sequence[int], weights: Sequence[float]) -> LMExample:
-    return LMExample(np.asarray(ids, np.int32), np.asarray(weights, np.float32))
+def _lm(ids: Sequence[int], weights: Sequence[float], images: Optional[np.ndarray] = None) -> LMExample:
+    return LMExample(np.asarray(ids, np.int32), np.asarray(weights, np.float32), images)
+
+
+def images_intact(ids: Sequence[int], images: Optional[np.ndarray], template: ChatTemplate) -> bool:
+    """Whether ids hold exactly tokens-per-image image tokens per image (none without images): false when a
+    truncation cut into an image, or an answer spelled a marker no image stands for."""
+    if template.image_tokens is None:
+        return True
+    token_id, count = template.image_tokens
+    return int(np.sum(np.asarray(ids) == token_id)) == count * (0 if images is None else len(images))
 
 
 def encode_text(text: str, tokenizer: Tokenizer, seq_len: int, stats: DataStats) -> list[LMExample]:
@@ -80,8 +95,9 @@ def encode_text(text: str, tokenizer: Tokenizer, seq_len: int, stats: DataStats)
 
 
 def encode_conversation(messages: Sequence[dict], template: ChatTemplate, seq_len: int, on_overlength: str,
-                        stats: DataStats, where: str = "") -> Optional[LMExample]:
-    """An SFT conversation as one example, loss on the assistant's tokens; None if dropped."""
+                        stats: DataStats, where: str = "", images: Optional[np.ndarray] = None) -> Optional[LMExample]:
+    """An SFT conversation as one example, loss on the assistant's tokens; None if dropped. With images, an
+    example whose truncation cuts an image's tokens is dropped ("image_tokens_cut")."""
     ids, mask = template.render(messages)
     truncated = len(ids) - 1 > seq_len
     if truncated:
@@ -92,10 +108,13 @@ def encode_conversation(messages: Sequence[dict], template: ChatTemplate, seq_le
     if not any(mask[1:]):  # nothing to learn: the answer was cut off (or the template marked none)
         stats.drop("no_target_in_window", where)
         return None
+    if not images_intact(ids, images, template):
+        stats.drop("image_tokens_cut", where)
+        return None
     stats.truncated += int(truncated)  # counted only when kept: a dropped example is counted as dropped
     stats.examples += 1
     stats.tokens += len(ids)
-    return _lm(ids, mask)
+    return _lm(ids, mask, images)
 
 
 def _keep_end(ids: list[int], mask: list[int], limit: int, bos_id: Optional[int]) -> tuple[list[int], list[int]]:
@@ -107,22 +126,27 @@ def _keep_end(ids: list[int], mask: list[int], limit: int, bos_id: Optional[int]
 
 
 def encode_prompt(messages: Sequence[dict], template: ChatTemplate, max_len: int, on_overlength: str,
-                  stats: DataStats, where: str = "") -> Optional[PromptExample]:
+                  stats: DataStats, where: str = "", images: Optional[np.ndarray] = None) -> Optional[PromptExample]:
     ids = template.render_prompt(messages)
-    if len(ids) > max_len:
+    truncated = len(ids) > max_len
+    if truncated:
         if on_overlength == "drop":
             stats.drop("overlength", where)
             return None
         ids, _ = _keep_end(ids, [0] * len(ids), max_len, template.tokenizer.bos_id)
-        stats.truncated += 1
+    if not images_intact(ids, images, template):
+        stats.drop("image_tokens_cut", where)
+        return None
+    stats.truncated += int(truncated)
     stats.examples += 1
     stats.tokens += len(ids)
-    return PromptExample(np.asarray(ids, np.int32))
+    return PromptExample(np.asarray(ids, np.int32), images)
 
 
 def encode_ranking(ranking: Ranking, template: ChatTemplate, seq_len: int, on_overlength: str,
-                   stats: DataStats, where: str = "") -> Optional[RankingExample]:
-    """Each answer rendered after the prompt; the sequence ends with the end-of-turn token."""
+                   stats: DataStats, where: str = "", images: Optional[np.ndarray] = None) -> Optional[RankingExample]:
+    """Each answer rendered after the prompt; the sequence ends with the end-of-turn token. The prompt's
+    images go with every response."""
     responses, truncated = [], False
     for answer in ranking.responses:
         ids, mask = template.render(list(ranking.prompt) + [{"role": "assistant", "content": answer}])
@@ -132,7 +156,10 @@ def encode_ranking(ranking: Ranking, template: ChatTemplate, seq_len: int, on_ov
                 return None
             ids, mask = _keep_end(ids, mask, seq_len, template.tokenizer.bos_id)
             truncated = True
-        responses.append(_lm(ids, mask))
+        if not images_intact(ids, images, template):
+            stats.drop("image_tokens_cut", where)
+            return None
+        responses.append(_lm(ids, mask, images))
     stats.truncated += int(truncated)
     stats.examples += 1
     stats.tokens += sum(len(r.ids) for r in responses)

@@ -30,22 +30,25 @@ from typing import Optional, Sequence
 import numpy as np
 
 from instruct_jax.data.examples import LMExample, PromptExample, RankingExample
-from instruct_jax.data.packing import greedy_pack, pack_lm_row, prompt_row, ranking_row, stack_rows
+from instruct_jax.data.packing import (greedy_pack, joined_images, pack_lm_row, prefix_flags, prompt_row, ranking_row,
+                                      stack_rows, with_image_slots)
 from instruct_jax.data.store import ExampleStore
 
+IMAGE_KEYS = ("images", "image_mask")  # a row's image slots (packing.py)
 _PLANS_KEPT = 4  # epoch plans cached; older ones are recomputed if asked for again
 
 
 class Loader:
     def __init__(self, examples: Sequence, global_batch_size: int, seq_len: int, seed: int, *, pad_id: int,
                  packing: bool = True, shuffle: bool = True, prompt_len: Optional[int] = None,
-                 padding_side: str = "left", max_responses: int = 0, prefetch: int = 2):
+                 padding_side: str = "left", max_responses: int = 0, prefetch: int = 2, images=None):
         """examples: all LMExample, all PromptExample or all RankingExample (examples.py), or an ExampleStore
         (store.py: LM or prompt examples read by index, so a host reads only the examples of its rows).
 
         seq_len is the row length T for LM and ranking rows; prompts use prompt_len (default seq_len).
         packing applies to LM examples only; prompts and rankings are always one per row.
         max_responses: K slots of ranking rows (0 = the largest K among the examples).
+        images: the model's ImageLayout (data/images.py): rows carry image slots (packing.py); None: text only.
         """
         if not len(examples):
             raise ValueError("the loader got no examples (every row skipped or dropped? see the data report)")
@@ -64,6 +67,12 @@ class Loader:
         self.packing = packing and self.kind is LMExample
         self.prompt_len = prompt_len or seq_len
         self.padding_side = padding_side
+        self.images = images
+        if images is not None and stored:
+            raise ValueError("a store holds token examples only; examples with images are read in memory")
+        self._image_counts = None
+        if images is not None and self.kind is LMExample:
+            self._image_counts = np.array([0 if e.images is None else len(e.images) for e in self.examples])
         if self.kind is RankingExample:
             self.k_slots = max_responses or max(e.k for e in self.examples)
         self._lengths = None
@@ -85,7 +94,11 @@ class Loader:
                 if self.shuffle:
                     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
                 if self.packing:
-                    plan = [[int(order[i]) for i in row] for row in greedy_pack(self._lengths[order], self.seq_len)]
+                    counts = None if self._image_counts is None else self._image_counts[order]
+                    slots = 0 if self.images is None else self.images.max_images
+                    plan = [[int(order[i]) for i in row]
+                            for row in greedy_pack(self._lengths[order], self.seq_len, counts=counts,
+                                                   count_capacity=slots)]
                 else:
                     plan = [[int(i)] for i in order]
                 self._plans[epoch] = plan
@@ -111,11 +124,22 @@ class Loader:
     # ------------------------------------------------------------------------- batches
     def _build_row(self, examples: list) -> dict[str, np.ndarray]:
         if self.kind is LMExample:
-            return pack_lm_row(examples, self.seq_len, self.pad_id)
+            return with_image_slots(pack_lm_row(examples, self.seq_len, self.pad_id), joined_images(examples),
+                                    self.images)
         (example,) = examples
         if self.kind is PromptExample:
-            return prompt_row(example, self.prompt_len, self.pad_id, self.padding_side)
-        return ranking_row(example, self.k_slots, self.seq_len, self.pad_id)
+            return with_image_slots(prompt_row(example, self.prompt_len, self.pad_id, self.padding_side),
+                                    example.images, self.images)
+        row = ranking_row(example, self.k_slots, self.seq_len, self.pad_id)
+        if self.images is None:
+            return row
+        pixels, mask = self.images.slots(example.images)
+        k = self.k_slots
+        out = {**row, "images": np.broadcast_to(pixels, (k,) + pixels.shape).copy(),
+               "image_mask": np.broadcast_to(mask, (k,) + mask.shape).copy()}
+        if self.images.prefix_lm:
+            out["prefix"] = prefix_flags(row)
+        return out
 
     def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the global batch at `step`, stacked."""
@@ -209,12 +233,14 @@ def make_batch(loader: Loader, sharding, rows: np.ndarray, step: int) -> dict:
 
     rows = np.asarray(rows)
 
-    def array(value: np.ndarray):
+    def array(key: str, value: np.ndarray):
+        # image slots split by rows only (their M and pixel axes are not the token layout's)
+        ndim = 1 if key in IMAGE_KEYS else value.ndim
         return jax.make_array_from_callback((loader.global_batch_size,) + value.shape[1:],
-                                            _leading_axes_sharding(sharding, value.ndim),
+                                            _leading_axes_sharding(sharding, ndim),
                                             lambda index: shard_of(value, rows, index, loader.global_batch_size))
 
-    return {key: array(value) for key, value in local.items()}
+    return {key: array(key, value) for key, value in local.items()}
 
 
 def _produce(loader: Loader, sharding, rows: np.ndarray, step: int, out: queue.Queue,

@@ -11,11 +11,18 @@ The model attends where (same nonzero segment id) & (key position <= query posit
 examples never see each other and each behaves exactly as if it were alone in a padded row.
 
 Prompt rows (PPO) and ranking rows (reward model) have their own layouts, documented below.
+
+Images (a model with model.vision): every row also holds its image slots, `images` [M, H, W, C] float32 (the
+row's images in the order of their image tokens, zeros after) and `image_mask` [M] int32 (1 = a used slot);
+a ranking row holds them once per response line ([K, M, ...], [K, M]), since the model reads each line as a row.
+Packing puts at most M images in a row (`greedy_pack`'s `counts`). With `vision.prefix_lm`, rows also hold
+`prefix` (int32, like tokens): 1 on each example's prompt, the tokens before its first target (`prefix_flags`),
+which attend to each other bidirectionally (model/attention/masks.py).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +35,47 @@ def _empty_row(shape: tuple, pad_id: int) -> dict[str, np.ndarray]:
     return {"tokens": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
             "loss_mask": np.zeros(shape, np.float32), "positions": np.zeros(shape, np.int32),
             "segment_ids": np.zeros(shape, np.int32)}
+
+
+def with_image_slots(row: dict, images, layout) -> dict:
+    """row plus its image slots (module docstring) when a layout is given, and its prefix flags when the layout
+    asks for them; row unchanged otherwise."""
+    if layout is None:
+        return row
+    pixels, mask = layout.slots(images)
+    out = {**row, "images": pixels, "image_mask": mask}
+    if layout.prefix_lm:
+        out["prefix"] = prefix_flags(row)
+    return out
+
+
+def prefix_flags(row: dict) -> np.ndarray:
+    """int32 like row["tokens"]: 1 on every input token of a segment up to its first answer token (the prompt,
+    through the assistant header: the inputs at and before the first position with a target); 0 on answers,
+    later turns and padding. A prompt row (no loss_mask) is all prefix where real. Worked example, the packed
+    row of `pack_lm_row`'s docstring (tokens [1, 5, 6, 1, 8, 0, 0, 0]):
+        loss_mask [0, 1, 1, 1, 1, 0, 0, 0], segment_ids [1, 1, 1, 2, 2, 0, 0, 0] -> prefix [1, 1, 0, 1, 0, 0, 0, 0]
+    (A's prompt is 1 5, its answer starts at 6; B's prompt is its BOS.)"""
+    segments = row["segment_ids"]
+    if "loss_mask" not in row:
+        return (segments > 0).astype(np.int32)
+    flat_seg, flat_mask = segments.reshape(-1, segments.shape[-1]), row["loss_mask"].reshape(-1, segments.shape[-1])
+    out = np.zeros(flat_seg.shape, np.int32)
+    for line, (seg, mask) in enumerate(zip(flat_seg, flat_mask)):
+        seen: set = set()  # segments whose first target has passed
+        for t in range(len(seg)):
+            if seg[t] == 0:
+                continue
+            out[line, t] = int(seg[t]) not in seen  # no earlier position of its segment predicted an answer token
+            if mask[t] > 0:
+                seen.add(int(seg[t]))
+    return out.reshape(segments.shape)
+
+
+def joined_images(examples: Sequence) -> Optional[np.ndarray]:
+    """The examples' images one after another (the order of their image tokens in a packed row), or None."""
+    parts = [e.images for e in examples if e.images is not None and len(e.images)]
+    return np.concatenate(parts) if parts else None
 
 
 def pack_lm_row(examples: Sequence[LMExample], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -62,29 +110,38 @@ def pack_lm_row(examples: Sequence[LMExample], seq_len: int, pad_id: int) -> dic
     return row
 
 
-def greedy_pack(lengths: Sequence[int], capacity: int, max_open: int = 8) -> list[list[int]]:
+def greedy_pack(lengths: Sequence[int], capacity: int, max_open: int = 8, counts: Optional[Sequence[int]] = None,
+                count_capacity: int = 0) -> list[list[int]]:
     """Group example indices into rows of at most `capacity` positions, keeping the given order's spirit.
 
     First fit over the `max_open` most recently opened rows: each example goes into the first open
     row with room, else opens a row; when more than max_open rows are open the oldest is closed.
-    Rows come out in the order they were opened. Deterministic, O(n * max_open).
+    Rows come out in the order they were opened. Deterministic, O(n * max_open). With `counts` (e.g. each
+    example's images), a row also holds at most `count_capacity` of them.
 
         greedy_pack([5, 4, 3, 2], capacity=8) -> [[0, 2], [1, 3]]     (5+3, 4+2)
+        greedy_pack([2, 2, 2], 8, counts=[1, 1, 0], count_capacity=1) -> [[0, 2], [1]]
     """
+    counts = np.zeros(len(lengths), int) if counts is None else counts
     rows: list[list[int]] = []
     room: list[int] = []  # free positions of each row
+    slots: list[int] = []  # free count of each row
     first_open = 0  # rows before this index are closed
-    for i, n in enumerate(lengths):
+    for i, (n, c) in enumerate(zip(lengths, counts)):
         if n > capacity:
             raise ValueError(f"example {i} needs {n} positions, more than a row's {capacity}")
-        target = next((r for r in range(first_open, len(rows)) if room[r] >= n), None)
+        if c and c > count_capacity:
+            raise ValueError(f"example {i} has {c} images, more than a row's {count_capacity} slots")
+        target = next((r for r in range(first_open, len(rows)) if room[r] >= n and slots[r] >= c), None)
         if target is None:
             rows.append([])
             room.append(capacity)
+            slots.append(count_capacity)
             target = len(rows) - 1
             first_open = max(first_open, len(rows) - max_open)
         rows[target].append(i)
         room[target] -= n
+        slots[target] -= c
     return rows
 
 

@@ -286,16 +286,20 @@ def prompt_and_response(prompt: ModelInput, out: SampleOutput) -> ModelInput:
     """Prompt [B, T] followed by response [B, N] as one ModelInput [B, T + N], for scoring.
 
     Response tokens continue the prompt's positions and segment; slots after a row's stop
-    token are segment 0. Logits at index T - 1 + i of a forward pass over it predict
+    token are segment 0. The prompt's images (and prefix flags) come along, so a scoring forward places the
+    same image embeddings the sampler's prefill did. Logits at index T - 1 + i of a forward pass over it predict
     response token i (the policy / reference / value recomputation in PPO).
     """
     _, first_pos, segment = prompt_tail(prompt)  # [B] each
     idx = jnp.arange(out.tokens.shape[1], dtype=jnp.int32)[None, :]  # [1, N]
     in_response = idx < out.lengths[:, None]  # [B, N]
+    prefix = None if prompt.prefix is None else jnp.concatenate(
+        [prompt.prefix, jnp.zeros_like(out.tokens, prompt.prefix.dtype)], axis=1)  # the response is never prefix
     return ModelInput(
         tokens=jnp.concatenate([prompt.tokens, out.tokens], axis=1),
         positions=jnp.concatenate([prompt.positions, jnp.where(in_response, first_pos[:, None] + idx, 0)], axis=1),
-        segment_ids=jnp.concatenate([prompt.segment_ids, jnp.where(in_response, segment[:, None], 0)], axis=1))
+        segment_ids=jnp.concatenate([prompt.segment_ids, jnp.where(in_response, segment[:, None], 0)], axis=1),
+        images=prompt.images, prefix=prefix)
 
 
 # ----------------------------------------------------------------------------- jitted entry points

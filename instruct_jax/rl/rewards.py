@@ -255,6 +255,10 @@ def scoring_input(prompt: ModelInput, response: jax.Array, lengths: jax.Array, d
     inputs = ModelInput(
         tokens=jnp.concatenate([prompt.tokens, extended.astype(jnp.int32)], axis=1),
         positions=jnp.concatenate([prompt.positions, jnp.where(valid, first_pos[:, None] + idx, 0)], axis=1),
-        segment_ids=jnp.concatenate([prompt.segment_ids, jnp.where(valid, segment[:, None], 0)], axis=1))
+        segment_ids=jnp.concatenate([prompt.segment_ids, jnp.where(valid, segment[:, None], 0)], axis=1),
+        # a reward model with images reads the prompt's images (and prefix) as the policy did
+        images=prompt.images,
+        prefix=None if prompt.prefix is None else jnp.concatenate(
+            [prompt.prefix, jnp.zeros_like(extended, prompt.prefix.dtype)], axis=1))
     score_index = t + jnp.where(done, lengths - 1, n)
     return inputs, score_index.astype(jnp.int32)

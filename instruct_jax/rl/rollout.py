@@ -56,13 +56,28 @@ class Experience:
     returns: jax.Array  # [B, N] float32 advantages + values, before whitening (rloo / grpo: 0, no value model)
 
     @classmethod
-    def shardings(cls, mesh, rules) -> "Experience":
-        """Rows over the batch mesh axes, everything else whole."""
+    def shardings(cls, mesh, rules, images: bool = False, prefix: bool = False) -> "Experience":
+        """Rows over the batch mesh axes, everything else whole (images: the prompts' image slots, by rows)."""
         rows = NamedSharding(mesh, logical_to_spec(("batch",), rules))
         rows_2d = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
-        return cls(inputs=ModelInput(rows_2d, rows_2d, rows_2d), response=rows_2d, mask=rows_2d, lengths=rows,
+        return cls(inputs=prompt_shardings(mesh, rules, images, prefix), response=rows_2d, mask=rows_2d, lengths=rows,
                    done=rows, sampler_logprobs=rows_2d, logprobs=rows_2d, ref_logprobs=rows_2d, values=rows_2d,
                    scores=rows, rewards=rows_2d, advantages=rows_2d, returns=rows_2d)
+
+
+def prompt_shardings(mesh, rules, images: bool = False, prefix: bool = False) -> ModelInput:
+    """A prompt (or prompt + response) ModelInput's shardings: [B, T] rows over the batch axes, and with images
+    the [B, M, H, W, C] image slots by rows (prefix: the prefix-LM flags like the tokens)."""
+    rows = NamedSharding(mesh, logical_to_spec(("batch",), rules))
+    rows_2d = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
+    return ModelInput(rows_2d, rows_2d, rows_2d, rows if images else None, rows_2d if prefix else None)
+
+
+def prompt_input(batch: dict) -> ModelInput:
+    """The prompt ModelInput of a prompt batch (data/packing.py `prompt_row`, with its image slots and prefix
+    flags if any)."""
+    return ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"], batch.get("images"),
+                      batch.get("prefix"))
 
 
 def sample_from_tokens(response: jax.Array, stop_tokens: tuple[int, ...], pad_id: int,

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from instruct_jax.data.loader import IMAGE_KEYS
+from instruct_jax.data.packing import LM_KEYS
 from instruct_jax.model.lora import freeze_base_grads
 from instruct_jax.model.transformer import ModelInput, output_kernel
 from instruct_jax.parallel.context import in_mesh_context
@@ -24,7 +26,20 @@ from instruct_jax.train.losses import fused_masked_loss_sum, masked_loss_sum
 from instruct_jax.train.optimizer import applied_updates
 from instruct_jax.train.state import TrainState
 
-Batch = dict  # tokens, targets, loss_mask, positions, segment_ids: each [B, T]
+Batch = dict  # tokens, targets, loss_mask, positions, segment_ids: each [B, T] (+ images, image_mask: data/packing.py)
+
+
+def lm_batch_shardings(mesh, rules, cfg) -> dict:
+    """Shardings of an LM batch: token arrays over (batch, length); with model.vision, the image slots
+    (`images` [B, M, H, W, C], `image_mask` [B, M]) over batch only, and with vision.prefix_lm the `prefix`
+    flags like the tokens."""
+    rows = batch_sharding(mesh, rules)
+    out = {key: rows for key in LM_KEYS}
+    if cfg.vision.enabled:
+        out.update({key: batch_sharding(mesh, rules, ndim=1) for key in IMAGE_KEYS})
+        if cfg.vision.prefix_lm:
+            out["prefix"] = rows
+    return out
 
 
 def split_microbatches(batch: Batch, num_micro: int, rules) -> Batch:
@@ -35,13 +50,14 @@ def split_microbatches(batch: Batch, num_micro: int, rules) -> Batch:
     devices, each device already holds its share of every microbatch.
     """
     spec = logical_to_spec((None, "batch", "length"), rules)
+    rows_only = logical_to_spec((None, "batch"), rules)
 
-    def split(x):
+    def split(key, x):
         b = x.shape[0]
         x = x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, spec)
+        return jax.lax.with_sharding_constraint(x, rows_only if key in IMAGE_KEYS else spec)
 
-    return jax.tree.map(split, batch)
+    return {key: split(key, x) for key, x in batch.items()}
 
 
 def lm_loss_sum(model: nn.Module, params, batch: Batch):
@@ -109,7 +125,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                    **guard_stats}
         return new, metrics
 
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
+    jitted = jax.jit(step, in_shardings=(state_shardings, lm_batch_shardings(mesh, rules, model.cfg)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
     return in_mesh_context(jitted, mesh, rules)
 
@@ -121,7 +137,7 @@ def make_eval_step(model: nn.Module, mesh, rules, param_shardings) -> Callable:
         total, count = lm_loss_sum(model, params, batch)
         return {"loss_sum": total, "tokens": count}
 
-    jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh, rules)),
+    jitted = jax.jit(evaluate, in_shardings=(param_shardings, lm_batch_shardings(mesh, rules, model.cfg)),
                      out_shardings=replicated(mesh))
     return in_mesh_context(jitted, mesh, rules)
 

@@ -38,14 +38,14 @@ from instruct_jax.inference.logprobs import policy_outputs
 from instruct_jax.inference.sampling import SampleOutput, SamplingConfig, make_sampler
 from instruct_jax.model.heads import RewardModel
 from instruct_jax.model.lora import base_is_reference, base_only, freeze_base_grads
-from instruct_jax.model.transformer import ModelInput, Transformer
+from instruct_jax.model.transformer import Transformer
 from instruct_jax.parallel.context import in_mesh_context, logical_constraint
 from instruct_jax.parallel.sharding import logical_to_spec, replicated
 from instruct_jax.rl.advantages import GROUP_ALGORITHMS, masked_mean
 from instruct_jax.rl.ppo.losses import kl_loss, policy_loss, ptx_loss, value_loss
 from instruct_jax.train.step import lm_loss_sum
 from instruct_jax.rl.rewards import RewardFn
-from instruct_jax.rl.rollout import Experience, make_experience, value_outputs
+from instruct_jax.rl.rollout import Experience, make_experience, prompt_shardings, value_outputs
 from instruct_jax.train.guards import GuardConfig, guard_decision, guarded_apply
 from instruct_jax.train.state import TrainState
 
@@ -190,9 +190,11 @@ def make_ppo_steps(policy_model: Transformer, value_model: RewardModel, reward_f
         raise ValueError(f"sampling temperature {sampling.temperature} != ppo.temperature {hp.temperature}")
     rows_2d = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
     rows = NamedSharding(mesh, logical_to_spec(("batch",), rules))
-    prompt_sh = ModelInput(rows_2d, rows_2d, rows_2d)
+    images = policy_model.cfg.vision.enabled
+    prefix = images and policy_model.cfg.vision.prefix_lm
+    prompt_sh = prompt_shardings(mesh, rules, images, prefix)
     sample_sh = SampleOutput(rows_2d, rows_2d, rows, rows)
-    exp_sh = Experience.shardings(mesh, rules)
+    exp_sh = Experience.shardings(mesh, rules, images, prefix)
     pol = shardings.policy.params
     val = shardings.value.params if has_critic(hp) else {}
 

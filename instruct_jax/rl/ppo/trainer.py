@@ -36,6 +36,7 @@ from instruct_jax.data.build import build_chat_template, build_tokenizer, load_d
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.config import DataConfigError, validate_data_config
 from instruct_jax.data.examples import encode_prompt
+from instruct_jax.data.images import ImageLayout
 from instruct_jax.data.loader import Loader
 from instruct_jax.data.sources import local_files
 from instruct_jax.data.stats import DataStats
@@ -47,7 +48,7 @@ from instruct_jax.inference.scorer import fold_normalization, put_global
 from instruct_jax.metrics import log
 from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
 from instruct_jax.model.lora import base_is_reference, merged_for_export
-from instruct_jax.model.transformer import ModelInput, Transformer, init_params_boxed
+from instruct_jax.model.transformer import Transformer, init_params_boxed
 from instruct_jax.parallel.context import mesh_and_rules
 from instruct_jax.parallel.mesh import batch_shards, make_mesh, resolve_mesh_shape
 from instruct_jax.parallel.sharding import batch_sharding, param_shardings_for, unbox
@@ -55,6 +56,7 @@ from instruct_jax.train.optimizer import freeze_base
 from instruct_jax.rl.ppo.optimizer import make_ppo_optimizer
 from instruct_jax.rl.advantages import GROUP_ALGORITHMS, LOSS_AGGREGATIONS
 from instruct_jax.rl.ppo.step import PPOState, PPOSteps, has_critic, make_ppo_steps, value_params_of
+from instruct_jax.rl.rollout import prompt_input
 from instruct_jax.rl.rewards import (KL_ESTIMATORS, MISSING_EOS_MODES, KLController, RewardFn, host_scores_reward,
                                      implicit_reward, reward_model_reward, token_count_reward)
 from instruct_jax.train.guards import GuardConfig, guard_metrics
@@ -353,6 +355,11 @@ def build_prompt_loader(cfg: Config, tokenizer: Tokenizer, template: ChatTemplat
     """Left-padded prompt batches [B / k, T] (+ lengths), k = ppo.group_size (each prompt is then sampled k times:
     PPOSteps.expand); batch i is a pure function of (seed, i)."""
     t = prompt_len(cfg)
+    images = ImageLayout.of(cfg.model.vision)
+    if images and (cfg.ppo.synthetic_prompts or cfg.data.store):
+        raise ConfigError("ppo.synthetic_prompts" if cfg.ppo.synthetic_prompts else "data.store",
+                          "a policy with images (model.vision) reads its prompts and their images from data.source "
+                          "in memory: leave it empty")
     if cfg.ppo.synthetic_prompts:
         stats = DataStats(name="prompts")
         stats.rows = cfg.ppo.synthetic_prompts
@@ -364,11 +371,13 @@ def build_prompt_loader(cfg: Config, tokenizer: Tokenizer, template: ChatTemplat
             raise ConfigError("data.format", f"PPO reads prompts (format 'prompt'), got {cfg.data.format!r}")
         if not cfg.data.source:
             raise ConfigError("data.source", "empty; name the prompts (or set ppo.synthetic_prompts)")
-        load = load_stored_data if cfg.data.store else load_data
-        data = load(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        if cfg.data.store:
+            data = load_stored_data(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        else:
+            data = load_data(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed, images=images)
         examples, stats = data.train, data.train_stats
     loader = Loader(examples, cfg.train.global_batch_size // cfg.ppo.group_size, cfg.train.seq_len, cfg.seed, pad_id=tokenizer.pad_id,
-                    packing=False, prompt_len=t, padding_side="left", prefetch=cfg.data.prefetch)
+                    packing=False, prompt_len=t, padding_side="left", prefetch=cfg.data.prefetch, images=images)
     return loader, stats
 
 
@@ -522,7 +531,7 @@ class PPOPhase(Phase):
         steps = self.setup.steps
         rng = jax.random.fold_in(state.policy.rng, index)
         batch = steps.expand(next(self.prompt_batches))  # ppo.group_size samples of each prompt
-        prompt = ModelInput(batch["tokens"], batch["positions"], batch["segment_ids"])
+        prompt = prompt_input(batch)
         sample = steps.sample(state.policy.params, prompt, jax.random.fold_in(rng, 0))
         beta = self.kl_ctl.kl_coef  # this rollout's coefficient; the controller then sets the next one
         reward_params = self.reward_params if self.host_reward is None else self.host_scores(batch, sample)
@@ -606,7 +615,7 @@ def run_ppo(cfg: Config, workdir: str, host_reward: Optional[HostReward] = None)
     # ---- Input (first: the tokenizer decides the stop set, pad and vocabulary)
     tokenizer = build_tokenizer(cfg.data, workdir)
     check_tokenizer_fits(tokenizer, cfg.model)
-    template = build_chat_template(cfg.data, tokenizer)
+    template = build_chat_template(cfg.data, tokenizer, ImageLayout.of(cfg.model.vision))
     prompts, prompt_stats = build_prompt_loader(cfg, tokenizer, template)
     ptx_loader = build_ptx_loader(cfg, tokenizer)
     stop = tuple(sorted({tokenizer.eos_id, tokenizer.eot_id}))

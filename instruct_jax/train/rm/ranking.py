@@ -40,6 +40,13 @@ from instruct_jax.train.optimizer import applied_updates
 from instruct_jax.train.step import guarded_optimizer_step
 
 RANKING_KEYS = ("tokens", "positions", "segment_ids", "ranks", "lengths")  # what the steps read
+
+
+def ranking_keys(cfg) -> tuple:
+    """The batch keys the steps read for a model config: RANKING_KEYS, `images` with model.vision and `prefix`
+    with vision.prefix_lm."""
+    v = cfg.vision
+    return RANKING_KEYS + (("images",) if v.enabled else ()) + (("prefix",) if v.enabled and v.prefix_lm else ())
 IDENTITY_NORM = {"gain": 1.0, "bias": 0.0}
 
 
@@ -114,11 +121,23 @@ def fit_normalization(raw_scores: np.ndarray, normalize_std: bool = False) -> di
 
 
 # ----------------------------------------------------------------------------- the steps (sharded)
-def ranking_shardings(mesh, rules) -> dict:
-    """Shardings of a ranking batch: [B, K, T] arrays over (batch, -, length), [B, K] over batch."""
+def ranking_shardings(mesh, rules, images: bool = False, prefix: bool = False) -> dict:
+    """Shardings of a ranking batch: [B, K, T] arrays over (batch, -, length), [B, K] over batch; with images,
+    the image slots [B, K, M, H, W, C] over batch; with prefix, the [B, K, T] prefix flags like the tokens."""
     seq = NamedSharding(mesh, logical_to_spec(("batch", None, "length"), rules))
     slot = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
-    return {"tokens": seq, "positions": seq, "segment_ids": seq, "ranks": slot, "lengths": slot}
+    out = {"tokens": seq, "positions": seq, "segment_ids": seq, "ranks": slot, "lengths": slot}
+    if images:
+        out["images"] = NamedSharding(mesh, logical_to_spec(("batch",), rules))
+    if prefix:
+        out["prefix"] = seq
+    return out
+
+
+def model_ranking_shardings(mesh, rules, cfg) -> dict:
+    """`ranking_shardings` for the batch keys a model config reads (`ranking_keys`)."""
+    keys = ranking_keys(cfg)
+    return ranking_shardings(mesh, rules, "images" in keys, "prefix" in keys)
 
 
 def ranking_rewards(model: RewardModel, params, batch: dict) -> jax.Array:
@@ -128,20 +147,24 @@ def ranking_rewards(model: RewardModel, params, batch: dict) -> jax.Array:
     def flat(x):  # [B, K, T] -> [B * K, T]; rows stay on the devices holding their prompt
         return logical_constraint(x.reshape(b * k, t), ("batch", "length"))
 
-    inputs = ModelInput(flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]))
+    images = batch.get("images")
+    if images is not None:  # [B, K, M, H, W, C] -> [B * K, M, H, W, C]: each line with its prompt's images
+        images = logical_constraint(images.reshape((b * k,) + images.shape[2:]), ("batch",))
+    prefix = flat(batch["prefix"]) if "prefix" in batch else None
+    inputs = ModelInput(flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]), images, prefix)
     eos = batch["lengths"].reshape(b * k) - 1  # empty slots give -1, clipped by the head and masked by the loss
     return model.apply({"params": params}, inputs, eos).reshape(b, k)
 
 
 def split_ranking_microbatches(batch: dict, num_micro: int, rules) -> dict:
     """[B, ...] -> [M, B/M, ...], microbatch m = prompts m, m + M, ... (as train/step.py's split)."""
-    def split(x):
+    def split(key, x):
         b = x.shape[0]
         x = x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
-        spec = logical_to_spec((None, "batch", None, "length")[:x.ndim], rules)
-        return jax.lax.with_sharding_constraint(x, spec)
+        axes = (None, "batch") if key == "images" else (None, "batch", None, "length")[:x.ndim]
+        return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
 
-    return jax.tree.map(split, batch)
+    return {key: split(key, x) for key, x in batch.items()}
 
 
 def reward_loss_and_grads(model: RewardModel, params, batch: dict, num_micro: int, rules, grad_shardings,
@@ -163,7 +186,7 @@ def reward_loss_and_grads(model: RewardModel, params, batch: dict, num_micro: in
 
     zeros = jax.lax.with_sharding_constraint(
         jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings)
-    micro = split_ranking_microbatches({k: batch[k] for k in RANKING_KEYS}, num_micro, rules)
+    micro = split_ranking_microbatches({k: batch[k] for k in ranking_keys(model.cfg)}, num_micro, rules)
     (grads, total, prompts, correct, pairs), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0, 0.0), micro)
     denom = jnp.maximum(prompts, 1.0)
     stats = {"accuracy": correct / jnp.maximum(pairs, 1.0), "pairs": pairs, "prompts": prompts}
@@ -183,27 +206,27 @@ def make_reward_train_step(model: RewardModel, tx: optax.GradientTransformation,
         metrics = {"loss": loss, "lr": schedule(applied_updates(state.opt_state)), **stats, **guard_stats}
         return new, metrics
 
-    jitted = jax.jit(step, in_shardings=(state_shardings, ranking_shardings(mesh, rules)),
+    jitted = jax.jit(step, in_shardings=(state_shardings, model_ranking_shardings(mesh, rules, model.cfg)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-    return _select_keys(in_mesh_context(jitted, mesh, rules), batch_arg=1)
+    return _select_keys(in_mesh_context(jitted, mesh, rules), 1, ranking_keys(model.cfg))
 
 
 def make_reward_eval_step(model: RewardModel, mesh, rules, param_shardings) -> Callable:
     """eval(params, batch) -> raw rewards [B, K] (replicated, for host-side metrics)."""
     jitted = jax.jit(lambda params, batch: ranking_rewards(model, params, batch),
-                     in_shardings=(param_shardings, ranking_shardings(mesh, rules)),
+                     in_shardings=(param_shardings, model_ranking_shardings(mesh, rules, model.cfg)),
                      out_shardings=replicated(mesh))
-    return _select_keys(in_mesh_context(jitted, mesh, rules), batch_arg=1)
+    return _select_keys(in_mesh_context(jitted, mesh, rules), 1, ranking_keys(model.cfg))
 
 
-def _select_keys(fn: Callable, batch_arg: int) -> Callable:
-    """Pass only RANKING_KEYS of the batch dict (the loader also builds targets / loss_mask)."""
+def _select_keys(fn: Callable, batch_arg: int, keys: tuple = RANKING_KEYS) -> Callable:
+    """Pass only `keys` of the batch dict (the loader also builds targets / loss_mask)."""
     def wrapped(*args):
         args = list(args)
-        args[batch_arg] = {k: args[batch_arg][k] for k in RANKING_KEYS}
+        args[batch_arg] = {k: args[batch_arg][k] for k in keys}
         return fn(*args)
 
-    wrapped.lower = lambda *args: fn.lower(*[({k: a[k] for k in RANKING_KEYS} if i == batch_arg else a)
+    wrapped.lower = lambda *args: fn.lower(*[({k: a[k] for k in keys} if i == batch_arg else a)
                                              for i, a in enumerate(args)])
     return wrapped
 

@@ -39,8 +39,9 @@ from instruct_jax.data.build import (Data, build_chat_template, build_tokenizer,
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.examples import RankingExample, encode_ranking
 from instruct_jax.data.formats import Ranking
+from instruct_jax.data.images import ImageLayout
 from instruct_jax.data.loader import Loader
-from instruct_jax.data.packing import ranking_row, stack_rows
+from instruct_jax.data.packing import prefix_flags, ranking_row, stack_rows
 from instruct_jax.data.stats import DataStats
 from instruct_jax.data.synthetic_prefs import synthetic_rankings
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
@@ -56,8 +57,9 @@ from instruct_jax.parallel.sharding import param_shardings_for, unbox
 from instruct_jax.train.guards import GuardConfig
 from instruct_jax.train.loop import Phase, run_phase
 from instruct_jax.train.optimizer import freeze_base, learning_rate_schedule, make_optimizer
-from instruct_jax.train.rm.ranking import (IDENTITY_NORM, RANKING_KEYS, fit_normalization, make_reward_eval_step,
-                                           make_reward_train_step, ranking_metrics, ranking_shardings)
+from instruct_jax.train.rm.ranking import (IDENTITY_NORM, fit_normalization, make_reward_eval_step,
+                                           make_reward_train_step, model_ranking_shardings, ranking_keys,
+                                           ranking_metrics, ranking_shardings)
 from instruct_jax.train.state import PhaseSetup, TrainState, state_shardings_for
 
 NORM_FILE = "reward_norm.json"
@@ -182,7 +184,8 @@ class RMData:
 def load_rankings(cfg: Config, tokenizer: Tokenizer, template: ChatTemplate) -> Data:
     """Train / eval RankingExamples: read from cfg.data, or generated (reward.synthetic > 0)."""
     if not cfg.reward.synthetic:
-        return load_data(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        return load_data(cfg.data, tokenizer, template, seq_len=cfg.train.seq_len, seed=cfg.seed,
+                         images=ImageLayout.of(cfg.model.vision))
     records = [(f"synthetic:{i}", r) for i, r in enumerate(synthetic_rankings(cfg.reward.synthetic, seed=cfg.seed))]
     held_out = [is_eval(r, cfg.data.eval_fraction, cfg.seed) for _, r in records]
     train_stats, eval_stats = DataStats(name="train"), DataStats(name="eval")
@@ -199,7 +202,12 @@ def build_rm_data(cfg: Config, workdir: Optional[str]) -> RMData:
         raise ConfigError("data.source", "empty; name the comparisons to train on (or set reward.synthetic)")
     tokenizer = build_tokenizer(cfg.data, workdir)
     check_tokenizer_fits(tokenizer, cfg.model)
-    template = build_chat_template(cfg.data, tokenizer)
+    images = ImageLayout.of(cfg.model.vision)
+    if images and (cfg.reward.synthetic or cfg.reward.reference.source):
+        name = "reward.synthetic" if cfg.reward.synthetic else "reward.reference.source"
+        raise ConfigError(name, "a reward model with images (model.vision) reads its rankings and their images "
+                                "from data.source, and normalises on their best-ranked answers: leave it empty")
+    template = build_chat_template(cfg.data, tokenizer, images)
     data = load_rankings(cfg, tokenizer, template)
     if not data.eval:
         raise ConfigError("data.eval_fraction", "the reward model needs held-out comparisons: set "
@@ -207,29 +215,37 @@ def build_rm_data(cfg: Config, workdir: Optional[str]) -> RMData:
     k_slots = cfg.data.max_responses or max(e.k for e in data.train + data.eval)
     loader_cfg = dataclasses.replace(cfg.data, max_responses=k_slots)
     train = make_loader(data.train, loader_cfg, tokenizer, global_batch_size=cfg.train.global_batch_size,
-                        seq_len=cfg.train.seq_len, seed=cfg.seed)
+                        seq_len=cfg.train.seq_len, seed=cfg.seed, images=images)
     return RMData(tokenizer, template, data, train, k_slots)
 
 
 def ranking_batches(examples: Sequence[RankingExample], batch_size: int, k_slots: int, seq_len: int,
-                    pad_id: int):
+                    pad_id: int, images: Optional[ImageLayout] = None):
     """Every example once, in order, as [batch_size, K, T] numpy batches; the last is filled with
-    empty rankings (all ranks 0), which add no pair to any metric."""
+    empty rankings (all ranks 0), which add no pair to any metric. With an image layout each batch also
+    holds the image slots of every line ([batch_size, K, M, H, W, C])."""
     empty = RankingExample((), ())
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         chunk += [empty] * (batch_size - len(chunk))
-        yield stack_rows([ranking_row(e, k_slots, seq_len, pad_id) for e in chunk])
+        batch = stack_rows([ranking_row(e, k_slots, seq_len, pad_id) for e in chunk])
+        if images is not None:
+            slots = np.stack([images.slots(e.images if e.k else None)[0] for e in chunk])  # [B, M, H, W, C]
+            batch["images"] = np.repeat(slots[:, None], k_slots, axis=1)
+            if images.prefix_lm:
+                batch["prefix"] = prefix_flags(batch)
+        yield batch
 
 
 # ----------------------------------------------------------------------------- evaluation and normalization
 def score_rankings(setup: RMSetup, params, examples: Sequence[RankingExample], k_slots: int, pad_id: int):
     """(raw rewards, ranks, lengths), each [N, K], for every example."""
-    shardings = ranking_shardings(setup.mesh, setup.rules)
     cfg = setup.cfg
+    images = ImageLayout.of(cfg.model.vision)
+    shardings = model_ranking_shardings(setup.mesh, setup.rules, cfg.model)
     rewards, ranks, lengths = [], [], []
-    for batch in ranking_batches(examples, cfg.train.global_batch_size, k_slots, cfg.train.seq_len, pad_id):
-        device = {k: put_global(batch[k], shardings[k]) for k in RANKING_KEYS}
+    for batch in ranking_batches(examples, cfg.train.global_batch_size, k_slots, cfg.train.seq_len, pad_id, images):
+        device = {k: put_global(batch[k], shardings[k]) for k in ranking_keys(cfg.model)}
         rewards.append(np.asarray(jax.device_get(setup.eval_step(params, device))))
         ranks.append(batch["ranks"])
         lengths.append(batch["lengths"])
@@ -279,6 +295,8 @@ def reference_sequences(cfg: Config, data: RMData) -> list[np.ndarray]:
 
 def normalize(setup: RMSetup, params, cfg: Config, data: RMData) -> tuple[dict, dict]:
     """(norm, report): gain and bias fitted on the reference set's raw scores; report has its stats after."""
+    if cfg.model.vision.enabled:
+        return normalize_with_images(setup, params, cfg, data)
     sequences = reference_sequences(cfg, data)
     kwargs = dict(seq_len=cfg.train.seq_len, batch_size=score_batch_size(cfg, setup.mesh), mesh=setup.mesh,
                   rules=setup.rules)
@@ -286,6 +304,23 @@ def normalize(setup: RMSetup, params, cfg: Config, data: RMData) -> tuple[dict, 
     norm = fit_normalization(raw, cfg.reward.normalize_std)
     after = score_token_sequences(setup.score_step, params, norm, sequences, **kwargs)
     report = {"reference_count": len(sequences), "reference_raw_mean": float(raw.mean()),
+              "reference_raw_std": float(raw.std()), "reference_mean": float(after.mean()),
+              "reference_std": float(after.std())}
+    return norm, report
+
+
+def normalize_with_images(setup: RMSetup, params, cfg: Config, data: RMData) -> tuple[dict, dict]:
+    """`normalize` for a reward model with images: the reference set is the best-ranked training answers, each
+    scored with its prompt's images (as one-response rankings through the evaluation step)."""
+    best = [RankingExample((resp,), (1,)) for e in data.data.train for resp, rank in zip(e.responses, e.ranks)
+            if rank == min(e.ranks)]
+    limit = cfg.reward.reference_max_examples
+    if limit and len(best) > limit:
+        best = [best[i] for i in np.sort(np.random.default_rng(cfg.seed).permutation(len(best))[:limit])]
+    raw = score_rankings(setup, params, best, 1, data.tokenizer.pad_id)[0][:, 0]
+    norm = fit_normalization(raw, cfg.reward.normalize_std)
+    after = raw * norm["gain"] + norm["bias"]
+    report = {"reference_count": len(best), "reference_raw_mean": float(raw.mean()),
               "reference_raw_std": float(raw.std()), "reference_mean": float(after.mean()),
               "reference_std": float(after.std())}
     return norm, report
