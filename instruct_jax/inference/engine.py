@@ -34,6 +34,15 @@ the top `TOP_LOGPROBS` alternatives, as OpenAI-style APIs report them.
 
 Weights: `reload(params)` swaps them between two steps (same shapes and shardings, so no recompile);
 `version` counts the loads.
+
+Images (a model with a vision tower, model.vision): a request may carry images [n, H, W, C] float32
+(`submit(..., images=)`, n <= model.vision.max_images); its prompt holds tokens_per_image image tokens per image
+(the chat template's `with_images`). The admission's prefill passes them as ModelInput.images [P, M, H, W, C]
+(the layout's slots, zero-filled past the request's own), so the tower encodes them once, into the KV cache;
+decode steps need no images. The prefill always gets the slots on such a model (zeros for a text request), so
+its compiled shapes do not depend on the traffic. Multi-process: process 0 broadcasts a request's slots right
+after its INSERT op (a second fixed-size broadcast, only for a request with images), so every process prefills
+the same pixels.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from instruct_jax.data.images import ImageLayout
 from instruct_jax.inference.sampling import decode_step, prefill, sample_rows, top_logprobs
 from instruct_jax.model.kv_cache import LAYER_KV_AXES, SLOT_AXES, KVCache
 from instruct_jax.model.transformer import ModelInput, Transformer, compute_dtype_weights, split_layers
@@ -194,9 +204,10 @@ class Request:
     _ids = itertools.count()
 
     def __init__(self, prompt: Sequence[int], settings: Settings, decode: Callable,
-                 on_event: Optional[Callable] = None):
+                 on_event: Optional[Callable] = None, images: Optional[np.ndarray] = None):
         self.id = next(Request._ids)
         self.prompt = list(prompt)
+        self.images = images  # [n, H, W, C] float32 or None: prefilled with the prompt (model.vision)
         self.settings = settings
         self.stream = TextStream(decode, settings.stop)
         self.key = jax.random.key_data(jax.random.PRNGKey(
@@ -278,6 +289,7 @@ class Engine:
             raise ValueError(f"slots ({slots}) must be a multiple of the mesh's batch shards ({prefill_rows})")
         self.default_stops = tuple(sorted({tokenizer.eos_id, tokenizer.eot_id}))
         self.max_queue = max_queue
+        self.layout = ImageLayout.of(model.cfg.vision)  # None: a text-only model
         self._jit()
         self._lock = threading.Lock()  # guards params swaps against a running step
         self.version = 0
@@ -302,7 +314,7 @@ class Engine:
         self.loader = loader
         self.failed = ""  # why the loop stopped ("closed" after close()); empty while it runs
         self.multi_process = jax.process_count() > 1
-        self._channel = Channel(2 + max(8 + self.buckets[-1], 11 * slots, 4096))
+        self._channel = Channel(2 + max(9 + self.buckets[-1], 11 * slots, 4096))
         self._thread = None
         if jax.process_index() == 0:  # the others run `follow()`
             self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -321,19 +333,26 @@ class Engine:
 
         rows = self.prefill_rows
 
-        def one_prompt(tokens, length):
+        prefix_lm = model.cfg.vision.enabled and model.cfg.vision.prefix_lm
+
+        def one_prompt(tokens, length, images=None):
             """tokens [T] (the first `length` real) as rows [P, T]: row 0 the prompt, the others empty
-            (P = the batch shards, so the rows divide over the mesh's batch axes)."""
+            (P = the batch shards, so the rows divide over the mesh's batch axes). images [M, H, W, C]: row 0's
+            image slots (the other rows get zeros); None for a text-only model. A prefix-LM model
+            (vision.prefix_lm) sees the whole prompt as its bidirectional prefix, as the data path builds it."""
             t = tokens.shape[0]
             idx = jnp.arange(t, dtype=jnp.int32)
             real = (idx < length)[None] & (jnp.arange(rows)[:, None] == 0)  # [P, T]
+            if images is not None:
+                images = jnp.zeros((rows,) + images.shape, jnp.float32).at[0].set(images)
             return ModelInput(jnp.where(real, tokens[None], pad), jnp.where(real, idx[None], 0),
-                              real.astype(jnp.int32))
+                              real.astype(jnp.int32), images, real.astype(jnp.int32) if prefix_lm else None)
 
-        def insert(params, cache, slot, tokens, length, key, temperature, top_p, top_k):
-            """Prefill tokens [T] (the first `length` real) into a fresh row, copy it into `slot`."""
+        def insert(params, cache, slot, tokens, length, key, temperature, top_p, top_k, images):
+            """Prefill tokens [T] (the first `length` real) and its image slots (None: text-only model) into a
+            fresh row, copy it into `slot`."""
             fresh = KVCache.init(model.cfg, rows, max_context, per_layer=True)
-            logits, fresh = prefill(params, model, one_prompt(tokens, length), fresh)  # [P, V]
+            logits, fresh = prefill(params, model, one_prompt(tokens, length, images), fresh)  # [P, V]
             logits = logits[:1]
 
             def put(full, new):
@@ -407,9 +426,10 @@ class Engine:
         raise ValueError(f"prompt of {length} tokens exceeds the longest prompt this engine takes "
                          f"({self.buckets[-1]} tokens; max_context {self.max_context})")
 
-    def check(self, prompt: Sequence[int], settings: Settings) -> None:
+    def check(self, prompt: Sequence[int], settings: Settings, images: Optional[np.ndarray] = None) -> None:
         """ValueError when the request cannot be served as asked (names the problem)."""
         settings.check()
+        self.check_images(prompt, images)
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) + (settings.max_tokens or 1) > self.max_context:
@@ -420,14 +440,40 @@ class Engine:
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
-    def submit(self, prompt: Sequence[int], settings: Settings, on_event: Optional[Callable] = None) -> Request:
+    def check_images(self, prompt: Sequence[int], images: Optional[np.ndarray]) -> None:
+        """ValueError unless the images fit the model's slots and the prompt holds exactly tokens_per_image image
+        tokens per image (a text request on a vision model: none)."""
+        n = 0 if images is None else len(images)
+        layout = self.layout
+        if layout is None:
+            if n:
+                raise ValueError(f"model {self.name!r} has no vision tower: it takes no images")
+            return
+        if n > layout.max_images:
+            raise ValueError(f"{n} images, more than this model takes (model.vision.max_images={layout.max_images})")
+        if n and tuple(np.shape(images)[1:]) != layout.slot_shape[1:]:
+            raise ValueError(f"images must be [n, {layout.size}, {layout.size}, {layout.channels}], got "
+                             f"{list(np.shape(images))}")
+        tokens = sum(int(t) == layout.token_id for t in prompt)
+        if tokens != n * layout.tokens_per_image:
+            raise ValueError(f"the prompt holds {tokens} image tokens (id {layout.token_id}) but {n} image(s) need "
+                             f"{n * layout.tokens_per_image} ({layout.tokens_per_image} per image)")
+
+    def submit(self, prompt: Sequence[int], settings: Settings, on_event: Optional[Callable] = None,
+               images: Optional[np.ndarray] = None) -> Request:
         """Queue a generation; raises ValueError for a request that cannot be served, OverflowError when
-        the queue is full."""
-        self.check(prompt, settings)
+        the queue is full. images: [n, H, W, C] float32 (data/images.load_image), for a model with a vision
+        tower; the prompt holds their image tokens."""
+        if images is not None:
+            images = np.asarray(images, np.float32)
+            if images.ndim == 3:
+                images = images[None]
+        self.check(prompt, settings, images)
         self._check_alive()
         if self._waiting.qsize() >= self.max_queue:
             raise OverflowError(f"{self.max_queue} requests already waiting")
-        request = Request(prompt, settings, self.tokenizer.decode, on_event)
+        request = Request(prompt, settings, self.tokenizer.decode, on_event,
+                          images if images is not None and len(images) else None)
         self.stats["requests"] += 1
         self._waiting.put(request)
         self._wake.set()
@@ -498,12 +544,22 @@ class Engine:
         self._thread = None
 
     # ------------------------------------------------------------------ ops: what every process runs
-    def _do(self, op: int, payload: Optional[np.ndarray] = None):
-        """Process 0: hand `op` to every process (multi-process) and run it here; returns its host outputs."""
+    def _do(self, op: int, payload: Optional[np.ndarray] = None, images: Optional[np.ndarray] = None):
+        """Process 0: hand `op` to every process (multi-process) and run it here; returns its host outputs.
+        images: an INSERT's image slots [M, H, W, C], broadcast after the op when its payload flags them."""
         payload = np.zeros(0, np.int32) if payload is None else np.asarray(payload, np.int32)
         if self.multi_process:
             self._channel.send(op, payload)
-        return self._run(op, payload)
+            if op == INSERT and payload[8]:
+                images = self._broadcast_images(images)
+        return self._run(op, payload, images)
+
+    def _broadcast_images(self, images: Optional[np.ndarray]) -> np.ndarray:
+        """Process 0's image slots to every process (one fixed-shape float32 broadcast)."""
+        from jax.experimental import multihost_utils
+
+        buffer = images if images is not None else np.zeros(self.layout.slot_shape, np.float32)
+        return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(buffer, np.float32)))
 
     def follow(self) -> None:
         """Processes other than 0: run the ops process 0 decides, in its order, until it stops. An op that
@@ -512,9 +568,10 @@ class Engine:
             op, payload = self._channel.receive()
             if op == STOP:
                 return
-            self._run(op, payload)
+            images = self._broadcast_images(None) if op == INSERT and payload[8] else None
+            self._run(op, payload, images)
 
-    def _run(self, op: int, p: np.ndarray):
+    def _run(self, op: int, p: np.ndarray, images: Optional[np.ndarray] = None):
         if op == NOOP:
             return None
         if op == INSERT:
@@ -523,8 +580,11 @@ class Engine:
             temperature, top_p = (float(x) for x in p[6:8].view(np.float32))
             with self._lock:
                 params = self.params
-            out = self._insert(params, self.cache, np.int32(slot), p[8:8 + bucket], np.int32(length), key,
-                               np.float32(temperature), np.float32(top_p), np.int32(top_k))
+            slots = None
+            if self.layout is not None:  # always the slots (zeros for a text request): one prefill shape
+                slots = np.zeros(self.layout.slot_shape, np.float32) if images is None else images
+            out = self._insert(params, self.cache, np.int32(slot), p[9:9 + bucket], np.int32(length), key,
+                               np.float32(temperature), np.float32(top_p), np.int32(top_k), slots)
             self.cache = out[0]
             return [_host(x) for x in out[1:]]
         if op == STEP:
@@ -633,14 +693,16 @@ class Engine:
             s = request.settings
             n = len(request.prompt)
             bucket = self.bucket(n)
-            payload = np.full(8 + bucket, self.tokenizer.pad_id, np.int32)
+            payload = np.full(9 + bucket, self.tokenizer.pad_id, np.int32)
             payload[:4] = slot, n, bucket, s.top_k
             payload[4:6] = request.key.view(np.int32)
             payload[6:8] = np.array([s.temperature, s.top_p], np.float32).view(np.int32)
-            payload[8:8 + n] = request.prompt
+            payload[8] = request.images is not None  # its image slots follow the op (multi-process)
+            payload[9:9 + n] = request.prompt
+            images = None if request.images is None else self.layout.slots(request.images)[0]
             self.rows[slot] = request  # from here on the loop's error handling finishes it
             request.version = self.version
-            token, chosen, top_ids, top_lps = self._do(INSERT, payload)
+            token, chosen, top_ids, top_lps = self._do(INSERT, payload, images)
             self.stats["prefills"] += 1
             self.stats["prompt_tokens"] += n
             self._positions[slot] = n

@@ -29,11 +29,13 @@ import os
 from typing import Iterator, Optional, Sequence, Union
 
 import jax
+import numpy as np
 
 from instruct_jax.checkpoint import load_params, resolve_params_dir
 from instruct_jax.config import section_from_dict
 from instruct_jax.data.chat import ChatTemplate, load_chat_template
 from instruct_jax.data.config import TRAIN_SENTENCEPIECE
+from instruct_jax.data.images import ImageLayout, load_image
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 from instruct_jax.inference.engine import Engine, Finish, Request, Settings, TextEvent
 from instruct_jax.model.config import ModelConfig
@@ -108,6 +110,8 @@ class Policy:
         self.tokenizer: Tokenizer = load_tokenizer(source.tokenizer)
         check_tokenizer_fits(self.tokenizer, self.cfg)
         self.template: ChatTemplate = load_chat_template(source.chat_template, self.tokenizer)
+        if self.cfg.vision.enabled:  # each "<image>" marker in a message becomes the tower's image tokens
+            self.template.with_images(self.cfg.vision.image_token_id, self.cfg.vision.tokens_per_image)
         self.mesh = make_mesh(source.mesh, list(devices if devices is not None else jax.devices()))
         self.rules = source.mesh.logical_rules()
         self.model = Transformer(self.cfg)
@@ -157,8 +161,25 @@ class Policy:
         return self.tokenizer.encode(text)
 
     # ------------------------------------------------------------------ generation
-    def submit(self, ids: Sequence[int], settings: Settings, on_event=None) -> Request:
-        return self.engine.submit(ids, settings, on_event)
+    @property
+    def layout(self) -> Optional[ImageLayout]:
+        """The model's image slots (model.vision), or None for a text-only model."""
+        return self.engine.layout
+
+    def load_images(self, sources: Sequence) -> Optional[np.ndarray]:
+        """[n, H, W, C] float32 at the tower's size from anything `load_image` reads (paths, data URLs, bytes,
+        arrays, PIL images); None for no images. ValueError for a text-only model or an unreadable image."""
+        if not sources:
+            return None
+        if self.layout is None:
+            raise ValueError(f"model {self.name!r} has no vision tower: it takes no images")
+        return np.stack([load_image(s, self.layout.size, self.layout.channels) for s in sources])
+
+    def submit(self, ids: Sequence[int], settings: Settings, on_event=None,
+               images: Optional[np.ndarray] = None) -> Request:
+        """Queue a generation of `ids` (with its images [n, H, W, C] for a vision model: the prompt holds their
+        image tokens, one "<image>" marker per image in the messages)."""
+        return self.engine.submit(ids, settings, on_event, images)
 
     def generate(self, prompt: str, *, max_tokens: Optional[int] = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = ()) -> str:
@@ -168,17 +189,18 @@ class Policy:
 
     def chat(self, conversation: Messages, *, system: Optional[str] = None, max_tokens: Optional[int] = None,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-             stop: Sequence[str] = ()) -> str:
-        """The assistant's reply to a conversation (a string is one user turn). Greedy by default."""
+             stop: Sequence[str] = (), images: Sequence = ()) -> str:
+        """The assistant's reply to a conversation (a string is one user turn). Greedy by default. images: one
+        per "<image>" marker in the messages, in order (a vision model; anything `load_image` reads)."""
         return "".join(self.stream_chat(conversation, system=system, max_tokens=max_tokens, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, seed=seed, stop=stop))
+                                        top_p=top_p, top_k=top_k, seed=seed, stop=stop, images=images))
 
     def stream_chat(self, conversation: Messages, *, system: Optional[str] = None, max_tokens: Optional[int] = None,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-                    stop: Sequence[str] = ()) -> Iterator[str]:
+                    stop: Sequence[str] = (), images: Sequence = ()) -> Iterator[str]:
         """The reply as it is generated, piece by piece (each piece whole characters)."""
         settings = Settings(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
-        request = self.submit(self.chat_ids(conversation, system), settings)
+        request = self.submit(self.chat_ids(conversation, system), settings, images=self.load_images(images))
         try:
             for event in request.events():
                 if isinstance(event, TextEvent) and event.text:

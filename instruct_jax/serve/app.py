@@ -6,7 +6,8 @@ Endpoints (docs/SERVING.md has examples):
 
   GET  /v1/models                       the loaded models, with their weight versions
   POST /v1/chat/completions             messages -> reply; stream (server-sent events), n, seed, stop,
-                                        temperature, top_p, max_tokens, logprobs / top_logprobs
+                                        temperature, top_p, max_tokens, logprobs / top_logprobs; content parts
+                                        {"type": "image_url"} with data URLs for a model with a vision tower
   POST /v1/completions                  text (or token ids) -> continuation; logprobs (0..5), echo (max_tokens 0 ok)
   POST /v1/models/{model}/reload        load newer weights of the same model without a restart
   POST /v1/rankings/sample              K answers to one prompt (K samples of one model, or one per model),
@@ -17,31 +18,45 @@ Endpoints (docs/SERVING.md has examples):
   GET  /                                the chat and ranking page (assets in serve/static/)
 
 Every generation goes through the model's `Engine` (continuous batching). Safety: see `guard`.
+
+Images (`chat_images`): a message's content may be OpenAI's list of parts, {"type": "text", "text": ...} and
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}. Each image part becomes an "<image>"
+marker at its place in the message text (the chat template expands it to the model's image tokens) and its
+pixels, decoded and resized to model.vision.image_size, go with the request in order. Only data URLs: the server
+never fetches a URL. 400 naming the problem for an image sent to a text-only model, an http(s) URL, an
+undecodable or oversized image, more images than model.vision.max_images, or a text containing the literal
+"<image>" marker (on a vision model it would become image tokens with no image behind them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
+import io
 import json
 import pathlib
 import random
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from instruct_jax.data.images import IMAGE_MARKER, load_image
 from instruct_jax.inference.engine import Finish, Settings, TextEvent, TokenInfo
 from instruct_jax.serve.guard import ApiError, Guard, error_body
 from instruct_jax.serve.labels import LabelStore, RankingSession, check_ranking
 
 STATIC = pathlib.Path(__file__).with_name("static")
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # lm-eval sends a task's stop list plus the EOS string: more than OpenAI's 4
+MAX_IMAGE_PIXELS = 4096 * 4096  # an image's width x height before resizing (a small PNG can decode huge)
 
 
 @dataclasses.dataclass
@@ -52,6 +67,7 @@ class ServeOptions:
     api_key: Optional[str] = None  # required as "Authorization: Bearer KEY" on /v1 and the tokenizer routes
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]")  # Host / Origin names accepted
     max_body_bytes: int = 1 << 20
+    max_image_body_bytes: int = 16 << 20  # /v1/chat/completions of a model with a vision tower (data URL images)
     max_concurrent: int = 64  # generations in flight (queued or decoding) before 429
     max_messages: int = 256
     max_n: int = 8
@@ -68,12 +84,29 @@ class ContentPart(_Body):
     text: str
 
 
+class ImageUrl(_Body):
+    url: str
+    detail: Optional[str] = None  # OpenAI's "auto" / "low" / "high": the tower has one resolution, ignored
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class Message(_Body):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[ContentPart]]
+    content: Union[str, list[Annotated[Union[ContentPart, ImagePart], Field(discriminator="type")]]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The text, an IMAGE_MARKER where each image part is."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, ContentPart) else IMAGE_MARKER for p in self.content)
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                          if isinstance(p, ImagePart)]
 
 
 class StreamOptions(_Body):
@@ -158,6 +191,61 @@ def _token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
+def decode_data_url(url: str, where: str, size: int, channels: int):
+    """[size, size, channels] float32 of a data URL image; ApiError 400 naming `where` and the problem."""
+    if not url.startswith("data:"):
+        raise ApiError(400, f"{where}: only data URLs (data:image/png;base64,...) are accepted for image_url; "
+                            "this server does not fetch URLs", "messages")
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise ApiError(400, f"{where}: expected a base64 image data URL (data:image/...;base64,...), got "
+                            f"{header[:40]!r}", "messages")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: the data URL is not valid base64", "messages") from None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as image:  # reads the header only: the size before any decoding
+            width, height = image.size
+    except (OSError, ValueError) as e:
+        raise ApiError(400, f"{where}: cannot decode the image ({e})", "messages") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ApiError(400, f"{where}: the image is {width}x{height} pixels, over {MAX_IMAGE_PIXELS} pixels",
+                       "messages")
+    try:
+        return load_image(raw, size, channels)
+    except ValueError as e:  # MalformedDataError: a truncated or corrupt image
+        raise ApiError(400, f"{where}: cannot decode the image ({getattr(e, 'detail', e)})", "messages") from None
+
+
+def chat_images(messages: list, policy):
+    """(messages as role / text dicts, an IMAGE_MARKER per image part, images [n, H, W, C] float32 or None) of
+    a chat request; ApiError 400 naming the problem (module docstring)."""
+    layout = policy.layout
+    urls = [(f"messages[{i}].content[{j}]", p.image_url.url) for i, m in enumerate(messages)
+            if not isinstance(m.content, str) for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+    if urls and layout is None:
+        raise ApiError(400, f"model {policy.name!r} has no vision tower: image_url parts are not accepted",
+                       "messages")
+    if layout is not None:
+        for i, m in enumerate(messages):
+            texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content
+                                                                    if isinstance(p, ContentPart)]
+            if any(IMAGE_MARKER in t for t in texts):
+                raise ApiError(400, f"messages[{i}]: the text contains the image marker {IMAGE_MARKER!r}, which "
+                                    "this model reads as an image; send images as image_url parts", "messages")
+        if len(urls) > layout.max_images:
+            raise ApiError(400, f"{len(urls)} images, more than model {policy.name!r} takes "
+                                f"(model.vision.max_images={layout.max_images})", "messages")
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    if not urls:
+        return plain, None
+    images = [decode_data_url(url, where, layout.size, layout.channels) for where, url in urls]
+    return plain, np.stack(images)
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -170,13 +258,13 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests = []
 
-    def submit(self, index: int, ids, settings: Settings):
+    def submit(self, index: int, ids, settings: Settings, images=None):
         def on_event(event, i=index):  # on the engine thread
             if isinstance(event, Finish):
                 self.guard.release(1)
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
-        request = self.policy.submit(ids, settings, on_event=on_event)
+        request = self.policy.submit(ids, settings, on_event=on_event, images=images)
         self.requests.append(request)
         return request
 
@@ -223,7 +311,8 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
     if not policies:
         raise ValueError("no model to serve")
     app = FastAPI(title="instruct_jax", docs_url=None, redoc_url=None, openapi_url=None)
-    guard = Guard(options)
+    guard = Guard(options, image_paths=("/v1/chat/completions",) if any(
+        getattr(p, "layout", None) is not None for p in policies.values()) else ())
     app.add_middleware(guard.middleware())  # outermost: nothing reaches a route unchecked
     labels = LabelStore(options.labels) if options.labels else None
     sessions: dict[str, RankingSession] = {}
@@ -260,19 +349,19 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
         if body.n > options.max_n:
             raise ApiError(400, f"n must be at most {options.max_n}", "n")
 
-    def submit_all(run: _Run, jobs: list) -> None:
-        """jobs: (ids, Settings). All validated first, so a bad one queues nothing; each generation holds one
-        unit of the concurrency budget until it finishes."""
+    def submit_all(run: _Run, jobs: list, images=None) -> None:
+        """jobs: (ids, Settings), each with the same images (None: none). All validated first, so a bad one
+        queues nothing; each generation holds one unit of the concurrency budget until it finishes."""
         for ids, s in jobs:
             try:
-                run.policy.engine.check(ids, s)
+                run.policy.engine.check(ids, s, images)
             except ValueError as e:
                 raise ApiError(400, str(e)) from None
         guard.reserve(len(jobs))
         submitted = 0
         try:
             for i, (ids, s) in enumerate(jobs):
-                run.submit(i, ids, s)
+                run.submit(i, ids, s, images)
                 submitted += 1
         except OverflowError as e:
             run.cancel()
@@ -321,16 +410,16 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
         if len(body.messages) > options.max_messages:
             raise ApiError(400, f"at most {options.max_messages} messages", "messages")
         check_n(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if messages[-1]["role"] == "assistant":
+        if body.messages[-1].role == "assistant":
             raise ApiError(400, "the last message must be from the user (or system)", "messages")
+        messages, images = await asyncio.to_thread(chat_images, body.messages, policy)
         try:
             ids = policy.chat_ids(messages)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         run = _Run(policy, asyncio.get_running_loop(), guard)
-        submit_all(run, [(ids, settings(body, max_tokens, j)) for j in range(body.n)])
+        submit_all(run, [(ids, settings(body, max_tokens, j)) for j in range(body.n)], images)
         rid, tokenizer = f"chatcmpl-{uuid.uuid4().hex}", policy.tokenizer
 
         def logprobs(tokens: list[TokenInfo]):
@@ -512,6 +601,8 @@ def create_app(policies: dict, options: Optional[ServeOptions] = None) -> FastAP
     @app.post("/v1/rankings/sample")
     async def rank_sample(body: RankSampleRequest, http: HTTPRequest):
         need_labels()
+        if any(m.image_urls() for m in body.messages):
+            raise ApiError(400, "ranking takes text only: image_url parts are not accepted here", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must be from the user", "messages")

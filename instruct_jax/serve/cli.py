@@ -54,6 +54,8 @@ def add_parsers(sub) -> None:
     serve.add_argument("--max-context", type=int, default=1024, help="prompt + reply tokens per request")
     serve.add_argument("--max-concurrent", type=int, default=64, help="generations queued or running before 429")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-image-body-bytes", type=int, default=16 << 20,
+                       help="body limit of /v1/chat/completions for a model with a vision tower (data URL images)")
     dist = serve.add_argument_group("multi-host: one model over every process's devices; process 0 takes HTTP")
     dist.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address for jax.distributed")
     dist.add_argument("--num-processes", type=int, default=None, metavar="N")
@@ -118,7 +120,8 @@ def run_serve(args) -> int:
     hosts = {bracketed(h) for h in set(LOOPBACK) | set(args.allowed_host)
              | ({args.host} if args.host not in ("0.0.0.0", "::") else set())}
     options = ServeOptions(labels=args.labels, api_key=args.api_key, allowed_hosts=tuple(sorted(hosts)),
-                           max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent)
+                           max_body_bytes=args.max_body_bytes, max_image_body_bytes=args.max_image_body_bytes,
+                           max_concurrent=args.max_concurrent)
     if jax.process_index() != 0:  # run the steps process 0 decides until it stops
         next(iter(policies.values())).engine.follow()
         return 0

@@ -6,7 +6,9 @@
   keyless loopback server from a visitor's browser.
 * **API key**, when set (the `serve` command requires one off loopback): "Authorization: Bearer KEY" on every
   route but the page and its assets (401), compared in constant time.
-* **Body** at most `max_body_bytes` (413), read before the app sees it, Content-Length or not.
+* **Body** at most `max_body_bytes` (413), read before the app sees it, Content-Length or not; on the routes
+  that take images (`image_paths`: /v1/chat/completions when a served model has a vision tower) at most
+  `max_image_body_bytes`, since a data URL image is base64 (a 1 MB photo is a 1.4 MB body).
 * **Concurrency**: at most `max_concurrent` generations queued or decoding (429); a request's share is given
   back as each of its generations finishes, is cancelled, or fails.
 """
@@ -37,8 +39,9 @@ def host_name(value: str) -> str:
 
 
 class Guard:
-    def __init__(self, options):
+    def __init__(self, options, image_paths: tuple[str, ...] = ()):
         self.options = options
+        self.image_paths = frozenset(image_paths)
         self.allowed = {host_name(h) for h in options.allowed_hosts}
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -54,6 +57,12 @@ class Guard:
     def release(self, n: int = 1) -> None:
         with self._lock:
             self.in_flight = max(0, self.in_flight - n)
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a route takes: larger where images may come (data URLs)."""
+        if path in self.image_paths:
+            return max(self.options.max_body_bytes, getattr(self.options, "max_image_body_bytes", 0))
+        return self.options.max_body_bytes
 
     # ------------------------------------------------------------------ HTTP checks
     def refusal(self, scope) -> Optional[tuple[int, str]]:
@@ -71,9 +80,9 @@ class Guard:
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.options.api_key.encode()):
                 return 401, "missing or wrong API key: send 'Authorization: Bearer KEY'"
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.options.max_body_bytes):
-            return 413, f"request body over {self.options.max_body_bytes} bytes"
+        length, limit = headers.get("content-length"), self.body_limit(path)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return 413, f"request body over {limit} bytes"
         return None
 
     def middleware(self):
@@ -89,15 +98,15 @@ class Guard:
                 refused = guard.refusal(scope)
                 if refused is None and scope["method"] in ("POST", "PUT", "PATCH"):
                     body, more = [], True
-                    size = 0
+                    size, limit = 0, guard.body_limit(scope.get("path", ""))
                     while more:
                         message = await receive()
                         if message["type"] == "http.disconnect":
                             return
                         chunk = message.get("body", b"")
                         size += len(chunk)
-                        if size > guard.options.max_body_bytes:
-                            refused = 413, f"request body over {guard.options.max_body_bytes} bytes"
+                        if size > limit:
+                            refused = 413, f"request body over {limit} bytes"
                             break
                         body.append(chunk)
                         more = message.get("more_body", False)

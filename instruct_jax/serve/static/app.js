@@ -181,7 +181,7 @@
   $("models-refresh").addEventListener("click", loadModels);
 
   // --- chat -----------------------------------------------------------------------------------------
-  const chat = { messages: [], controller: null };
+  const chat = { messages: [], controller: null, image: null };  // image: the attached file as a data URL
   const transcript = $("chat-transcript");
 
   function setChatStatus(state, text) {
@@ -190,7 +190,7 @@
     el.textContent = text;
   }
 
-  function addBubble(role, text) {
+  function addBubble(role, text, image) {
     $("chat-empty").hidden = true;
     const el = document.createElement("div");
     el.className = `msg msg-${role}`;
@@ -202,6 +202,13 @@
     body.className = "text";
     body.textContent = text;
     el.append(who, body);
+    if (image) {
+      const thumb = document.createElement("img");
+      thumb.className = "thumb";
+      thumb.alt = "attached image";
+      thumb.src = image;
+      el.append(thumb);
+    }
     transcript.append(el);
     transcript.scrollTop = transcript.scrollHeight;
     return el;
@@ -274,14 +281,18 @@
     if (chat.controller) return;
     const input = $("chat-input");
     const text = input.value;
-    if (!text.trim()) { input.focus(); return; }
+    const image = chat.image;
+    if (!text.trim() && !image) { input.focus(); return; }
     if (!$("chat-form").reportValidity()) return;
     clearError($("chat-error"));
 
-    const userMessage = { role: "user", content: text };
+    // With an image: OpenAI content parts, the text then the image (a data URL; the server fetches nothing).
+    const content = image ? [{ type: "text", text }, { type: "image_url", image_url: { url: image } }] : text;
+    const userMessage = { role: "user", content };
     chat.messages.push(userMessage);
-    const userEl = addBubble("user", text);
+    const userEl = addBubble("user", text, image);
     input.value = "";
+    setImage(null);
     const system = $("chat-system").value.trim();
     const messages = (system ? [{ role: "system", content: system }] : []).concat(chat.messages);
 
@@ -300,6 +311,7 @@
       userEl.remove();
       replyEl.remove();
       if (!input.value) input.value = text;
+      if (image && !chat.image) setImage(image);
       if (!chat.messages.length) $("chat-empty").hidden = false;
     };
 
@@ -357,6 +369,26 @@
     }
   }
 
+  // The attached image: read as a data URL when chosen, shown as a thumbnail, sent with the next message.
+  function setImage(url) {
+    chat.image = url;
+    const preview = $("chat-image-preview");
+    preview.hidden = !url;
+    $("chat-image-clear").hidden = !url;
+    if (url) preview.src = url; else preview.removeAttribute("src");
+    if (!url) $("chat-image").value = "";
+  }
+
+  $("chat-image").addEventListener("change", () => {
+    const file = $("chat-image").files[0];
+    if (!file) { setImage(null); return; }
+    const reader = new FileReader();
+    reader.onload = () => setImage(reader.result);
+    reader.onerror = () => { setImage(null); showError($("chat-error"), `cannot read ${file.name}`); };
+    reader.readAsDataURL(file);
+  });
+  $("chat-image-clear").addEventListener("click", () => setImage(null));
+
   $("chat-form").addEventListener("submit", (e) => {
     e.preventDefault();
     sendChat();
@@ -374,6 +406,7 @@
     if (chat.controller) chat.controller.abort();
     chat.controller = null;
     chat.messages = [];
+    setImage(null);
     transcript.querySelectorAll(".msg").forEach((el) => el.remove());
     $("chat-empty").hidden = false;
     clearError($("chat-error"));
