@@ -31,6 +31,10 @@ E = os.path.join(REPO, "experiments")
 PLANS = {
     "8b-sft-v5p128": (f"{E}/llama3_8b_sft_v5p128.py", "v5p:4x4x4", 1, ("sft", "rm"), ()),
     "8b-ppo-v5p128": (f"{E}/llama3_8b_ppo_v5p128.py", "v5p:4x4x4", 1, ("ppo",), ()),
+    # the 8B decoder with a SigLIP So400m tower (docs/MULTIMODAL.md), and the same experiment with the tower off
+    "8b-siglip-sft-v5p128": (f"{E}/llama3_8b_multimodal_v5p128.py", "v5p:4x4x4", 1, ("sft",), ()),
+    "8b-siglip-sft-v5p128-novision": (f"{E}/llama3_8b_multimodal_v5p128.py", "v5p:4x4x4", 1, ("sft",),
+                                      ("model.vision.image_size=0",)),
     # LoRA (rank 16 on every projection): optimizer state for the adapters alone, the base doubling as reference
     "8b-ppo-v5p128-lora": (f"{E}/llama3_8b_ppo_v5p128.py", "v5p:4x4x4", 1, ("ppo",),
                            ("model.lora_rank=16", "model.lora_targets=q,k,v,o,gate,up,down")),

@@ -29,6 +29,12 @@ every loop ONCE (measured: a 2-layer and an 8-layer scan report the same FLOPs),
 layers, microbatches and decode loops its number is a per-iteration figure, printed as a check,
 not used.
 
+With model.vision on (issue 29), the SFT batch carries the image slots the train step declares (images
+[B, M, H, W, C] float32, image_mask [B, M], rows over batch), read back from the compiled program's entry
+parameters; the report adds the tower's params (from the config and the sharded state), its bytes per device
+and unsplit leaves, and its matmul FLOPs per image and per step, which the step's FLOPs include. The reward
+model, DPO and PPO builders take no images yet: a vision experiment plans SFT only (IMAGE_PHASES).
+
 Communication per device per step, read from the compiled program (parallel/collectives.py): every
 collective with the loops around it (decode loop, loss-chunk loop, layer scan, minibatches) and their
 trip counts, bytes within a slice (ICI) and across slices (DCN), and which ones re-send loop-invariant
@@ -45,6 +51,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -119,15 +126,25 @@ def abstract(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def lm_batch(cfg, mesh, rules) -> dict:
-    """An abstract SFT / pretraining batch: LM_KEYS arrays [global_batch_size, seq_len], rows over batch."""
+def lm_batch(cfg, mesh, rules, images: bool = True) -> dict:
+    """An abstract SFT / pretraining batch with the shardings the train step's jit declares for it
+    (train/step.py lm_batch_shardings): LM_KEYS arrays [global_batch_size, seq_len], rows over batch; with
+    model.vision on (and `images`), the image slots too, rows over batch only: "images" [B, M, H, W, C] float32
+    (ModelInput.images) and "image_mask" [B, M] int32 (1 = a used slot), M = vision.max_images."""
     import jax.numpy as jnp
 
-    from instruct_jax.data.packing import LM_KEYS
-    from instruct_jax.parallel.sharding import batch_sharding
+    from instruct_jax.train.step import lm_batch_shardings
 
-    shape, sh = (cfg.train.global_batch_size, cfg.train.seq_len), batch_sharding(mesh, rules)
-    return {k: abstract(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sh) for k in LM_KEYS}
+    b, t, v = cfg.train.global_batch_size, cfg.train.seq_len, cfg.model.vision
+    shapes = {"images": ((b, v.max_images, v.image_size, v.image_size, v.channels), jnp.float32),
+              "image_mask": ((b, v.max_images), jnp.int32), "loss_mask": ((b, t), jnp.float32)}
+    batch = {}
+    for key, sh in lm_batch_shardings(mesh, rules, cfg.model).items():
+        if key in ("images", "image_mask") and not images:
+            continue
+        shape, dtype = shapes.get(key, ((b, t), jnp.int32))
+        batch[key] = abstract(shape, dtype, sh)
+    return batch
 
 
 def ranking_slots(cfg) -> int:
@@ -233,16 +250,129 @@ def train_flops(model_cfg, seq_len: int, tokens: int, num_devices: int, output_s
     return model, model + remat_flops_per_token(model_cfg, seq_len) * tokens / num_devices
 
 
+# ----------------------------------------------------------------------------- the vision tower (issue 29)
+def vision_param_count(model_cfg) -> int:
+    """Parameters of the vision tower and its projector (model/vision.py), counted from the config alone.
+
+    Patch embedding (p^2 C x E + bias) and learned positions (P x E); per block: q, k, v, o (4 E^2, with 4 E of
+    biases), fc1 / fc2 (2 E F, biases F + E), two LayerNorms (scale + bias, 4 E); the final LayerNorm (2 E; not
+    with a LLaVA feature_layer < 0); the projector E x D + D, and for `mlp` D x D + D more."""
+    v, d = model_cfg.vision, model_cfg.d_model
+    if not v.enabled:
+        return 0
+    e, f = v.d_model, v.mlp_dim
+    block = 4 * e * e + 4 * e + 2 * e * f + f + e + 4 * e
+    embed = v.patch_size ** 2 * v.channels * e + e + v.num_patches * e
+    post_norm = 2 * e if v.feature_layer >= 0 else 0
+    projector = e * d + d + (d * d + d if v.projector == "mlp" else 0)
+    return embed + v.depth * block + post_norm + projector
+
+
+def vision_flops_per_image(model_cfg) -> dict[str, float]:
+    """Matmul FLOPs of one image through the tower and projector: {"forward", "train"} (forward + backward).
+
+    Like metrics.model_flops_per_token (PaLM appendix B): 2 FLOPs per multiply-add, biases, norms, GELU and
+    softmax left out. Forward, per image of P patches through `depth` blocks of width E, MLP F:
+        patch embedding 2 P (p^2 C) E;  per block 2 P (4 E^2 + 2 E F) + attention 2 x 2 P^2 E (scores, sum over v)
+        projector over its T = tokens_per_image tokens: 2 T E D (+ 2 T D^2 for `mlp`)
+    Backward costs twice the forward where the input needs a gradient too, once where only the weight does: the
+    patch embedding (pixels take no gradient) and, with vision.freeze, the first projector matmul (its input is
+    a stop_gradient); a frozen tower itself runs forward only. The tower is not rematerialized (model/vision.py),
+    so the hardware count equals this one."""
+    v, d = model_cfg.vision, model_cfg.d_model
+    if not v.enabled:
+        return {"forward": 0.0, "train": 0.0}
+    p, e, f, t = v.num_patches, v.d_model, v.mlp_dim, v.tokens_per_image
+    patch = 2.0 * p * v.patch_size ** 2 * v.channels * e
+    blocks = v.depth * (2.0 * p * (4 * e * e + 2 * e * f) + 4.0 * p * p * e)
+    proj_1 = 2.0 * t * e * d
+    proj_2 = 2.0 * t * d * d if v.projector == "mlp" else 0.0
+    forward = patch + blocks + proj_1 + proj_2
+    if v.freeze:
+        train = patch + blocks + 2 * proj_1 + 3 * proj_2
+    else:
+        train = 2 * patch + 3 * (blocks + proj_1 + proj_2)
+    return {"forward": forward, "train": train}
+
+
+def vision_report(cfg, state, mesh_devices: int, step_flops_model: float) -> dict:
+    """The tower's cost in the SFT step: params (counted from the config, and found in the sharded state),
+    bytes per device, leaves that no mesh axis splits, FLOPs per image / step and its share of the step's model
+    FLOPs (step_flops_model: the whole step's, per device, tower included)."""
+    import jax
+
+    v = cfg.model.vision
+    tower = state.params["vision"]
+    leaves = jax.tree_util.tree_flatten_with_path(tower)[0]
+    replicated = [(jax.tree_util.keystr(path), list(x.shape), math.prod(x.shape) * x.dtype.itemsize)
+                  for path, x in leaves if x.sharding.shard_shape(x.shape) == x.shape]
+    opt = [x for path, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+           if any(getattr(k, "key", None) == "vision" for k in path)]
+    flops = vision_flops_per_image(cfg.model)
+    images = cfg.train.global_batch_size * v.max_images  # every slot runs through the tower (static shapes)
+    per_device = flops["train"] * images / mesh_devices
+    return {"params": vision_param_count(cfg.model), "params_in_state": sum(math.prod(x.shape) for _, x in leaves),
+            "params_bytes": sum(math.prod(x.shape) * x.dtype.itemsize for _, x in leaves),
+            "params_bytes_per_device": per_device_bytes(tower), "optimizer_bytes_per_device": per_device_bytes(opt),
+            "replicated": replicated, "replicated_bytes": sum(r[2] for r in replicated),
+            "images_per_step": images, "tokens_per_image": v.tokens_per_image, "frozen": v.freeze,
+            "flops_forward_per_image": flops["forward"], "flops_train_per_image": flops["train"],
+            "flops_per_step": flops["train"] * images, "flops_per_step_per_device": per_device,
+            "share_of_step_flops": per_device / step_flops_model if step_flops_model else float("nan")}
+
+
+# An entry parameter of the compiled (partitioned) program: per-device shape, index, sharding, the batch key it is
+#   %param.50 = f32[2,1,224,224,3]{3,2,4,1,0:T(8,128)} parameter(127), sharding={devices=[64,1,1,1,1]<=[64]},
+#       metadata={op_name="batch[\'images\']"}
+_BATCH_PARAM = re.compile(r"= (\w+)\[([\d,]*)\]\S* parameter\((\d+)\)(?:, sharding=\{([^}]*)\})?.*?"
+                          r"op_name=\"batch\[\\'(\w+)\\'\]\"")
+
+
+def compiled_inputs(compiled, batch: dict) -> dict:
+    """The batch entries as the compiled program takes them, read from its entry parameters (the HLO, not what
+    we asked for): per-device shape, the pieces its sharding cuts each axis into, bytes per device; beside the
+    spec the jit declared. An entry the program never reads is pruned from its parameters: "used" false.
+    (The HLO rather than compiled.input_shardings: with hoisted constants that property miscounts its leaves in
+    jax 0.10.2, "Too many leaves for PyTreeDef", on the 8B step.)"""
+    import jax.numpy as jnp
+
+    found = {m.group(5): m for m in _BATCH_PARAM.finditer(compiled.as_text())}
+    out = {}
+    for name, x in batch.items():
+        spec = x.sharding.spec
+        entry = {"shape": list(x.shape), "dtype": str(x.dtype), "used": name in found, "spec": str(spec),
+                 "spec_axes": [list(a) if isinstance(a, tuple) else a for a in spec]}
+        if name in found:
+            dtype, dims, index, sharding = found[name].group(1, 2, 3, 4)
+            local = [int(d) for d in dims.split(",") if d]
+            tiles = re.match(r"devices=\[([\d,]+)\]", sharding or "")
+            entry.update(parameter=int(index), per_device_shape=local, hlo_sharding=sharding or "replicated",
+                         pieces=[int(t) for t in tiles.group(1).split(",")][:len(local)] if tiles else [1] * len(local),
+                         bytes_per_device=math.prod(local) * jnp.dtype(x.dtype).itemsize, hlo_dtype=dtype)
+        else:
+            entry.update(bytes_per_device=0)
+        out[name] = entry
+    return out
+
+
 def plan_sft(cfg, devices) -> dict:
+    """The LM train step; with model.vision on, its batch carries images and the tower's cost is reported."""
     from instruct_jax.train.lm.build import build_lm
 
     setup = build_lm(cfg, devices)
     state = setup.abstract_state
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
-    flops = train_flops(cfg.model, cfg.train.seq_len, tokens, len(devices))
-    piece, _ = compile_piece("train_step", setup.train_step, (state, lm_batch(cfg, setup.mesh, setup.rules)), flops)
+    model, hardware = train_flops(cfg.model, cfg.train.seq_len, tokens, len(devices))
+    v = cfg.model.vision
+    tower = vision_flops_per_image(cfg.model)["train"] * cfg.train.global_batch_size * v.max_images / len(devices)
+    batch = lm_batch(cfg, setup.mesh, setup.rules)
+    piece, compiled = compile_piece("train_step", setup.train_step, (state, batch), (model + tower, hardware + tower))
+    extra = {}
+    if v.enabled:
+        extra["vision"] = vision_report(cfg, state, len(devices), piece.flops_model)
+        extra["inputs"] = compiled_inputs(compiled, batch)
     return phase_result("sft", [piece], params=per_device_bytes(state.params), optimizer=per_device_bytes(
-        state.opt_state), tokens=tokens)
+        state.opt_state), tokens=tokens, **extra)
 
 
 def plan_rm(cfg, devices) -> dict:
@@ -363,7 +493,7 @@ def plan_ppo(cfg, devices, tokens: Optional[dict] = None) -> dict:
     if cfg.ppo.ptx_coef > 0:  # one ptx slice per minibatch step: [E * M * P, T]
         rows = cfg.ppo.ptx_batch_size * cfg.ppo.epochs * cfg.ppo.minibatches
         batch = lm_batch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=rows)),
-                         mesh, rules)
+                         mesh, rules, images=False)
         args.append({k: batch[k] for k in PTX_KEYS})
     update, _ = compile_piece("update", setup.steps.update, args, flops["update"],
                               sizes["reference"] + sizes["reward"])
@@ -379,6 +509,9 @@ def phase_result(phase: str, pieces: list[Piece], *, params: int, optimizer: int
 
 
 PLANNERS = {"sft": plan_sft, "rm": plan_rm, "ppo": plan_ppo, "dpo": plan_dpo}  # PHASES by default; dpo on request
+# Phases whose builders feed images to the model (ModelInput.images). The reward-model, DPO and PPO steps take
+# none yet, so a vision experiment plans its SFT step alone and says so for the others.
+IMAGE_PHASES = ("sft",)
 
 
 def plan(cfg, topology: str, slices: int = 1, phases: Sequence[str] = PHASES) -> dict:
@@ -397,6 +530,11 @@ def plan(cfg, topology: str, slices: int = 1, phases: Sequence[str] = PHASES) ->
               "mesh": mesh_sizes(cfg, len(devices), slices),
               "model": dataclasses.asdict(cfg.model), "phases": []}
     for phase in phases:
+        if cfg.model.vision.enabled and phase not in IMAGE_PHASES:
+            result["phases"].append({"phase": phase, "pieces": [], "skipped": (
+                f"model.vision is on and the {phase} builder takes no images yet (issue 29); only "
+                f"{', '.join(IMAGE_PHASES)} is planned with images")})
+            continue
         try:
             result["phases"].append(PLANNERS[phase](cfg, devices))
         except Exception as e:  # a config the compiler rejects is a plan result too
@@ -451,6 +589,9 @@ def report(result: dict) -> str:
         if "error" in ph:
             lines.append(f"[{ph['phase']}] did not compile: {ph['error']}")
             continue
+        if "skipped" in ph:
+            lines.append(f"[{ph['phase']}] not planned: {ph['skipped']}")
+            continue
         lines.append(f"[{ph['phase']}] params {ph['params_bytes'] / GIB:.2f} GiB, optimizer state "
                      f"{ph['optimizer_bytes'] / GIB:.2f} GiB per {unit.split(' ')[0]}")
         lines.append(f"  {'step':<11}{'args GiB':>10}{'out GiB':>9}{'alias GiB':>10}{'temp GiB':>9}"
@@ -466,6 +607,8 @@ def report(result: dict) -> str:
                          f"{p.get('dcn_bytes', 0) / 1e9:>9.2f}{f['flops_s']:>9.3f}{f['ici_s']:>8.3f}{f['dcn_s']:>8.3f}"
                          f"{f['mfu_bound']:>6.0%}{p['compile_s']:>10.1f}")
         lines.extend(verdicts(ph, hbm))
+        if "vision" in ph:
+            lines.extend(vision_lines(ph, unit.split(" ")[0]))
         for p in ph["pieces"]:
             lines.extend(loop_lines(p))
     lines.append("")
@@ -477,6 +620,32 @@ def report(result: dict) -> str:
                  "the chip's peak or link bandwidth; MFU<=: model FLOPs at peak over the largest of the three, an "
                  "upper bound that assumes perfect overlap and ignores HBM bandwidth.")
     return "\n".join(lines)
+
+
+def vision_lines(ph: dict, unit: str) -> list[str]:
+    """The vision tower's share of the step: params and bytes, FLOPs per image and per step, the images input."""
+    v = ph["vision"]
+    out = [f"  vision tower: {v['params'] / 1e6:.1f}M params (tower + projector; {v['params_in_state'] / 1e6:.1f}M in "
+           f"the sharded state), {v['params_bytes_per_device'] / 2 ** 20:.1f} MiB params + "
+           f"{v['optimizer_bytes_per_device'] / 2 ** 20:.1f} MiB optimizer state per {unit}"
+           + (" (frozen)" if v["frozen"] else ""),
+           f"    {v['tokens_per_image']} tokens per image; {v['flops_forward_per_image'] / 1e9:.4g} GFLOP forward, "
+           f"{v['flops_train_per_image'] / 1e9:.4g} GFLOP forward + backward per image; {v['images_per_step']} "
+           f"images per step: {v['flops_per_step'] / 1e12:.4g} TFLOP per step, "
+           f"{v['flops_per_step_per_device'] / 1e12:.4g} per {unit}, {v['share_of_step_flops']:.2%} of the step's "
+           f"model FLOPs"]
+    if v["replicated"]:
+        out.append(f"    replicated on every {unit} (no mesh axis splits them): {len(v['replicated'])} leaves, "
+                   f"{v['replicated_bytes'] / 2 ** 20:.2f} MiB; largest "
+                   + ", ".join(f"{name} {shape}" for name, shape, _ in sorted(v["replicated"], key=lambda r: -r[2])[:3]))
+    images = ph.get("inputs", {}).get("images")
+    if images and images["used"]:
+        out.append(f"    images input {images['shape']} {images['dtype']} ({images['spec']}): parameter "
+                   f"{images['parameter']} of the compiled program, {images['per_device_shape']} per {unit} "
+                   f"({images['bytes_per_device'] / 2 ** 20:.2f} MiB), sharding {{{images['hlo_sharding']}}}")
+    elif images:
+        out.append("    images input: NOT among the compiled program's parameters (the step never reads it)")
+    return out
 
 
 def loop_lines(p: dict, top: int = 8) -> list[str]:

@@ -7,6 +7,12 @@
     palm-62b     PaLM 62B (Chowdhery et al. 2022, table 1)     62.50B   (64 layers, d 8192, 32 heads)
     palm-540b    PaLM 540B (same table)                        540.35B  (118 layers, d 18432, 48 heads)
 
+Vision towers (`model.vision`, model/vision.py), set on a decoder preset with `vision_preset`:
+
+    siglip-so400m-224   SigLIP So400m/14 (Alabdulmohsin et al. 2023) at 224 px, without its attention-pooling
+                        head (as PaliGemma uses it): 27 layers, width 1152, 16 heads, MLP 4304, 14 px patches,
+                        256 image tokens per image; 412.4M tower params + the projector into the decoder
+
 PaLM presets use PaLM's block: attention and the SwiGLU MLP in parallel off one shared pre-norm,
 multi-query attention (one key/value head of width 256), a 4 x d_model MLP, a 256k vocabulary
 shared between input and output embeddings, RoPE, and no biases. (PaLM normalises with a
@@ -25,7 +31,7 @@ import math
 import jax
 
 from instruct_jax.errors import ConfigError
-from instruct_jax.model.config import ModelConfig
+from instruct_jax.model.config import ModelConfig, VisionConfig
 
 _LLAMA3_ROPE = dict(rope_theta=500000.0, rope_type="llama3", rope_factor=8.0, rope_original_max_len=8192)
 
@@ -55,6 +61,16 @@ PUBLISHED_PARAMS: dict[str, float] = {
 }
 
 
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "siglip-so400m-224": VisionConfig(image_size=224, patch_size=14, d_model=1152, num_layers=27, num_heads=16,
+                                      mlp_dim=4304, norm_eps=1e-6, projector="mlp"),
+}
+
+# Llama 3's <|reserved_special_token_6|> (<|reserved_special_token_3|> in the Llama 3.1 / 3.2 tokenizers): a
+# reserved id of the 128,256-row vocabulary that no text encodes to, so it can stand for an image token.
+LLAMA3_IMAGE_TOKEN = 128011
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """A fresh copy of preset `name` with fields overridden, e.g. preset("8b", dtype="bfloat16", remat="full")."""
     if name not in PRESETS:
@@ -65,8 +81,20 @@ def preset(name: str, **overrides) -> ModelConfig:
         raise ConfigError("model", f"preset override: {e}") from None
 
 
+def vision_preset(name: str, **overrides) -> VisionConfig:
+    """A fresh copy of vision tower `name`, e.g. vision_preset("siglip-so400m-224", image_token_id=128011); set
+    it as a decoder preset's `vision` (model/config.py): preset("8b", vision=vision_preset(...))."""
+    if name not in VISION_PRESETS:
+        raise ConfigError("model.vision", f"unknown vision preset {name!r}; presets are {sorted(VISION_PRESETS)}")
+    try:
+        return dataclasses.replace(VISION_PRESETS[name], **overrides)
+    except TypeError as e:
+        raise ConfigError("model.vision", f"vision preset override: {e}") from None
+
+
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters of the language model `cfg` describes, from abstract shapes (nothing is allocated)."""
+    """Parameters of the model `cfg` describes (its vision tower too, if any), from abstract shapes (nothing is
+    allocated)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(_abstract_params(cfg)))
 
 
