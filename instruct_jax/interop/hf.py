@@ -23,42 +23,18 @@ from typing import Optional
 
 import jax
 
-from instruct_jax.interop.hf_config import REWARD_OFFSET_KEY, hf_config_from_model, is_llava, model_config_from_hf
-from instruct_jax.interop.layout import (PaddedVocab, TensorSource, check_source, dim_sizes, hf_entries, hf_shape,
-                                         hf_tensor, load_tree, tensor_maps, to_host)
+from instruct_jax.interop.hf_config import (REWARD_OFFSET_KEY, hf_config_from_model, is_llava, model_config_from_hf,
+                                           read_hf_config)
+from instruct_jax.interop.layout import (PaddedVocab, TensorSource, check_source, check_unused, dim_sizes,
+                                         expected_names, hf_entries, hf_shape, hf_tensor, load_tree, target_params,
+                                         tensor_maps, to_host)
 from instruct_jax.interop.safetensors_io import DTYPES, SafetensorsCheckpoint, write_checkpoint
 from instruct_jax.model.config import ModelConfig
 
 # Tensors some checkpoints carry that hold no parameters of ours (old Llama conversions saved the RoPE table).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "generation_config.json")
 RESERVED_PAD_TEXT = "<|instruct_jax_pad|>"
-
-
-def read_hf_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
-
-
-def target_params(cfg: ModelConfig, mesh, rules=None, reward: bool = False):
-    """(abstract params carrying shardings, their NamedShardings) on `mesh`, exactly as training
-    creates them (train/state.py); `mesh` may be abstract."""
-    import functools
-
-    from instruct_jax.parallel.mesh import MeshConfig
-    from instruct_jax.parallel.sharding import param_shardings_for
-
-    rules = rules if rules is not None else MeshConfig().logical_rules()
-    if reward:
-        from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
-
-        init = functools.partial(init_reward_params_boxed, RewardModel(cfg))
-    else:
-        from instruct_jax.model.transformer import Transformer, init_params_boxed
-
-        init = functools.partial(init_params_boxed, Transformer(cfg))
-    return param_shardings_for(init, mesh, rules)
 
 
 def load_from_source(source: TensorSource, cfg: ModelConfig, source_vocab: int, mesh=None, rules=None,
@@ -76,19 +52,6 @@ def load_from_source(source: TensorSource, cfg: ModelConfig, source_vocab: int, 
     return load_tree(source, maps, sizes, shardings)
 
 
-def expected_names(maps: list, sizes: dict[str, int], tied: bool = False) -> set[str]:
-    """Every HF tensor name the maps read (tied: plus the lm_head copy some tied checkpoints still store)."""
-    names = {m.hf_name.format(i=i) for m in maps for i in range(sizes["L"])}
-    return (names | {"lm_head.weight"}) if tied else names
-
-
-def check_unused(names, expected: set[str]) -> None:
-    """A checkpoint tensor outside `expected` means a feature we would silently drop: an error."""
-    unused = [n for n in names if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
-    if unused:
-        raise ValueError(f"checkpoint tensors this model has no place for (unsupported architecture?): {unused[:8]}")
-
-
 def import_hf(path: str, mesh=None, rules=None, vocab_size: Optional[int] = None,
               **overrides) -> tuple[dict, ModelConfig]:
     """(params, ModelConfig) from a Hugging Face folder (config.json + safetensors).
@@ -99,7 +62,7 @@ def import_hf(path: str, mesh=None, rules=None, vocab_size: Optional[int] = None
     """
     hf = read_hf_config(path)
     if is_llava(hf):
-        from instruct_jax.interop.llava import import_llava  # llava.py builds on this module
+        from instruct_jax.interop.llava import import_llava  # llava.py never imports this module
 
         return import_llava(path, mesh, rules, vocab_size, **overrides)
     cfg = model_config_from_hf(hf, vocab_size, **overrides)

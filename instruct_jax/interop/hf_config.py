@@ -28,7 +28,9 @@ logits are identical for sequences no longer than the window.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from typing import Any, Optional
 
@@ -223,3 +225,8 @@ def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, *, voca
     if reward:
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return hf
+
+
+def read_hf_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)

@@ -255,3 +255,40 @@ def hf_entries(maps: list[TensorMap], sizes: dict[str, int]) -> list[tuple[str, 
 
 def _natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+# ----------------------------------------------------------------------------- targets and checks
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def target_params(cfg: ModelConfig, mesh, rules=None, reward: bool = False):
+    """(abstract params carrying shardings, their NamedShardings) on `mesh`, exactly as training
+    creates them (train/state.py); `mesh` may be abstract."""
+    import functools
+
+    from instruct_jax.parallel.mesh import MeshConfig
+    from instruct_jax.parallel.sharding import param_shardings_for
+
+    rules = rules if rules is not None else MeshConfig().logical_rules()
+    if reward:
+        from instruct_jax.model.heads import RewardModel, init_reward_params_boxed
+
+        init = functools.partial(init_reward_params_boxed, RewardModel(cfg))
+    else:
+        from instruct_jax.model.transformer import Transformer, init_params_boxed
+
+        init = functools.partial(init_params_boxed, Transformer(cfg))
+    return param_shardings_for(init, mesh, rules)
+
+
+def expected_names(maps: list, sizes: dict[str, int], tied: bool = False) -> set[str]:
+    """Every HF tensor name the maps read (tied: plus the lm_head copy some tied checkpoints still store)."""
+    names = {m.hf_name.format(i=i) for m in maps for i in range(sizes["L"])}
+    return (names | {"lm_head.weight"}) if tied else names
+
+
+def check_unused(names, expected: set[str]) -> None:
+    """A checkpoint tensor outside `expected` means a feature we would silently drop: an error."""
+    unused = [n for n in names if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    if unused:
+        raise ValueError(f"checkpoint tensors this model has no place for (unsupported architecture?): {unused[:8]}")

@@ -1,6 +1,6 @@
 """LLaVA checkpoints in: a SigLIP vision tower, LLaVA's two-layer projector and a Llama-family decoder.
 
-    params, cfg = import_hf("path/to/llava-siglip")  # config.json model_type "llava": import_hf comes here
+    params, cfg = import_hf("path/to/llava-siglip")  # config.json model_type "llava": hf.import_hf comes here
 
 The checkpoint is what transformers' `LlavaForConditionalGeneration.save_pretrained` writes (config.json +
 safetensors) with a `SiglipVisionConfig` tower. Its config.json maps onto ModelConfig as follows:
@@ -39,9 +39,9 @@ from typing import Optional
 
 import numpy as np
 
-from instruct_jax.interop.hf import check_unused, expected_names, read_hf_config, target_params
-from instruct_jax.interop.hf_config import UnsupportedConfig, model_config_from_hf, text_config_of
-from instruct_jax.interop.layout import PaddedVocab, TensorMap, check_source, dim_sizes, load_tree, tensor_maps
+from instruct_jax.interop.hf_config import UnsupportedConfig, model_config_from_hf, read_hf_config, text_config_of
+from instruct_jax.interop.layout import (PaddedVocab, TensorMap, check_source, check_unused, dim_sizes, expected_names,
+                                         load_tree, target_params, tensor_maps)
 from instruct_jax.interop.safetensors_io import SafetensorsCheckpoint
 from instruct_jax.model.config import ModelConfig, VisionConfig
 from instruct_jax.model.vision import validate_vision
