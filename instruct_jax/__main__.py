@@ -178,8 +178,11 @@ def _run(args, cfg, workdir: str):
 
         run_ppo(cfg, workdir)
     elif args.command == "pipeline":
-        from instruct_jax.instructgpt.pipeline import run_pipeline, run_seeds
-
+        if cfg.pipeline.task == "images":  # the image task's stages (docs/MULTIMODAL.md)
+            from instruct_jax.instructgpt.image_pipeline import run_image_pipeline as run_pipeline
+            from instruct_jax.instructgpt.image_pipeline import run_image_seeds as run_seeds
+        else:
+            from instruct_jax.instructgpt.pipeline import run_pipeline, run_seeds
         if args.seeds:
             run_seeds(cfg, workdir, [int(x) for x in args.seeds.split(",") if x.strip()], args.stage)
         else:

@@ -253,7 +253,10 @@ class PipelineConfig:
     derives from the top-level `seed`; the stages' model, mesh and optimizer come from the experiment.
     """
 
-    # ---- built-in task (instructgpt/task.py)
+    # ---- built-in task (instructgpt/task.py; "images": instructgpt/image_task.py and image_pipeline.py, whose
+    # pretrain stage is captioning from scratch and whose kinds are the image task's)
+    task: str = "text"  # text | images
+    caption_demos: int = 2000  # images: "<image> Describe the picture." conversations of the captioning stage
     pretrain_paragraphs: int = 2000  # plain-text paragraphs of the pretraining corpus
     sft_demos: int = 400  # demonstrations written by the simulated demonstrators
     demo_chatty: float = 0.6  # fraction of demonstrations wrapped in chat ("Sure! 59. I hope this helps…")

@@ -10,7 +10,9 @@ Decoding is `instruct_jax.inference.sampling` (the codebase's one decoding loop)
 sampler; prompts are rendered with the chat template and left-padded to `prompt_len` tokens,
 batched `batch_size` rows at a time (padded with copies of the last prompt, dropped after). A
 response is the tokens up to and including the first stop token (end-of-turn / EOS); its text
-leaves the stop token out. `logprob` re-scores a generation under any params at a temperature:
+leaves the stop token out. A model with a vision tower takes `images` [P, M, H, W, C] (each prompt's image
+slots, `data.images.ImageLayout.slots`) beside the prompts: encoded in the prefill, kept with the generation
+so that `logprob` re-scores with the same images (none given: blank slots). `logprob` re-scores a generation under any params at a temperature:
 sum over response tokens of log softmax(logits / temperature)[token] — at temperature 1 the
 difference of two models' sums on the first model's samples is the k1 estimate of their KL.
 """
@@ -30,6 +32,7 @@ from instruct_jax.checkpoint import load_params, resolve_params_dir
 from instruct_jax.config import Config
 from instruct_jax.data.chat import ChatTemplate
 from instruct_jax.data.examples import encode_prompt
+from instruct_jax.data.images import ImageLayout, count_markers
 from instruct_jax.data.stats import DataStats
 from instruct_jax.data.tokenizer import Tokenizer, check_tokenizer_fits
 from instruct_jax.inference.logprobs import policy_outputs
@@ -51,6 +54,7 @@ class Generation:
     done: np.ndarray  # [P] bool: ended with a stop token (else cut at N)
     logprob: np.ndarray  # [P] float32: sum of the sampler's log-probs (0 when greedy)
     texts: list[str]  # decoded responses, stop token left out
+    images: np.ndarray | None = None  # [P, M, H, W, C] float32 image slots of the prompts (model.vision)
 
 
 class PolicyRunner:
@@ -72,6 +76,9 @@ class PolicyRunner:
         self._samplers: dict = {}
         self._logprob_fns: dict = {}
         self.stats = DataStats(name="eval prompts")  # prompt truncations are counted here
+        self.layout = ImageLayout.of(cfg.model.vision)
+        if self.layout is not None and template.image_tokens is None:
+            template.with_images(self.layout.token_id, self.layout.tokens_per_image)
 
     # ------------------------------------------------------------------ params
     def load(self, path: str):
@@ -84,7 +91,13 @@ class PolicyRunner:
         tokens = np.full((len(prompts), self.prompt_len), self.tokenizer.pad_id, np.int32)
         lengths = np.zeros(len(prompts), np.int32)
         for i, messages in enumerate(prompts):
-            ids = encode_prompt(messages, self.template, self.prompt_len, "truncate", self.stats, f"prompt {i}").ids
+            shown = [None] * count_markers(messages) if self.layout else None  # what intactness counts
+            example = encode_prompt(messages, self.template, self.prompt_len, "truncate", self.stats, f"prompt {i}",
+                                    shown)
+            if example is None:  # dropped: keeping its end would cut an image's tokens
+                raise ValueError(f"prompt {i}: {len(self.template.render_prompt(list(messages)))} tokens with "
+                                 f"images do not fit prompt_len={self.prompt_len}")
+            ids = example.ids
             tokens[i, self.prompt_len - len(ids):] = ids
             lengths[i] = len(ids)
         return tokens, lengths
@@ -111,15 +124,39 @@ class PolicyRunner:
             self._samplers[key] = make_sampler(self.model, scfg, self.mesh, self.rules, self.param_shardings)
         return self._samplers[key]
 
+    def _prompt_input(self, tokens: np.ndarray, lengths: np.ndarray, images: np.ndarray | None, a: int,
+                      b: int) -> ModelInput:
+        """Rows a..b of left-padded prompts (padded to batch_size) with their image slots and, with
+        vision.prefix_lm, the whole prompt as the prefix."""
+        inputs = ModelInput.left_padded(jnp.asarray(self._pad(tokens[a:b])), jnp.asarray(self._pad(lengths[a:b])))
+        if self.layout is not None:
+            inputs = inputs.replace(images=jnp.asarray(self._pad(images[a:b])))
+            if self.layout.prefix_lm:
+                inputs = inputs.replace(prefix=inputs.segment_ids)
+        return inputs
+
+    def image_slots(self, images: np.ndarray | None, n: int) -> np.ndarray | None:
+        """[n, M, H, W, C] image slots for n prompts: `images` as given, blank without; None for a text model."""
+        if self.layout is None:
+            if images is not None:
+                raise ValueError("images given to a runner whose model has no vision tower (model.vision)")
+            return None
+        if images is None:
+            return np.zeros((n,) + self.layout.slot_shape, np.float32)
+        if images.shape != (n,) + self.layout.slot_shape:
+            raise ValueError(f"images must be [P, M, H, W, C] = {(n,) + self.layout.slot_shape}, got {images.shape}")
+        return np.asarray(images, np.float32)
+
     def generate(self, params, prompts: Sequence[Sequence[dict]], *, temperature: float, max_new_tokens: int,
-                 seed: int = 0) -> Generation:
-        """One response per prompt. Batch j samples with fold_in(PRNGKey(seed), j): reproducible for a seed."""
+                 seed: int = 0, images: np.ndarray | None = None) -> Generation:
+        """One response per prompt. Batch j samples with fold_in(PRNGKey(seed), j): reproducible for a seed.
+        images: [P, M, H, W, C] image slots of the prompts (a model with a vision tower)."""
         prompt_tokens, prompt_lengths = self.encode(prompts)
+        images = self.image_slots(images, len(prompts))
         sample = self.sampler(temperature, max_new_tokens).sample
         outs = []
         for j, (a, b) in enumerate(self._batches(len(prompts))):
-            inputs = ModelInput.left_padded(jnp.asarray(self._pad(prompt_tokens[a:b])),
-                                            jnp.asarray(self._pad(prompt_lengths[a:b])))
+            inputs = self._prompt_input(prompt_tokens, prompt_lengths, images, a, b)
             inputs = jax.device_put(inputs, self.rows)
             out = sample(params, inputs, jax.random.fold_in(jax.random.PRNGKey(seed), j))
             outs.append(jax.tree.map(lambda x, n=b - a: np.asarray(jax.device_get(x))[:n], out))
@@ -128,7 +165,7 @@ class PolicyRunner:
         done = np.concatenate([o.done for o in outs])
         logprob = np.concatenate([o.logprobs.sum(axis=1) for o in outs]).astype(np.float32)
         texts = [self.tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
-        return Generation(prompt_tokens, prompt_lengths, tokens, lengths, done, logprob, texts)
+        return Generation(prompt_tokens, prompt_lengths, tokens, lengths, done, logprob, texts, images)
 
     # ------------------------------------------------------------------ scoring
     def _logprob_fn(self, temperature: float):
@@ -150,15 +187,15 @@ class PolicyRunner:
         mask = (np.arange(n)[None, :] < gen.lengths[:, None]).astype(np.float32)
         out = []
         for a, b in self._batches(len(gen.texts)):
-            prompt = ModelInput.left_padded(jnp.asarray(self._pad(gen.prompt_tokens[a:b])),
-                                            jnp.asarray(self._pad(gen.prompt_lengths[a:b])))
+            prompt = self._prompt_input(gen.prompt_tokens, gen.prompt_lengths,
+                                        self.image_slots(gen.images, len(gen.texts)), a, b)
             sample = _SampleLike(jnp.asarray(self._pad(gen.tokens[a:b])), jnp.asarray(self._pad(gen.lengths[a:b])))
             inputs = prompt_and_response(prompt, sample)
             out.append(np.asarray(fn(params, inputs, sample.tokens, jnp.asarray(self._pad(mask[a:b]))))[:b - a])
         return np.concatenate(out).astype(np.float32)
 
     def logprob_texts(self, params, prompts: Sequence[Sequence[dict]], texts: Sequence[str], max_new_tokens: int,
-                      temperature: float = 1.0) -> np.ndarray:
+                      temperature: float = 1.0, images: np.ndarray | None = None) -> np.ndarray:
         """[P] sum of log-probs of given responses under `params`: each text tokenized and followed by the
         end-of-turn token (the sampler's stop), cut at `max_new_tokens` tokens, as the answer to prompt i."""
         if len(prompts) != len(texts):
@@ -172,7 +209,7 @@ class PolicyRunner:
             ids = ids[:max_new_tokens]
             tokens[i, :len(ids)], lengths[i] = ids, len(ids)
         gen = Generation(prompt_tokens, prompt_lengths, tokens, lengths, done, np.zeros(len(texts), np.float32),
-                         list(texts))
+                         list(texts), self.image_slots(images, len(texts)))
         return self.logprob(params, gen, temperature)
 
 

@@ -44,6 +44,7 @@ from instruct_jax.config import Config, StageConfig, save_config
 from instruct_jax.data.config import DataConfig
 from instruct_jax.errors import ConfigError
 from instruct_jax.instructgpt.gold import GoldJudge, Labeler
+from instruct_jax.instructgpt.image_task import KINDS as IMAGE_KINDS
 from instruct_jax.instructgpt.report import ALGORITHM_ORDER
 from instruct_jax.instructgpt.statistics import agreement_rate, ranking_agreement
 from instruct_jax.instructgpt.task import DEMO_PHRASES, KINDS, Task, TaskPrompt, phrase_twins
@@ -57,6 +58,7 @@ METHODS = ALGORITHM_ORDER  # pipeline.algorithms: the methods trained from SFT a
 ONLINE = ("ppo", "rloo", "grpo", "rloo_dpo")  # the PPO phase's methods: sampling while training
 GROUPED = {"rloo": "rloo", "grpo": "grpo", "rloo_dpo": "rloo"}  # critic-free method -> its ppo.algorithm
 DONE_FILE = "DONE.json"
+TASKS = ("text", "images")  # pipeline.task: the built-in text task (here) or the image task (image_pipeline.py)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -76,9 +78,13 @@ def validate_pipeline(cfg: Config) -> None:
         raise ConfigError("pipeline.format_fraction", f"must be in [0, 0.5] (at least half of the eval prompts stay "
                           f"plain requests), got {p.format_fraction}")
     p.kinds = tuple(p.kinds) if isinstance(p.kinds, (list, tuple)) else p.kinds
+    if p.task not in TASKS:
+        raise ConfigError("pipeline.task", f"expected one of {list(TASKS)}, got {p.task!r}")
+    kinds = KINDS if p.task == "text" else IMAGE_KINDS
     if (not isinstance(p.kinds, tuple) or not p.kinds or len(set(p.kinds)) != len(p.kinds)
-            or any(k not in KINDS for k in p.kinds)):
-        raise ConfigError("pipeline.kinds", f"expected distinct kinds from {list(KINDS)}, got {p.kinds!r}")
+            or any(k not in kinds for k in p.kinds)):
+        raise ConfigError("pipeline.kinds", f"expected distinct kinds from {list(kinds)} (pipeline.task="
+                          f"{p.task!r}), got {p.kinds!r}")
     if p.demo_phrase not in DEMO_PHRASES:
         raise ConfigError("pipeline.demo_phrase", f"expected one of {list(DEMO_PHRASES)}, got {p.demo_phrase!r}")
     if not 2 <= p.responses_per_prompt <= 9:
@@ -169,6 +175,14 @@ def mark_done(paths: Paths, stage: str, result: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2, default=float)
     os.replace(tmp, os.path.join(paths.stage(stage), DONE_FILE))
+
+
+def record_stage(paths: Paths, stage: str, out: Optional[dict], start: float) -> dict:
+    """A finished stage's result with its wall time (since `start`, a perf_counter), marked done."""
+    out = dict(out or {})
+    out["seconds"] = time.perf_counter() - start
+    mark_done(paths, stage, out)
+    return out
 
 
 def read_done(paths: Paths, stage: str) -> dict:
@@ -275,14 +289,15 @@ def stage_task(cfg: Config, paths: Paths) -> dict:
             "demos_not_the_reference": habits, "kinds": list(p.kinds)}
 
 
-def stage_train(cfg: Config, paths: Paths, stage: str) -> dict:
-    """pretrain / sft / rm / ppo: the phase's own resumable trainer on the stage config."""
-    c = stage_config(cfg, stage, paths)
+def stage_train(cfg: Config, paths: Paths, stage: str, c: Optional[Config] = None) -> dict:
+    """pretrain / sft / rm / ppo: the phase's own resumable trainer on the stage config (`c`, default
+    `stage_config`'s)."""
+    c = c or stage_config(cfg, stage, paths)
     workdir = paths.stage(stage)
     if stage in ("pretrain", "sft"):
         from instruct_jax.train.lm.trainer import run_lm
 
-        return run_lm(c, workdir, phase=stage)
+        return run_lm(c, workdir, phase="sft" if c.data.format == "sft" else stage)  # images: captioning is sft
     if stage == "rm":
         from instruct_jax.train.rm.trainer import run_rm
 
@@ -632,10 +647,7 @@ def run_pipeline(cfg: Config, workdir: str, only: Optional[str] = None) -> dict:
             out = stage_eval(cfg, paths, judge)
         else:
             out = stage_train(cfg, paths, stage)
-        out = dict(out or {})
-        out["seconds"] = time.perf_counter() - start
-        mark_done(paths, stage, out)
-        results[stage] = out
+        results[stage] = record_stage(paths, stage, out, start)
     if "eval" not in results:
         return {}
     report = build_report(cfg, results)
